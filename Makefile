@@ -1,0 +1,31 @@
+# Two commands do all the set-up:  `make llm` (train and sample the LLM chapter)  and  `make test`.
+# Both create or update a virtual environment in .venv and install the project into it first.
+PYTHON ?= python3
+VENV   ?= .venv
+# A pinned torch is installed before the project, so that `pip install -e .` finds torch already
+# satisfied and never pulls a multi-GB CUDA build. On a GPU machine: make TORCH=torch llm
+TORCH  ?= torch==2.13.0
+BIN     = $(VENV)/bin
+
+.PHONY: install llm test lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+llm: install
+	$(BIN)/python llm/train.py
+
+lint: install
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs
