@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from data.fetch import DataError, cache_dir, fetch, is_cached, log
+from data.download import DataError, cache_dir, fetch, is_cached, log
 from data.registry import DATASETS
 
 
