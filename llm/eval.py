@@ -1,0 +1,118 @@
+"""Evaluate a checkpoint: loss and perplexity per token, bits per byte, word-level perplexity.
+
+    python llm/eval.py --checkpoint runs/llm/best.pt
+    python llm/eval.py --checkpoint runs/llm/best.pt --json
+
+Word-level perplexity = exp(total negative log-likelihood of the test split / its whitespace-separated
+words), the convention of published WikiText-2 results; bits per byte = total NLL / ln 2 / UTF-8 bytes.
+Both divide the same total by a tokenizer-independent count, so tokenizers of any size compare fairly.
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llm.generate import load_model, pick_device
+from llm.prepare import PrepareError, prepare, read_token_file
+
+
+@torch.no_grad()
+def total_negative_log_likelihood(model, tokens: np.ndarray, context_length: int, batch_size: int, device):
+    """Sum of -log p(token | up to context_length previous tokens of its window) over every token after the first.
+
+    Non-overlapping windows cover the split; the leftover tail is scored by one last window that ends at the
+    final token, counting only the targets no earlier window scored.
+    """
+    model.eval()
+    count = len(tokens) - 1
+    starts = list(range(0, count - context_length + 1, context_length))
+    total, scored = 0.0, 0
+    for first in range(0, len(starts), batch_size):
+        rows = [np.asarray(tokens[s : s + context_length + 1], dtype=np.int64) for s in starts[first : first + batch_size]]
+        block = torch.from_numpy(np.stack(rows)).to(device)  # (B, T+1)
+        logits, _ = model(block[:, :-1])  # (B, T, V)
+        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), block[:, 1:], reduction="sum")
+        total += float(nll)
+        scored += block[:, 1:].numel()
+    tail = count - scored
+    if tail > 0:
+        length = min(context_length, count)
+        window = torch.from_numpy(np.asarray(tokens[-(length + 1) :], dtype=np.int64)).to(device)[None]  # (1, L+1)
+        logits, _ = model(window[:, :-1])
+        nll = torch.nn.functional.cross_entropy(logits[0, -tail:].float(), window[0, -tail:], reduction="sum")
+        total += float(nll)
+        scored += tail
+    model.train()
+    return total, scored
+
+
+def split_metrics(model, token_path: Path, text_path: Path, context_length: int, batch_size: int, device) -> dict:
+    """Loss per token, perplexity per token, bits per byte and word perplexity of one split."""
+    tokens = read_token_file(token_path)
+    text = Path(text_path).read_text(encoding="utf-8")
+    total, count = total_negative_log_likelihood(model, tokens, context_length, batch_size, device)
+    num_bytes, num_words = len(text.encode("utf-8")), len(text.split())
+    loss = total / count
+    return {
+        "loss": loss, "token_perplexity": math.exp(loss), "tokens": count, "bytes": num_bytes, "words": num_words,
+        "bytes_per_token": num_bytes / count, "bits_per_byte": total / math.log(2) / num_bytes,
+        "word_perplexity": math.exp(total / num_words),
+    }
+
+
+def evaluate_checkpoint(checkpoint_path: str, device, context_length=None, batch_size=16, splits=("valid", "test")):
+    """Load a checkpoint, find (or rebuild) its token files, and measure each split."""
+    model, checkpoint = load_model(checkpoint_path, device)
+    train_args = checkpoint.get("args", {})
+    prepared = prepare(train_args.get("dataset", "wikitext-2"), checkpoint["config"]["vocab_size"],
+                       Path(train_args.get("data_dir", "runs/llm/data")), train_args.get("text_file"),
+                       log=lambda *a: None)
+    length = context_length or model.config.context_length
+    if length > model.rope_cos.size(0):
+        model.set_rope_table(length)
+    results = {}
+    for split in splits:
+        results[split] = split_metrics(model, prepared.token_files[split], prepared.text_files[split], length,
+                                       batch_size, device)
+    return results, checkpoint
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="runs/llm/best.pt", help="checkpoint written by llm/train.py")
+    parser.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
+    parser.add_argument("--context-length", type=int, default=None, help="evaluation window (default: training's)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    args = parser.parse_args()
+    try:
+        if args.batch_size < 1 or (args.context_length is not None and args.context_length < 1):
+            raise ValueError("--batch-size and --context-length must be positive")
+        results, checkpoint = evaluate_checkpoint(args.checkpoint, pick_device(args.device), args.context_length,
+                                                  args.batch_size)
+    except (ValueError, PrepareError) as error:
+        sys.exit(f"error: {error}")
+    valid, test = results["valid"], results["test"]
+    summary = {
+        "val_loss": valid["loss"], "test_loss": test["loss"], "val_bits_per_byte": valid["bits_per_byte"],
+        "bits_per_byte": test["bits_per_byte"], "word_perplexity": test["word_perplexity"],
+        "val_word_perplexity": valid["word_perplexity"], "token_perplexity": test["token_perplexity"],
+        "bytes_per_token": test["bytes_per_token"], "step": checkpoint.get("step"),
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return
+    print(f"checkpoint {args.checkpoint} (step {checkpoint.get('step')})")
+    for name, metrics in results.items():
+        print(f"{name:5s}: loss {metrics['loss']:.4f} nats/token | token perplexity {metrics['token_perplexity']:.1f} "
+              f"| {metrics['bits_per_byte']:.4f} bits/byte | word perplexity {metrics['word_perplexity']:.1f} "
+              f"| {metrics['tokens']:,} tokens, {metrics['words']:,} words, {metrics['bytes_per_token']:.2f} bytes/token")
+
+
+if __name__ == "__main__":
+    main()

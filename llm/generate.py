@@ -1,0 +1,178 @@
+"""Sample text from a trained checkpoint, token by token, with or without the KV cache.
+
+    python llm/generate.py --prompt "The history of" --num-samples 2 --max-new-tokens 100
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from llm.model import KVCache, Llama, LlamaConfig
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Keep the top_k most likely tokens and the smallest set whose probability reaches top_p; -inf the rest."""
+    if top_k and top_k < logits.size(-1):
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens before it already reach top_p (the first token always stays)
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model: Llama,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    use_cache: bool = True,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    on_token=None,
+    return_logits: bool = False,
+):
+    """Extend prompt_ids; with the cache: one prefill pass over the prompt, then one position per step."""
+    model.eval()
+    device = model.embedding.weight.device
+    limit = model.rope_cos.size(0)
+    if len(prompt_ids) + max_new_tokens > limit:
+        max_new_tokens = max(0, limit - len(prompt_ids))
+    tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, device) if use_cache else None
+    generated, step_logits = [], []
+    next_input = tokens
+    for _ in range(max_new_tokens):
+        if use_cache:
+            logits, _ = model(next_input, cache=cache)  # prefill: (1, T, V); afterwards (1, 1, V)
+        else:
+            logits, _ = model(tokens)  # recompute the whole prefix: (1, T, V)
+        last_logits = logits[:, -1, :].float()  # (1, V)
+        if return_logits:
+            step_logits.append(last_logits.cpu())
+        if temperature == 0:
+            next_token = last_logits.argmax(dim=-1, keepdim=True)  # greedy (1, 1)
+        else:
+            probabilities = filter_logits(last_logits / temperature, top_k, top_p).softmax(dim=-1)
+            next_token = torch.multinomial(probabilities.cpu(), 1, generator=generator).to(device)  # (1, 1)
+        token_id = int(next_token.item())
+        generated.append(token_id)
+        if on_token is not None:
+            on_token(token_id)
+        if eos_id is not None and token_id == eos_id:
+            break
+        tokens = torch.cat([tokens, next_token], dim=1)
+        next_input = next_token
+    if return_logits:
+        return generated, torch.cat(step_logits) if step_logits else torch.empty(0)
+    return generated
+
+
+def load_model(checkpoint_path: str, device) -> tuple[Llama, dict]:
+    """Load a checkpoint written by llm/train.py; raise ValueError with a readable reason if it is not one."""
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise ValueError(f"checkpoint {path} is unreadable ({type(error).__name__})") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+        raise ValueError(f"{path} is not an llm checkpoint")
+    model = Llama(LlamaConfig(**checkpoint["config"])).to(device)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise ValueError(f"checkpoint {path} does not match its config: {str(error).splitlines()[0]}") from None
+    return model, checkpoint
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+class StreamPrinter:
+    """Print tokens as they arrive: decode everything so far and write only the new characters."""
+
+    def __init__(self, processor, prompt_ids):
+        self.processor, self.ids = processor, list(prompt_ids)
+        self.printed = len(processor.decode(self.ids))
+
+    def __call__(self, token_id: int):
+        self.ids.append(token_id)
+        text = self.processor.decode(self.ids)
+        sys.stdout.write(text[self.printed :])
+        sys.stdout.flush()
+        self.printed = len(text)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="runs/llm/best.pt", help="checkpoint written by llm/train.py")
+    parser.add_argument("--prompt", default=None, help="text to continue (default: a WikiText-style heading)")
+    parser.add_argument("--prompt-file", default=None, help="read the prompt from this UTF-8 file")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="stop after this many new tokens")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random")
+    parser.add_argument("--top-k", type=int, default=0, help="sample only among the k most likely tokens (0 = all)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: smallest set with this mass")
+    parser.add_argument("--num-samples", type=int, default=1, help="how many continuations to print")
+    parser.add_argument("--seed", type=int, default=1337, help="random seed of the sampler")
+    parser.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix each step")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    args = parser.parse_args()
+    try:
+        if args.temperature < 0:
+            raise ValueError("--temperature must be >= 0")
+        if not 0 < args.top_p <= 1:
+            raise ValueError("--top-p must lie in (0, 1]")
+        if args.max_new_tokens < 1 or args.num_samples < 1 or args.top_k < 0:
+            raise ValueError("--max-new-tokens and --num-samples must be positive, --top-k >= 0")
+        if args.prompt_file:
+            try:
+                prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as error:
+                raise ValueError(f"cannot read prompt file {args.prompt_file}: {error}") from None
+        else:
+            prompt = args.prompt if args.prompt is not None else " = The history of"
+        if not prompt.strip():
+            raise ValueError("the prompt is empty")
+        device = pick_device(args.device)
+        model, checkpoint = load_model(args.checkpoint, device)
+        tokenizer_path = checkpoint.get("tokenizer_path", "")
+        if not Path(tokenizer_path).is_file():
+            raise ValueError(f"the tokenizer {tokenizer_path!r} of this checkpoint is missing; rerun llm/train.py")
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    prompt_ids = processor.encode(prompt.rstrip("\n"))
+    generator = torch.Generator().manual_seed(args.seed)
+    for sample in range(args.num_samples):
+        print(f"--- sample {sample + 1} ---")
+        sys.stdout.write(prompt.rstrip("\n"))
+        generate(
+            model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+            use_cache=not args.no_kv_cache, eos_id=processor.eos_id(), generator=generator,
+            on_token=StreamPrinter(processor, prompt_ids),
+        )
+        print()
+
+
+if __name__ == "__main__":
+    main()

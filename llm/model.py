@@ -1,0 +1,261 @@
+"""A tiny Llama: RMSNorm, rotary positions, grouped-query attention, SwiGLU, tied embeddings.
+
+Read top to bottom: the config, then the parts from smallest to largest (norm, rotary embedding,
+attention, feed-forward, block), then the model with its initialisation and a KV cache for generation.
+Equation numbers refer to llm/README.md.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 4096
+    context_length: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2  # grouped-query attention: n_heads / n_kv_heads query heads share one key/value head
+    d_model: int = 256
+    ffn_multiple_of: int = 32  # the SwiGLU hidden size is rounded up to a multiple of this
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none | interpolation | ntk: how positions beyond context_length are handled
+    rope_scale: float = 1.0  # the context extension factor used by interpolation / ntk
+    dropout: float = 0.0
+    attention_impl: str = "torch"  # handwritten | torch (fused scaled_dot_product_attention)
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError("the head size d_model / n_heads must be even for rotary embeddings")
+        if self.attention_impl not in ("handwritten", "torch"):
+            raise ValueError(f"attention_impl must be handwritten or torch, not {self.attention_impl!r}")
+        if self.rope_scaling not in ("none", "interpolation", "ntk"):
+            raise ValueError(f"rope_scaling must be none, interpolation or ntk, not {self.rope_scaling!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        """SwiGLU hidden size: 2/3 of 4*d_model (so its 3 matrices cost what a 4*d_model MLP's 2 do), rounded up."""
+        hidden = int(2 * 4 * self.d_model / 3)
+        return self.ffn_multiple_of * math.ceil(hidden / self.ffn_multiple_of)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    """Eq. 1: x / sqrt(mean(x^2) + eps) * gain. No mean subtraction and no bias, unlike LayerNorm."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        root_mean_square = torch.rsqrt(x.float().pow(2).mean(dim=-1, keepdim=True) + self.eps)  # (..., 1)
+        return (x.float() * root_mean_square).type_as(x) * self.weight
+
+
+def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
+    """Eq. 4: the rotation speed theta_i = base^(-2i/d) of each pair of head channels, after any scaling."""
+    head_dim = config.head_dim
+    base = config.rope_theta
+    if config.rope_scaling == "ntk":
+        # NTK-aware: raise the base so the slowest pair stretches by `scale` while the fastest barely moves
+        base = base * config.rope_scale ** (head_dim / (head_dim - 2))
+    frequencies = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (head_dim/2,)
+    if config.rope_scaling == "interpolation":
+        # position interpolation: squeeze positions 0..scale*T back into 0..T
+        frequencies = frequencies / config.rope_scale
+    return frequencies
+
+
+def rope_cos_sin(config: LlamaConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos(m * theta_i) and sin(m * theta_i) for positions m = 0..length-1, each (length, head_dim/2)."""
+    positions = torch.arange(length, dtype=torch.float64)  # (length,)
+    angles = torch.outer(positions, rope_frequencies(config))  # (length, head_dim/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Eq. 5: rotate each channel pair (x_i, x_{i+d/2}) of x (B, heads, T, head_dim) by the angle m * theta_i."""
+    first, second = x.float().chunk(2, dim=-1)  # each (B, heads, T, head_dim/2)
+    rotated_first = first * cos - second * sin
+    rotated_second = first * sin + second * cos
+    return torch.cat([rotated_first, rotated_second], dim=-1).type_as(x)  # (B, heads, T, head_dim)
+
+
+def handwritten_causal_attention(query, key, value, query_start: int = 0) -> torch.Tensor:
+    """Eq. 6: softmax(q k^T / sqrt(d) + causal mask) v, with the softmax written out.
+
+    query (B, H, Tq, hd) holds positions query_start..query_start+Tq-1; key/value (B, H, Tk, hd) positions 0..Tk-1.
+    """
+    scores = query @ key.transpose(-2, -1) / math.sqrt(query.size(-1))  # (B, H, Tq, Tk)
+    query_positions = torch.arange(query_start, query_start + query.size(-2), device=query.device)
+    key_positions = torch.arange(key.size(-2), device=query.device)
+    future = key_positions[None, :] > query_positions[:, None]  # (Tq, Tk): True where a key lies in the future
+    scores = scores.masked_fill(future, float("-inf"))
+    # softmax by hand: subtract the row maximum so exp never overflows, exponentiate, normalise
+    scores = scores - scores.amax(dim=-1, keepdim=True)
+    weights = scores.exp()
+    weights = weights / weights.sum(dim=-1, keepdim=True)  # (B, H, Tq, Tk), rows sum to 1
+    return weights @ value  # (B, H, Tq, hd)
+
+
+def fused_causal_attention(query, key, value, query_start: int = 0) -> torch.Tensor:
+    """The same computation through torch's fused scaled_dot_product_attention."""
+    if query_start == 0 and query.size(-2) == key.size(-2):
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True)
+    query_positions = torch.arange(query_start, query_start + query.size(-2), device=query.device)
+    allowed = torch.arange(key.size(-2), device=query.device)[None, :] <= query_positions[:, None]  # (Tq, Tk)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed)
+
+
+class KVCache:
+    """Keys and values of every layer for positions generated so far, sized for n_kv_heads (not n_heads)."""
+
+    def __init__(self, config: LlamaConfig, batch_size: int, max_length: int, device, dtype=torch.float32):
+        shape = (config.n_layers, batch_size, config.n_kv_heads, max_length, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled so far
+        self.max_length = max_length
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor):
+        """Store key/value (B, n_kv_heads, T, hd) at the next T positions; return all positions so far."""
+        end = self.length + key.size(2)
+        self.keys[layer, :, :, self.length : end] = key
+        self.values[layer, :, :, self.length : end] = value
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def num_bytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() * 2
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary positions."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.query_proj = nn.Linear(config.d_model, config.n_heads * config.head_dim, bias=False)
+        self.key_value_proj = nn.Linear(config.d_model, 2 * config.n_kv_heads * config.head_dim, bias=False)
+        self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.out_proj.is_residual_output = True
+        self.attend = handwritten_causal_attention if config.attention_impl == "handwritten" else fused_causal_attention
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, start: int = 0):
+        batch, length, _ = x.shape  # (B, T, d_model)
+        query = self.query_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        key, value = self.key_value_proj(x).view(batch, length, 2, self.n_kv_heads, self.head_dim).unbind(2)
+        key, value = key.transpose(1, 2), value.transpose(1, 2)  # each (B, Hkv, T, hd)
+        query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+        if cache is not None:
+            key, value = cache.update(layer, key, value)  # each (B, Hkv, start+T, hd)
+        group = self.n_heads // self.n_kv_heads
+        if group > 1:  # each key/value head serves `group` query heads
+            key = key.repeat_interleave(group, dim=1)  # (B, H, Tk, hd)
+            value = value.repeat_interleave(group, dim=1)
+        attended = self.attend(query, key, value, start)  # (B, H, T, hd)
+        return self.out_proj(attended.transpose(1, 2).reshape(batch, length, -1))  # (B, T, d_model)
+
+
+class SwiGLU(nn.Module):
+    """Eq. 7: W_down (silu(W_gate x) * W_up x)."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.d_model, 2 * config.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
+        self.down_proj.is_residual_output = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # each (B, T, ffn_hidden)
+        return self.down_proj(F.silu(gate) * up)  # (B, T, d_model)
+
+
+class Block(nn.Module):
+    """Eq. 8: pre-norm residual block, x + Attention(RMSNorm(x)), then + SwiGLU(RMSNorm(x))."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.d_model)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.d_model)
+        self.ffn = SwiGLU(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, cache=None, layer=0, start=0):
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache, layer, start))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))  # (B, T, d_model)
+
+
+class Llama(nn.Module):
+    """Token embedding -> n_layers blocks -> RMSNorm -> logits through the (tied) embedding matrix."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.final_norm = RMSNorm(config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.set_rope_table(config.context_length)
+        self.apply(self._init_weights)
+
+    def set_rope_table(self, length: int):
+        """(Re)build cos/sin for `length` positions (e.g. after changing rope_scaling for a longer context)."""
+        cos, sin = rope_cos_sin(self.config, length)
+        device = self.embedding.weight.device
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)  # (length, head_dim/2)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+
+    def _init_weights(self, module: nn.Module):
+        """N(0, 0.02) everywhere; residual output projections scaled by 1/sqrt(2 n_layers) (Eq. 9)."""
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "is_residual_output", False):
+                std = 0.02 / math.sqrt(2 * self.config.n_layers)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, include_embedding: bool = True) -> int:
+        total = sum(parameter.numel() for parameter in self.parameters())
+        return total if include_embedding else total - self.embedding.weight.numel()
+
+    def flops_per_token(self, context_length: int | None = None) -> float:
+        """Training FLOPs per token: 6 per weight (forward 2 + backward 4) plus attention's 12 * layers * d * T."""
+        length = context_length or self.config.context_length
+        return 6 * self.num_parameters() + 12 * self.config.n_layers * self.config.d_model * length
+
+    def forward(self, tokens, targets=None, cache: KVCache | None = None):
+        """tokens (B, T) -> logits (B, T, vocab); with targets also the mean cross-entropy."""
+        start = cache.length if cache is not None else 0
+        length = tokens.size(1)
+        if start + length > self.rope_cos.size(0):
+            raise ValueError(f"sequence of {start + length} positions exceeds the rope table ({self.rope_cos.size(0)})")
+        cos = self.rope_cos[start : start + length]  # (T, head_dim/2)
+        sin = self.rope_sin[start : start + length]
+        x = self.dropout(self.embedding(tokens))  # (B, T, d_model)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, layer, start)
+        if cache is not None:
+            cache.length += length
+        x = self.final_norm(x)
+        logits = x @ self.embedding.weight.t()  # (B, T, vocab): output projection tied to the embedding
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss

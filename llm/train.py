@@ -1,0 +1,468 @@
+"""Train the tiny Llama end to end: corpus -> tokenizer -> token files -> training -> validation -> samples.
+
+    python llm/train.py                                    # the default run of the README's results table
+    torchrun --nproc_per_node=2 llm/train.py ...           # DistributedDataParallel (gloo on CPU, NCCL on GPU)
+
+Every finished stage of the data pipeline is reused while its inputs are unchanged.
+"""
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from llm.generate import StreamPrinter, generate, load_model, pick_device
+from llm.model import Llama, LlamaConfig
+from llm.prepare import PrepareError, file_sha256, prepare, read_token_file
+
+# Larger shapes for a GPU (not the default; see the README).
+PRESETS = {
+    "tinystories-15m": dict(
+        dataset="tinystories", vocab_size=4096, d_model=288, n_layers=6, n_heads=6, n_kv_heads=6,
+        context_length=256, batch_size=128, grad_accum=4, max_steps=20000, lr=5e-4, warmup_steps=1000, dropout=0.0,
+    ),
+    "wikitext-gpu": dict(
+        dataset="wikitext-2", vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4,
+        context_length=512, batch_size=32, grad_accum=2, max_steps=6000, lr=6e-4, warmup_steps=300,
+        dropout=0.2, weight_decay=0.1,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="wikitext-2", help="wikitext-2 or tinystories")
+    data.add_argument("--text-file", default=None, help="train on your own UTF-8 text file (split 90/5/5 by lines)")
+    data.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    data.add_argument("--data-dir", default="runs/llm/data", help="where tokenizers and token files are kept")
+    model = parser.add_argument_group("model")
+    model.add_argument("--d-model", type=int, default=192, help="width of the residual stream")
+    model.add_argument("--n-layers", type=int, default=4, help="number of transformer blocks")
+    model.add_argument("--n-heads", type=int, default=4, help="query heads per layer")
+    model.add_argument("--n-kv-heads", type=int, default=2, help="key/value heads (grouped-query attention)")
+    model.add_argument("--context-length", type=int, default=128, help="tokens per training sequence")
+    model.add_argument("--rope-theta", type=float, default=10000.0, help="RoPE base")
+    model.add_argument("--dropout", type=float, default=0.0, help="dropout on residual branches")
+    model.add_argument("--attention-impl", default="torch", choices=["handwritten", "torch"],
+                       help="hand-written masked softmax or fused scaled_dot_product_attention")
+    train = parser.add_argument_group("training")
+    train.add_argument("--preset", default=None, choices=sorted(PRESETS), help="a larger GPU configuration")
+    train.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch (per process)")
+    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step")
+    train.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
+    train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    train.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
+    train.add_argument("--warmup-steps", type=int, default=50, help="linear warmup steps")
+    train.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices (not norms)")
+    train.add_argument("--beta2", type=float, default=0.99, help="AdamW beta2")
+    train.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    train.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps")
+    train.add_argument("--eval-batches", type=int, default=8, help="validation batches per periodic evaluation")
+    train.add_argument("--seed", type=int, default=1337, help="random seed")
+    train.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    train.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="autocast dtype; auto = bf16 on GPUs that support it, fp16 on others, fp32 on CPU")
+    train.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train.add_argument("--out-dir", default="runs/llm", help="checkpoints, metrics.jsonl and plots")
+    train.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt")
+    train.add_argument("--num-samples", type=int, default=3, help="samples printed at the end")
+    train.add_argument("--sample-tokens", type=int, default=80, help="tokens per sample")
+    train.add_argument("--stop-at-step", type=int, default=0, help="stop after this step as if interrupted (tests)")
+    train.add_argument("--no-final-eval", action="store_true", help="skip the full validation pass at the end")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset:  # a preset replaces the defaults, flags given explicitly still win
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
+    return args
+
+
+def validate_args(args):
+    positive = ["vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "context_length", "batch_size",
+                "grad_accum", "max_steps", "eval_every", "eval_batches"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.lr <= 0 or not 0 <= args.dropout < 1 or args.warmup_steps < 0:
+        raise ValueError("--lr must be > 0, --dropout in [0, 1), --warmup-steps >= 0")
+
+
+def learning_rate(step: int, args) -> float:
+    """Eq. 11: linear warmup to the peak, then cosine decay to min_lr_ratio * peak at max_steps."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+    minimum = args.lr * args.min_lr_ratio
+    return minimum + 0.5 * (args.lr - minimum) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: Llama, args) -> torch.optim.AdamW:
+    """AdamW: weight decay on matrices (and the tied embedding), none on the RMSNorm gains."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-8)
+
+
+class BatchSampler:
+    """Non-overlapping windows of context_length+1 tokens, shuffled once per epoch from (seed, epoch).
+
+    The batch of a step is a pure function of (seed, step), so resuming needs only the step number,
+    and rank r of a DDP run takes its slice of the same global batch a single process would draw.
+    """
+
+    def __init__(self, tokens: np.ndarray, context_length: int, seed: int):
+        self.tokens, self.length, self.seed = tokens, context_length, seed
+        self.num_windows = (len(tokens) - 1) // context_length
+        if self.num_windows < 1:
+            raise ValueError(f"the training split has {len(tokens)} tokens, fewer than one window")
+        self._orders = {}
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._orders:
+            generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+            self._orders = {epoch: torch.randperm(self.num_windows, generator=generator)}
+        return self._orders[epoch]
+
+    def windows(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Windows number first..first+count-1 of the endless shuffled stream -> inputs, targets (count, T)."""
+        rows = []
+        for index in range(first, first + count):
+            start = int(self.order(index // self.num_windows)[index % self.num_windows]) * self.length
+            rows.append(np.asarray(self.tokens[start : start + self.length + 1], dtype=np.int64))
+        block = torch.from_numpy(np.stack(rows))  # (count, T+1)
+        return block[:, :-1], block[:, 1:]
+
+
+def evaluation_windows(tokens: np.ndarray, context_length: int, max_windows: int | None = None):
+    """Consecutive non-overlapping windows covering a split (for validation/test loss)."""
+    count = (len(tokens) - 1) // context_length
+    if max_windows is not None:
+        count = min(count, max_windows)
+    for index in range(count):
+        start = index * context_length
+        yield torch.from_numpy(np.asarray(tokens[start : start + context_length + 1], dtype=np.int64))
+
+
+@torch.no_grad()
+def evaluate_loss(model, tokens, context_length, batch_size, device, autocast, max_windows=None):
+    """Mean cross-entropy per token over windows of the split; also the token count."""
+    model.eval()
+    total_loss, total_tokens, pending = 0.0, 0, []
+
+    def flush():
+        nonlocal total_loss, total_tokens
+        block = torch.stack(pending).to(device)  # (B, T+1)
+        with autocast:
+            _, loss = model(block[:, :-1], block[:, 1:])
+        total_loss += float(loss) * block[:, 1:].numel()
+        total_tokens += block[:, 1:].numel()
+        pending.clear()
+
+    for window in evaluation_windows(tokens, context_length, max_windows):
+        pending.append(window)
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    model.train()
+    return total_loss / max(1, total_tokens), total_tokens
+
+
+def autocast_context(device: torch.device, dtype_name: str):
+    """bf16 autocast where the device is fast at it (fp16 + GradScaler on older GPUs); fp32 on CPU by default."""
+    if dtype_name == "auto":
+        if device.type == "cuda":
+            dtype_name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype_name = "float32"  # measured: this CPU has no bf16 matmul units, bf16 runs ~80x slower
+    if dtype_name == "float32":
+        return nullcontext(), "float32"
+    return torch.autocast(device.type, dtype=getattr(torch, dtype_name)), dtype_name
+
+
+def measure_matmul_peak(device: torch.device, dtype=torch.float32, size: int = 1024, repeats: int = 8) -> float:
+    """FLOP/s of the fastest of several large square matmuls: the 'peak' that MFU is measured against."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first one is a warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def save_checkpoint(path: Path, state: dict):
+    """Write to a temp file in the same folder, then rename: a crash never leaves half a checkpoint."""
+    temporary = path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def plot_curves(metrics_path: Path, png_path: Path):
+    """Train and validation loss against step, each at the steps it was really measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if train:
+        axis.plot(*zip(*train), label="train (per step)", linewidth=0.8, alpha=0.8)
+    if val:
+        axis.plot(*zip(*val), "o-", label="validation", markersize=3)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("cross-entropy (nats/token)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(png_path)
+    plt.close(figure)
+
+
+class StopFlag:
+    """Ctrl-C asks the loop to stop after the current step (a second Ctrl-C aborts at once)."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            signal.signal(signal.SIGINT, self.previous)
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    is_main = rank == 0
+    log = print if is_main else (lambda *a, **k: None)
+    try:
+        validate_args(args)
+        device = pick_device(args.device)
+        if distributed:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend)
+            if device.type == "cuda":
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                torch.cuda.set_device(device)
+        out_dir = Path(args.out_dir)
+        if is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        # rank 0 prepares the data first; the others then find every stage current and reuse it
+        if distributed and not is_main:
+            dist.barrier()
+        prepared = prepare(args.dataset, args.vocab_size, Path(args.data_dir), args.text_file, log=log)
+        if distributed and is_main:
+            dist.barrier()
+        train_tokens = read_token_file(prepared.token_files["train"])
+        val_tokens = read_token_file(prepared.token_files["valid"])
+        if len(val_tokens) < args.context_length + 1:
+            raise ValueError(f"the validation split has {len(val_tokens)} tokens, fewer than one window")
+        sampler = BatchSampler(train_tokens, args.context_length, args.seed)
+        tokenizer_sha256 = file_sha256(prepared.tokenizer_path)
+    except (PrepareError, ValueError, OSError) as error:
+        sys.exit(f"error: {error}")
+
+    torch.manual_seed(args.seed)
+    try:
+        config = LlamaConfig(
+            vocab_size=args.vocab_size, context_length=args.context_length, n_layers=args.n_layers,
+            n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, d_model=args.d_model, rope_theta=args.rope_theta,
+            dropout=args.dropout, attention_impl=args.attention_impl,
+        )
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    model = Llama(config).to(device)
+    optimizer = make_optimizer(model, args)
+    autocast, dtype_name = autocast_context(device, args.dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype_name == "float16")
+    log(f"model: {model.num_parameters():,} parameters ({model.num_parameters(False):,} without the embedding)")
+
+    start_step, best_val_loss = 0, float("inf")
+    metrics_path, last_path, best_path = out_dir / "metrics.jsonl", out_dir / "last.pt", out_dir / "best.pt"
+    if args.resume:
+        try:
+            if not last_path.is_file():
+                raise ValueError(f"--resume: {last_path} does not exist")
+            checkpoint = torch.load(last_path, map_location=device, weights_only=True)
+            if checkpoint.get("config") != config.to_dict():
+                raise ValueError(f"--resume: {last_path} was trained with another model configuration")
+            if checkpoint.get("tokenizer_sha256") != tokenizer_sha256:
+                raise ValueError(f"--resume: {last_path} was trained with another tokenizer")
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scaler.load_state_dict(checkpoint.get("scaler", {}) or scaler.state_dict())
+        except (RuntimeError, KeyError, ValueError, EOFError) as error:
+            sys.exit(f"error: {str(error).splitlines()[0]}")
+        start_step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
+        torch.set_rng_state(checkpoint["rng_cpu"].cpu())
+        if device.type == "cuda" and "rng_cuda" in checkpoint:
+            torch.cuda.set_rng_state(checkpoint["rng_cuda"].cpu())
+        if is_main and metrics_path.exists():  # forget metrics logged after the checkpoint
+            kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            metrics_path.write_text("".join(line + "\n" for line in kept))
+        log(f"resumed from {last_path} at step {start_step}")
+    elif is_main and metrics_path.exists():
+        metrics_path.unlink()
+
+    train_model = model
+    if args.compile:
+        train_model = torch.compile(model)
+    if distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model)
+
+    def checkpoint_state(step: int) -> dict:
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "config": config.to_dict(), "args": {k: v for k, v in vars(args).items()}, "step": step,
+            "best_val_loss": best_val_loss, "rng_cpu": torch.get_rng_state(),
+            "tokenizer_path": str(prepared.tokenizer_path.resolve()), "tokenizer_sha256": tokenizer_sha256,
+        }
+        if device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    global_batch = args.batch_size * args.grad_accum * world_size
+    tokens_per_step = global_batch * args.context_length
+    peak_flops = measure_matmul_peak(device) if is_main else 1.0
+    flops_per_token = model.flops_per_token()
+    log(f"global batch {global_batch} x {args.context_length} = {tokens_per_step:,} tokens/step; "
+        f"{args.max_steps} steps = {args.max_steps * tokens_per_step / max(1, len(train_tokens)):.2f} epochs; "
+        f"dtype {dtype_name}; matmul peak {peak_flops / 1e9:.1f} GFLOP/s")
+
+    stop = StopFlag()
+    metrics_file = open(metrics_path, "a") if is_main else None
+    progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
+                    disable=not is_main, dynamic_ncols=True)
+    model.train()
+    status, step = "finished", start_step
+    interval_start, interval_tokens = time.perf_counter(), 0
+    for step in progress:
+        lr = learning_rate(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = torch.zeros((), device=device)
+        for micro in range(args.grad_accum):
+            first = step * global_batch + (micro * world_size + rank) * args.batch_size
+            inputs, targets = sampler.windows(first, args.batch_size)
+            inputs, targets = inputs.to(device), targets.to(device)
+            # DDP: synchronise gradients only on the last micro-batch of the step
+            sync = nullcontext() if not distributed or micro == args.grad_accum - 1 else train_model.no_sync()
+            with sync, autocast:
+                _, loss = train_model(inputs, targets)
+            scaler.scale(loss / args.grad_accum).backward()
+            step_loss += loss.detach() / args.grad_accum
+        if distributed:
+            dist.all_reduce(step_loss)
+            step_loss /= world_size
+        loss_value = float(step_loss)
+        if not math.isfinite(loss_value):
+            status = "diverged"
+            break
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        completed = step + 1
+        interval_tokens += tokens_per_step
+        elapsed = time.perf_counter() - interval_start
+        tokens_per_second = interval_tokens / max(elapsed, 1e-9)
+        mfu = tokens_per_second * flops_per_token / peak_flops / world_size
+        record = {"step": completed, "train_loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                  "tokens_per_s": tokens_per_second, "mfu": mfu}
+        progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_second:,.0f}",
+                             mfu=f"{mfu:.0%}")
+        if completed % args.eval_every == 0 or completed == args.max_steps:
+            val_loss, _ = evaluate_loss(model, val_tokens, args.context_length, args.batch_size, device, autocast,
+                                        args.eval_batches * args.batch_size)
+            record["val_loss"] = val_loss
+            if is_main:
+                if val_loss < best_val_loss:
+                    best_val_loss = val_loss
+                    save_checkpoint(best_path, checkpoint_state(completed))
+                save_checkpoint(last_path, checkpoint_state(completed))
+                progress.write(f"step {completed}: train {loss_value:.3f}, val {val_loss:.3f}")
+            interval_start, interval_tokens = time.perf_counter(), 0  # evaluation time is not training time
+        if is_main:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+        if stop.requested or completed == args.stop_at_step:
+            status = "interrupted"
+            break
+    progress.close()
+    if is_main:
+        metrics_file.close()
+    if status == "diverged":
+        if is_main:
+            sys.stderr.write(f"error: loss became {loss_value} at step {step + 1}; stopped, "
+                             f"{last_path} keeps the last good state\n")
+        if distributed:
+            dist.destroy_process_group()
+        sys.exit(1)
+    if is_main:
+        completed_steps = step + 1 if args.max_steps > start_step else start_step
+        save_checkpoint(last_path, checkpoint_state(completed_steps))
+        if not best_path.exists():
+            save_checkpoint(best_path, checkpoint_state(completed_steps))
+        plot_curves(metrics_path, out_dir / "loss.png")
+    if distributed:
+        dist.destroy_process_group()
+    if not is_main:
+        return
+    if status == "interrupted":
+        print(f"stopped at step {step + 1}; saved {last_path} (continue with --resume)")
+        return
+    finish(args, best_path, val_tokens, prepared, device, autocast)
+
+
+def finish(args, best_path, val_tokens, prepared, device, autocast):
+    """Full validation loss of the best checkpoint, then a few samples."""
+    import sentencepiece as spm
+
+    model, _ = load_model(str(best_path), device)
+    if not args.no_final_eval:
+        val_loss, count = evaluate_loss(model, val_tokens, args.context_length, args.batch_size, device, autocast)
+        print(f"validation: {val_loss:.4f} nats/token over {count:,} tokens (perplexity per token "
+              f"{math.exp(val_loss):.1f}); test metrics: python llm/eval.py --checkpoint {best_path}")
+    processor = spm.SentencePieceProcessor(model_file=str(prepared.tokenizer_path))
+    generator = torch.Generator().manual_seed(args.seed)
+    for sample in range(args.num_samples):
+        prompt = ["The", "In 1998", "The game"][sample % 3]
+        prompt_ids = processor.encode(prompt)
+        print(f"--- sample {sample + 1} ---")
+        sys.stdout.write(prompt)
+        generate(model, prompt_ids, args.sample_tokens, temperature=0.8, top_p=0.95, eos_id=processor.eos_id(),
+                 generator=generator, on_token=StreamPrinter(processor, prompt_ids))
+        print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Tests of the llm chapter: tiny configs on real WikiText-2 text, each named after what it proves."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data import fetch
+from llm.generate import generate
+from llm.model import Llama, LlamaConfig, apply_rope, rope_cos_sin
+from llm.prepare import read_token_file, write_token_file
+
+TINY = ["--d-model", "32", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2", "--context-length", "32",
+        "--batch-size", "4", "--vocab-size", "400", "--num-samples", "1", "--sample-tokens", "8", "--lr", "3e-3",
+        "--warmup-steps", "2", "--eval-batches", "2"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    """A few KB of real WikiText-2 text as a --text-file, and a data folder shared by this file's tests."""
+    folder = tmp_path_factory.mktemp("llm")
+    text = (fetch("wikitext-2") / "valid.raw").read_text(encoding="utf-8")[:60_000]
+    text_file = folder / "wiki.txt"
+    text_file.write_text(text, encoding="utf-8")
+    return {"text_file": str(text_file), "data_dir": str(folder / "data"), "root": folder}
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    settings = dict(vocab_size=97, context_length=24, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32)
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+def train_losses(metrics_path: Path) -> dict:
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    return {row["step"]: row["train_loss"] for row in rows}
+
+
+def test_tiny_pipeline_trains_with_falling_loss_and_writes_everything(corpus, run_cli):
+    out_dir = corpus["root"] / "smoke"
+    result = run_cli("llm/train.py", *TINY, "--text-file", corpus["text_file"], "--data-dir", corpus["data_dir"],
+                     "--out-dir", str(out_dir), "--max-steps", "40", "--eval-every", "20")
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = train_losses(out_dir / "metrics.jsonl")
+    assert np.mean([losses[s] for s in range(36, 41)]) < np.mean([losses[s] for s in range(1, 6)]) - 0.5
+    for name in ("best.pt", "last.pt", "loss.png"):
+        assert (out_dir / name).is_file()
+    assert "--- sample 1 ---" in result.stdout
+    # the second run reuses the tokenizer and token files: their modification times do not change
+    token_file = next(Path(corpus["data_dir"]).glob("*/train.bin"))
+    before = token_file.stat().st_mtime_ns
+    evaluation = run_cli("llm/eval.py", "--checkpoint", str(out_dir / "best.pt"), "--json")
+    assert evaluation.returncode == 0, evaluation.stderr[-2000:]
+    metrics = json.loads(evaluation.stdout.strip().splitlines()[-1])
+    assert {"val_loss", "test_loss", "bits_per_byte", "word_perplexity"} <= metrics.keys()
+    assert token_file.stat().st_mtime_ns == before
+
+
+def test_handwritten_attention_matches_fused_outputs_and_gradients():
+    handwritten = Llama(tiny_config(attention_impl="handwritten"))
+    fused = Llama(tiny_config(attention_impl="torch"))
+    fused.load_state_dict(handwritten.state_dict())
+    tokens = torch.randint(0, 97, (3, 24))
+    targets = torch.randint(0, 97, (3, 24))
+    logits_a, loss_a = handwritten(tokens, targets)
+    logits_b, loss_b = fused(tokens, targets)
+    torch.testing.assert_close(logits_a, logits_b, atol=1e-5, rtol=1e-5)
+    loss_a.backward()
+    loss_b.backward()
+    for (name, pa), (_, pb) in zip(handwritten.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_rope_preserves_vector_norms():
+    config = tiny_config()
+    cos, sin = rope_cos_sin(config, 50)
+    x = torch.randn(2, 4, 50, config.head_dim)
+    torch.testing.assert_close(apply_rope(x, cos, sin).norm(dim=-1), x.norm(dim=-1))
+
+
+@pytest.mark.parametrize("scaling", ["none", "interpolation", "ntk"])
+def test_rope_attention_score_depends_only_on_relative_position(scaling):
+    config = tiny_config(rope_scaling=scaling, rope_scale=2.0)
+    cos, sin = rope_cos_sin(config, 64)
+    query, key = torch.randn(config.head_dim), torch.randn(config.head_dim)
+
+    def score(query_position, key_position):
+        rotated_query = apply_rope(query.view(1, 1, 1, -1), cos[query_position], sin[query_position])
+        rotated_key = apply_rope(key.view(1, 1, 1, -1), cos[key_position], sin[key_position])
+        return float((rotated_query * rotated_key).sum())
+
+    assert score(10, 3) == pytest.approx(score(57, 50), abs=1e-4)
+    assert score(5, 5) == pytest.approx(score(40, 40), abs=1e-4)
+    assert score(10, 3) != pytest.approx(score(10, 4), abs=1e-3)
+
+
+def test_rmsnorm_output_ignores_the_scale_of_its_input():
+    from llm.model import RMSNorm
+
+    norm = RMSNorm(16)
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(norm(x), norm(7.5 * x), atol=1e-4, rtol=1e-4)
+    assert norm(x).pow(2).mean(-1).sqrt().sub(1).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_kv_cache_gives_the_same_logits_and_tokens_as_recomputation(temperature):
+    model = Llama(tiny_config(context_length=64))
+    prompt = [5, 17, 3, 42, 8]
+    outputs = []
+    for use_cache in (True, False):
+        generator = torch.Generator().manual_seed(3)
+        outputs.append(generate(model, prompt, 30, temperature=temperature, top_k=20, top_p=0.9,
+                                use_cache=use_cache, generator=generator, return_logits=True))
+    (tokens_cached, logits_cached), (tokens_recomputed, logits_recomputed) = outputs
+    assert tokens_cached == tokens_recomputed and len(tokens_cached) == 30
+    torch.testing.assert_close(logits_cached, logits_recomputed, atol=1e-4, rtol=1e-4)
+
+
+def test_resume_reproduces_the_uninterrupted_losses_exactly(corpus, run_cli):
+    common = [*TINY, "--text-file", corpus["text_file"], "--data-dir", corpus["data_dir"], "--max-steps", "10",
+              "--eval-every", "4", "--num-samples", "0", "--no-final-eval"]
+    straight, interrupted = corpus["root"] / "straight", corpus["root"] / "interrupted"
+    assert run_cli("llm/train.py", *common, "--out-dir", str(straight)).returncode == 0
+    first = run_cli("llm/train.py", *common, "--out-dir", str(interrupted), "--stop-at-step", "6")
+    assert first.returncode == 0 and "continue with --resume" in first.stdout
+    second = run_cli("llm/train.py", *common, "--out-dir", str(interrupted), "--resume")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert train_losses(interrupted / "metrics.jsonl") == train_losses(straight / "metrics.jsonl")
+
+
+def test_token_files_switch_to_uint32_above_65535_tokens_of_vocabulary(tmp_path):
+    small, large = tmp_path / "small.bin", tmp_path / "large.bin"
+    write_token_file(small, [0, 65535, 7], vocab_size=65536)
+    write_token_file(large, [0, 65536, 99999], vocab_size=100000)
+    assert read_token_file(small).dtype == np.uint16 and list(read_token_file(small)) == [0, 65535, 7]
+    assert read_token_file(large).dtype == np.uint32 and list(read_token_file(large)) == [0, 65536, 99999]
+    with pytest.raises(ValueError):
+        write_token_file(small, [65536], vocab_size=65536)
+
+
+def assert_one_line_error(result, fragment: str):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    last_lines = result.stderr.strip().splitlines()
+    assert last_lines and last_lines[-1].startswith("error:") and fragment in last_lines[-1], result.stderr[-1000:]
+
+
+def test_bad_inputs_end_with_one_clear_error(corpus, run_cli, tmp_path):
+    empty, binary = tmp_path / "empty.txt", tmp_path / "binary.txt"
+    empty.write_text("  \n")
+    binary.write_bytes(bytes(range(256)) * 4)
+    arguments = [*TINY, "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run")]
+    assert_one_line_error(run_cli("llm/train.py", *arguments, "--text-file", str(empty)), "empty")
+    assert_one_line_error(run_cli("llm/train.py", *arguments, "--text-file", str(binary)), "binary")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    assert_one_line_error(run_cli("llm/generate.py", "--checkpoint", str(corrupt)), "unreadable")
+    assert_one_line_error(run_cli("llm/eval.py", "--checkpoint", str(corrupt)), "unreadable")
+    good = corpus["root"] / "straight" / "last.pt"
+    if not good.exists():
+        pytest.skip("needs the resume test's checkpoint")
+    assert_one_line_error(run_cli("llm/generate.py", "--checkpoint", str(good), "--prompt", "  "), "prompt is empty")
+    # resuming with another model shape refuses, and leaves the good checkpoint untouched
+    before = good.read_bytes()
+    mismatched = run_cli("llm/train.py", *TINY, "--d-model", "64", "--text-file", corpus["text_file"],
+                         "--data-dir", corpus["data_dir"], "--out-dir", str(good.parent), "--resume")
+    assert_one_line_error(mismatched, "another model configuration")
+    assert good.read_bytes() == before
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    from llm.train import learning_rate, parse_args
+
+    args = parse_args(["--lr", "1e-3", "--warmup-steps", "10", "--max-steps", "100", "--min-lr-ratio", "0.1"])
+    assert learning_rate(0, args) == pytest.approx(1e-4)
+    assert learning_rate(9, args) == pytest.approx(1e-3)
+    assert learning_rate(100, args) == pytest.approx(1e-4)
+    assert 1e-4 < learning_rate(55, args) < 1e-3
+    assert math.isclose(learning_rate(55, args), 1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 0.5)))
