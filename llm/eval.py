@@ -33,7 +33,8 @@ def total_negative_log_likelihood(model, tokens: np.ndarray, context_length: int
     starts = list(range(0, count - context_length + 1, context_length))
     total, scored = 0.0, 0
     for first in range(0, len(starts), batch_size):
-        rows = [np.asarray(tokens[s : s + context_length + 1], dtype=np.int64) for s in starts[first : first + batch_size]]
+        batch_starts = starts[first : first + batch_size]
+        rows = [np.asarray(tokens[s : s + context_length + 1], dtype=np.int64) for s in batch_starts]
         block = torch.from_numpy(np.stack(rows)).to(device)  # (B, T+1)
         logits, _ = model(block[:, :-1])  # (B, T, V)
         nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), block[:, 1:], reduction="sum")
@@ -111,7 +112,8 @@ def main():
     for name, metrics in results.items():
         print(f"{name:5s}: loss {metrics['loss']:.4f} nats/token | token perplexity {metrics['token_perplexity']:.1f} "
               f"| {metrics['bits_per_byte']:.4f} bits/byte | word perplexity {metrics['word_perplexity']:.1f} "
-              f"| {metrics['tokens']:,} tokens, {metrics['words']:,} words, {metrics['bytes_per_token']:.2f} bytes/token")
+              f"| {metrics['tokens']:,} tokens, {metrics['words']:,} words, "
+              f"{metrics['bytes_per_token']:.2f} bytes/token")
 
 
 if __name__ == "__main__":

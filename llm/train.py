@@ -256,6 +256,9 @@ class StopFlag:
             raise KeyboardInterrupt
         self.requested = True
 
+    def close(self):
+        signal.signal(signal.SIGINT, self.previous)
+
 
 def main(argv=None):
     args = parse_args(argv)
@@ -418,6 +421,7 @@ def main(argv=None):
             status = "interrupted"
             break
     progress.close()
+    stop.close()
     if is_main:
         metrics_file.close()
     if status == "diverged":

@@ -13,6 +13,10 @@ from llm.generate import generate
 from llm.model import Llama, LlamaConfig, apply_rope, rope_cos_sin
 from llm.prepare import read_token_file, write_token_file
 
+# One thread: tiny tensors gain nothing from more, and on a busy machine extra threads only wait for cores.
+torch.set_num_threads(1)
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
 TINY = ["--d-model", "32", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2", "--context-length", "32",
         "--batch-size", "4", "--vocab-size", "400", "--num-samples", "1", "--sample-tokens", "8", "--lr", "3e-3",
         "--warmup-steps", "2", "--eval-batches", "2"]
@@ -34,6 +38,13 @@ def tiny_config(**overrides) -> LlamaConfig:
     return LlamaConfig(**settings)
 
 
+def train_in_process(*arguments: str):
+    """Run llm/train.py's main in this process (saves the interpreter start-up of a subprocess)."""
+    from llm.train import main
+
+    main(list(arguments))
+
+
 def train_losses(metrics_path: Path) -> dict:
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     return {row["step"]: row["train_loss"] for row in rows}
@@ -42,8 +53,9 @@ def train_losses(metrics_path: Path) -> dict:
 def test_tiny_pipeline_trains_with_falling_loss_and_writes_everything(corpus, run_cli):
     out_dir = corpus["root"] / "smoke"
     result = run_cli("llm/train.py", *TINY, "--text-file", corpus["text_file"], "--data-dir", corpus["data_dir"],
-                     "--out-dir", str(out_dir), "--max-steps", "40", "--eval-every", "20")
+                     "--out-dir", str(out_dir), "--max-steps", "40", "--eval-every", "20", env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "parameters" in result.stdout and "validation:" in result.stdout
     losses = train_losses(out_dir / "metrics.jsonl")
     assert np.mean([losses[s] for s in range(36, 41)]) < np.mean([losses[s] for s in range(1, 6)]) - 0.5
     for name in ("best.pt", "last.pt", "loss.png"):
@@ -52,7 +64,7 @@ def test_tiny_pipeline_trains_with_falling_loss_and_writes_everything(corpus, ru
     # the second run reuses the tokenizer and token files: their modification times do not change
     token_file = next(Path(corpus["data_dir"]).glob("*/train.bin"))
     before = token_file.stat().st_mtime_ns
-    evaluation = run_cli("llm/eval.py", "--checkpoint", str(out_dir / "best.pt"), "--json")
+    evaluation = run_cli("llm/eval.py", "--checkpoint", str(out_dir / "best.pt"), "--json", env=ONE_THREAD)
     assert evaluation.returncode == 0, evaluation.stderr[-2000:]
     metrics = json.loads(evaluation.stdout.strip().splitlines()[-1])
     assert {"val_loss", "test_loss", "bits_per_byte", "word_perplexity"} <= metrics.keys()
@@ -120,15 +132,15 @@ def test_kv_cache_gives_the_same_logits_and_tokens_as_recomputation(temperature)
     torch.testing.assert_close(logits_cached, logits_recomputed, atol=1e-4, rtol=1e-4)
 
 
-def test_resume_reproduces_the_uninterrupted_losses_exactly(corpus, run_cli):
+def test_resume_reproduces_the_uninterrupted_losses_exactly(corpus, capsys):
     common = [*TINY, "--text-file", corpus["text_file"], "--data-dir", corpus["data_dir"], "--max-steps", "10",
               "--eval-every", "4", "--num-samples", "0", "--no-final-eval"]
     straight, interrupted = corpus["root"] / "straight", corpus["root"] / "interrupted"
-    assert run_cli("llm/train.py", *common, "--out-dir", str(straight)).returncode == 0
-    first = run_cli("llm/train.py", *common, "--out-dir", str(interrupted), "--stop-at-step", "6")
-    assert first.returncode == 0 and "continue with --resume" in first.stdout
-    second = run_cli("llm/train.py", *common, "--out-dir", str(interrupted), "--resume")
-    assert second.returncode == 0, second.stderr[-2000:]
+    train_in_process(*common, "--out-dir", str(straight))
+    train_in_process(*common, "--out-dir", str(interrupted), "--stop-at-step", "6")
+    assert "continue with --resume" in capsys.readouterr().out
+    train_in_process(*common, "--out-dir", str(interrupted), "--resume")
+    assert "resumed from" in capsys.readouterr().out
     assert train_losses(interrupted / "metrics.jsonl") == train_losses(straight / "metrics.jsonl")
 
 
@@ -154,21 +166,22 @@ def test_bad_inputs_end_with_one_clear_error(corpus, run_cli, tmp_path):
     empty.write_text("  \n")
     binary.write_bytes(bytes(range(256)) * 4)
     arguments = [*TINY, "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run")]
-    assert_one_line_error(run_cli("llm/train.py", *arguments, "--text-file", str(empty)), "empty")
-    assert_one_line_error(run_cli("llm/train.py", *arguments, "--text-file", str(binary)), "binary")
+    assert_one_line_error(run_cli("llm/train.py", *arguments, "--text-file", str(empty), env=ONE_THREAD), "empty")
+    with pytest.raises(SystemExit, match="^error: .*binary"):
+        train_in_process(*arguments, "--text-file", str(binary))
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint at all")
-    assert_one_line_error(run_cli("llm/generate.py", "--checkpoint", str(corrupt)), "unreadable")
-    assert_one_line_error(run_cli("llm/eval.py", "--checkpoint", str(corrupt)), "unreadable")
+    assert_one_line_error(run_cli("llm/eval.py", "--checkpoint", str(corrupt), env=ONE_THREAD), "unreadable")
     good = corpus["root"] / "straight" / "last.pt"
     if not good.exists():
         pytest.skip("needs the resume test's checkpoint")
-    assert_one_line_error(run_cli("llm/generate.py", "--checkpoint", str(good), "--prompt", "  "), "prompt is empty")
+    empty_prompt = run_cli("llm/generate.py", "--checkpoint", str(good), "--prompt", "  ", env=ONE_THREAD)
+    assert_one_line_error(empty_prompt, "prompt is empty")
     # resuming with another model shape refuses, and leaves the good checkpoint untouched
     before = good.read_bytes()
-    mismatched = run_cli("llm/train.py", *TINY, "--d-model", "64", "--text-file", corpus["text_file"],
-                         "--data-dir", corpus["data_dir"], "--out-dir", str(good.parent), "--resume")
-    assert_one_line_error(mismatched, "another model configuration")
+    with pytest.raises(SystemExit, match="^error: .*another model configuration"):
+        train_in_process(*TINY, "--d-model", "64", "--text-file", corpus["text_file"], "--data-dir",
+                         corpus["data_dir"], "--out-dir", str(good.parent), "--resume")
     assert good.read_bytes() == before
 
 
