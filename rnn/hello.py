@@ -19,7 +19,7 @@ def main(argv=None):
     parser.add_argument("--target", default="elloh", help="output string, same length as --source")
     parser.add_argument("--impl", choices=["handwritten", "torch"], default="handwritten", help="which RNN to use")
     parser.add_argument("--hidden-size", type=int, default=8, help="size of the hidden state")
-    parser.add_argument("--steps", type=int, default=60, help="optimisation steps")
+    parser.add_argument("--steps", type=int, default=30, help="optimisation steps")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     arguments = parser.parse_args(argv)
     if not arguments.source or len(arguments.source) != len(arguments.target):
@@ -40,7 +40,7 @@ def main(argv=None):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step == 1 or step % 5 == 0:
+        if step == 1 or step % 3 == 0:
             prediction = "".join(characters[i] for i in logits.argmax(-1).tolist())
             print(f"step {step:3d}  loss {loss.item():.4f}  {arguments.source!r} -> {prediction!r}")
     with torch.no_grad():

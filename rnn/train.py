@@ -163,7 +163,7 @@ def train(arguments):
                 "rng_state": torch.get_rng_state()}
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file = open(out_dir / "metrics.jsonl", "a")
+    metrics_file = open(out_dir / "metrics.jsonl", "a" if arguments.resume else "w")
     epoch = start_epoch
     started = time.time()
     try:
