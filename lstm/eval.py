@@ -1,0 +1,96 @@
+"""Evaluate a trained character model: test bits per character, and text sampled with a temperature.
+
+    python lstm/eval.py                                   # test bpc of runs/lstm/best.pt
+    python lstm/eval.py --json                            # the same as one JSON object
+    python lstm/eval.py --sample --prompt "Emma was" --temperature 0.8
+"""
+
+import argparse
+import json
+import sys
+
+import torch
+
+from data import DataError
+from lstm.model import CharConfig, CharLanguageModel, generate
+from lstm.tasks import load_corpus
+from lstm.train import UserError, evaluate_bpc, load_checkpoint, pick_device
+
+
+def parse_args(argv=None):
+    """The command line."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="runs/lstm/best.pt", help="a language-model checkpoint from train.py")
+    parser.add_argument("--split", choices=["test", "validation"], default="test", help="held-out text to score")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (with test_bpc) instead of text")
+    parser.add_argument("--sample", action="store_true", help="generate text instead of scoring")
+    parser.add_argument("--prompt", default="Emma ", help="text the sample continues (every character must be known)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature: <1 safer, >1 wilder")
+    parser.add_argument("--length", type=int, default=500, help="characters to generate")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    args = parser.parse_args(argv)
+    if args.temperature <= 0:
+        parser.error("--temperature must be positive")
+    if args.length <= 0:
+        parser.error("--length must be positive")
+    return args
+
+
+def load_language_model(path, device):
+    """The model and its vocabulary from a train.py language-model checkpoint."""
+    checkpoint = load_checkpoint(path, device)
+    if "vocabulary" not in checkpoint:
+        raise UserError(f"{path} is not a language-model checkpoint (an adding-problem one?)")
+    model = CharLanguageModel(CharConfig(**checkpoint["config"])).to(device)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError:
+        raise UserError(f"{path}: weights do not fit the config stored beside them") from None
+    model.eval()
+    return model, checkpoint
+
+
+def main(argv=None):
+    """Score or sample, turning user mistakes into one line on stderr."""
+    args = parse_args(argv)
+    try:
+        device = pick_device(args.device)
+        model, checkpoint = load_language_model(args.checkpoint, device)
+        corpus = load_corpus(checkpoint["books"])
+        if corpus.vocabulary != checkpoint["vocabulary"]:
+            raise UserError("the books on disk do not give the vocabulary the checkpoint was trained with")
+        result = {"checkpoint": args.checkpoint, "step": checkpoint["step"], "cell": model.config.cell,
+                  "impl": model.config.impl}
+        if args.sample:
+            if not args.prompt:
+                raise UserError("--prompt is empty: give at least one character to start from")
+            prompt_ids = corpus.encode(args.prompt)
+            generator = torch.Generator().manual_seed(args.seed)
+            pieces = []
+            if not args.json:
+                print(args.prompt, end="", flush=True)
+            for token in generate(model, prompt_ids, args.length, args.temperature, generator):
+                character = corpus.vocabulary[token]
+                pieces.append(character)
+                if not args.json:
+                    print(character, end="", flush=True)  # streamed: each character as soon as it is sampled
+            if not args.json:
+                print()
+            result["sample"] = args.prompt + "".join(pieces)
+        if args.json or not args.sample:
+            text = corpus.test if args.split == "test" else corpus.validation
+            bpc = evaluate_bpc(model, torch.tensor(corpus.encode(text)))
+            result[f"{args.split}_bpc"] = bpc
+            if args.json:
+                print(json.dumps(result))
+            else:
+                print(f"{args.split} bpc {bpc:.4f} ({len(text):,} characters, {model.config.cell} "
+                      f"{model.config.impl}, step {checkpoint['step']})")
+    except (UserError, DataError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

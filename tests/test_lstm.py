@@ -1,0 +1,260 @@
+"""The LSTM chapter: the hand-written LSTM equals torch.nn.LSTM, both tasks train, the CLIs fail clearly."""
+
+import json
+
+import pytest
+import torch
+
+from lstm.model import (
+    AddingConfig,
+    AddingModel,
+    CharConfig,
+    CharLanguageModel,
+    HandwrittenLSTM,
+    TorchRecurrent,
+    generate,
+    matching_rnn_hidden_size,
+    recurrent_parameter_count,
+)
+from lstm.tasks import DEFAULT_BOOKS, adding_batch, load_corpus
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy shared machine makes thread hand-offs slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cli(run_cli):
+    """conftest's run_cli with one thread per script."""
+
+    def run(script, *arguments):
+        return run_cli(script, *arguments, env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+
+    return run
+
+
+def copied_pair(input_size, hidden_size, num_layers):
+    """torch.nn.LSTM (in the wrapper that packs variable lengths) and a hand-written LSTM with the same weights."""
+    reference = TorchRecurrent("lstm", input_size, hidden_size, num_layers, 0.0).double()
+    handwritten = HandwrittenLSTM(input_size, hidden_size, num_layers).double()
+    handwritten.load_state_dict(reference.recurrent.state_dict())
+    return reference, handwritten
+
+
+def outputs_and_gradients(module, inputs, state, lengths=None):
+    """Run a module, backprop a fixed random functional of everything it returns, collect all gradients."""
+    inputs = inputs.clone().requires_grad_(True)
+    state = tuple(part.clone().requires_grad_(True) for part in state)
+    outputs, (hidden, cell) = module(inputs, state, lengths)
+    weights = torch.Generator().manual_seed(1)
+    loss = sum((tensor * torch.randn(tensor.shape, generator=weights, dtype=tensor.dtype)).sum()
+               for tensor in (outputs, hidden, cell))
+    loss.backward()
+    gradients = {name.removeprefix("recurrent."): parameter.grad for name, parameter in module.named_parameters()}
+    gradients["inputs"], gradients["h0"], gradients["c0"] = inputs.grad, state[0].grad, state[1].grad
+    return outputs, hidden, cell, gradients
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_handwritten_lstm_matches_torch_outputs_state_and_all_gradients(num_layers):
+    reference, handwritten = copied_pair(5, 7, num_layers)
+    inputs = torch.randn(3, 11, 5, dtype=torch.float64)
+    state = (torch.randn(num_layers, 3, 7, dtype=torch.float64), torch.randn(num_layers, 3, 7, dtype=torch.float64))
+    expected = outputs_and_gradients(reference, inputs, state)
+    actual = outputs_and_gradients(handwritten, inputs, state)
+    for want, got in zip(expected[:3], actual[:3]):
+        torch.testing.assert_close(got, want)
+    assert expected[3].keys() == actual[3].keys()
+    for name in expected[3]:
+        torch.testing.assert_close(actual[3][name], expected[3][name], msg=f"gradient of {name}")
+
+
+def test_handwritten_lstm_with_variable_lengths_matches_packed_torch_lstm():
+    reference, handwritten = copied_pair(4, 6, 2)
+    inputs = torch.randn(4, 9, 4, dtype=torch.float64)
+    lengths = torch.tensor([9, 3, 6, 1])
+    state = (torch.zeros(2, 4, 6, dtype=torch.float64), torch.zeros(2, 4, 6, dtype=torch.float64))
+    expected = outputs_and_gradients(reference, inputs, state, lengths)
+    actual = outputs_and_gradients(handwritten, inputs, state, lengths)
+    for want, got in zip(expected[:3], actual[:3]):
+        torch.testing.assert_close(got, want)
+    assert torch.all(actual[0][1, 3:] == 0), "outputs past a sequence's end are zero, as pad_packed_sequence gives"
+    for name in expected[3]:
+        torch.testing.assert_close(actual[3][name], expected[3][name], msg=f"gradient of {name}")
+
+
+def test_carrying_state_across_calls_equals_one_long_call():
+    lstm = HandwrittenLSTM(3, 5, 2).double()
+    inputs = torch.randn(2, 12, 3, dtype=torch.float64)
+    whole, (hidden, cell) = lstm(inputs)
+    first, state = lstm(inputs[:, :5])
+    second, (hidden_carried, cell_carried) = lstm(inputs[:, 5:], state)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), whole)
+    torch.testing.assert_close(hidden_carried, hidden)
+    torch.testing.assert_close(cell_carried, cell)
+
+
+def test_dropout_acts_between_layers_only_while_training():
+    lstm = HandwrittenLSTM(3, 8, 2, dropout=0.5)
+    inputs = torch.randn(2, 4, 3)
+    lstm.eval()
+    torch.testing.assert_close(lstm(inputs)[0], lstm(inputs)[0])
+    lstm.train()
+    assert not torch.allclose(lstm(inputs)[0], lstm(inputs)[0])
+
+
+def test_handwritten_and_torch_language_models_start_from_identical_weights():
+    models = []
+    for impl in ("handwritten", "torch"):
+        torch.manual_seed(3)
+        models.append(CharLanguageModel(CharConfig(vocab_size=20, embedding_size=8, hidden_size=16, impl=impl)))
+    tokens = torch.randint(0, 20, (2, 7))
+    models[0].eval()
+    models[1].eval()
+    torch.testing.assert_close(models[0](tokens)[0], models[1](tokens)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_rnn_baseline_is_sized_to_the_lstm_parameter_count():
+    hidden_size = matching_rnn_hidden_size(192, 64, 2, extra_per_hidden=82)
+    lstm_total = recurrent_parameter_count("lstm", 64, 192, 2) + 82 * 192
+    rnn_total = recurrent_parameter_count("rnn", 64, hidden_size, 2) + 82 * hidden_size
+    assert abs(rnn_total - lstm_total) / lstm_total < 0.01
+    rnn = CharLanguageModel(CharConfig(vocab_size=82, embedding_size=64, hidden_size=hidden_size, cell="rnn",
+                                       impl="torch"))
+    assert sum(p.numel() for p in rnn.recurrent.parameters()) == recurrent_parameter_count("rnn", 64, hidden_size, 2)
+
+
+def test_generate_with_carried_state_matches_rerunning_the_whole_text():
+    model = CharLanguageModel(CharConfig(vocab_size=12, embedding_size=6, hidden_size=10, num_layers=2)).eval()
+    sampled = list(generate(model, [1, 2, 3], 6, temperature=0.8, generator=torch.Generator().manual_seed(0)))
+    assert len(sampled) == 6 and all(0 <= token < 12 for token in sampled)
+    # Rebuild the same sample without carrying state: rerun the whole text each step with the same random draws.
+    generator, text = torch.Generator().manual_seed(0), [1, 2, 3]
+    for _ in range(6):
+        logits = model(torch.tensor([text]))[0][0, -1]
+        text.append(torch.multinomial(torch.softmax(logits / 0.8, dim=-1), 1, generator=generator).item())
+    assert text[3:] == sampled
+
+
+def test_adding_batch_marks_one_value_in_each_half_and_targets_their_sum():
+    inputs, targets = adding_batch(8, 20, torch.Generator().manual_seed(0))
+    assert inputs.shape == (8, 20, 2)
+    markers = inputs[..., 1]
+    assert torch.all(markers[:, :10].sum(1) == 1) and torch.all(markers[:, 10:].sum(1) == 1)
+    torch.testing.assert_close((inputs[..., 0] * markers).sum(1), targets)
+    assert AddingModel(AddingConfig(hidden_size=4))(inputs).shape == (8,)
+
+
+def test_corpus_holds_out_the_end_of_each_book():
+    corpus = load_corpus()
+    assert corpus.test.endswith("THE END\n\n\n")  # the end of Sense and Sensibility, the last book
+    assert "FINIS" in corpus.test and "FINIS" not in corpus.train
+    assert len(corpus.validation) > 50_000 and len(corpus.test) > 50_000
+    assert corpus.decode(corpus.encode("Emma")) == "Emma"
+    with pytest.raises(ValueError, match="not in the model's vocabulary"):
+        corpus.encode("Emma \u00e9")
+
+
+TINY_LM = ["--hidden-size", "32", "--num-layers", "2", "--embedding-size", "16", "--seq-len", "50",
+           "--batch-size", "16", "--lr", "1e-2", "--eval-every", "20"]
+
+
+def test_tiny_language_model_trains_checkpoints_resumes_and_evaluates(cli, tmp_path):
+    out_dir = tmp_path / "lm"
+    trained = cli("lstm/train.py", *TINY_LM, "--steps", "40", "--out-dir", str(out_dir))
+    assert trained.returncode == 0, trained.stderr
+    summary = json.loads((out_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[1]["validation_bpc"] < records[0]["validation_bpc"] < 6.4  # log2(82) = 6.36: it learns
+    assert (out_dir / "best.pt").is_file() and (out_dir / "last.pt").is_file() and (out_dir / "curves.png").is_file()
+
+    evaluated = cli("lstm/eval.py", "--checkpoint", str(out_dir / "best.pt"), "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["test_bpc"] == pytest.approx(summary["test_bpc"], abs=1e-4)
+
+    sampled = cli("lstm/eval.py", "--checkpoint", str(out_dir / "best.pt"), "--sample", "--prompt", "Emma",
+                      "--length", "40", "--temperature", "0.8")
+    assert sampled.returncode == 0, sampled.stderr
+    assert sampled.stdout.startswith("Emma") and len(sampled.stdout.rstrip("\n")) == 44
+
+    resumed = cli("lstm/train.py", *TINY_LM, "--steps", "60", "--out-dir", str(out_dir), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step 40" in resumed.stdout
+    assert json.loads((out_dir / "summary.json").read_text())["steps"] == 60
+
+
+def test_checkpoint_round_trip_gives_the_same_model(tmp_path):
+    from lstm.eval import load_language_model
+    from lstm.train import save_checkpoint
+
+    config = CharConfig(vocab_size=82, embedding_size=8, hidden_size=12, num_layers=2)
+    model = CharLanguageModel(config).eval()
+    save_checkpoint(tmp_path / "best.pt", {"model": model.state_dict(), "config": model.config_dict(), "step": 1,
+                                           "vocabulary": load_corpus().vocabulary, "books": []})
+    loaded, _ = load_language_model(tmp_path / "best.pt", torch.device("cpu"))
+    tokens = torch.randint(0, 82, (2, 9))
+    torch.testing.assert_close(loaded(tokens)[0], model(tokens)[0])
+
+
+def test_tiny_adding_run_beats_the_trivial_answer(cli, tmp_path):
+    result = cli("lstm/train.py", "--task", "adding", "--lengths", "10", "--cells", "lstm", "rnn",
+                     "--adding-steps", "150", "--adding-hidden-size", "16", "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    runs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lstm_run = next(run for run in runs if run["cell"] == "lstm")
+    assert lstm_run["final_mse"] < 0.14  # the trivial answer 1.0 scores 1/6 = 0.167
+    assert (tmp_path / "adding.png").is_file() and (tmp_path / "adding-lstm-10-last.pt").is_file()
+
+
+def assert_one_line_error(result, fragment):
+    """Non-zero exit, a single 'error:' line on stderr that says what is wrong, and no traceback."""
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("[data]")]
+    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A language-model checkpoint written without training, for the CLI's error paths."""
+    from lstm.train import save_checkpoint
+
+    path = tmp_path_factory.mktemp("lstm") / "best.pt"
+    corpus = load_corpus()
+    model = CharLanguageModel(CharConfig(vocab_size=len(corpus.vocabulary), embedding_size=4, hidden_size=4))
+    save_checkpoint(path, {"model": model.state_dict(), "config": model.config_dict(), "step": 0,
+                           "vocabulary": corpus.vocabulary, "books": list(DEFAULT_BOOKS)})
+    return path
+
+
+def test_eval_rejects_an_empty_prompt(cli, tiny_checkpoint):
+    result = cli("lstm/eval.py", "--checkpoint", str(tiny_checkpoint), "--sample", "--prompt", "")
+    assert_one_line_error(result, "prompt is empty")
+
+
+def test_eval_rejects_a_prompt_with_an_unknown_character(cli, tiny_checkpoint):
+    result = cli("lstm/eval.py", "--checkpoint", str(tiny_checkpoint), "--sample", "--prompt", "Emma \u00e9")
+    assert_one_line_error(result, "not in the model's vocabulary")
+
+
+def test_eval_reports_a_missing_checkpoint(cli, tmp_path):
+    assert_one_line_error(cli("lstm/eval.py", "--checkpoint", str(tmp_path / "missing.pt")), "no checkpoint")
+
+
+def test_eval_reports_a_corrupt_checkpoint(cli, tmp_path):
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    assert_one_line_error(cli("lstm/eval.py", "--checkpoint", str(tmp_path / "broken.pt")), "not a readable")
+
+
+def test_resume_with_another_config_fails_without_touching_the_checkpoint(cli, tmp_path, tiny_checkpoint):
+    last = tmp_path / "last.pt"
+    last.write_bytes(tiny_checkpoint.read_bytes())
+    before = last.read_bytes()
+    result = cli("lstm/train.py", "--out-dir", str(tmp_path), "--resume", "--steps", "1")
+    assert_one_line_error(result, "another config")
+    assert last.read_bytes() == before
