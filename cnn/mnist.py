@@ -39,8 +39,11 @@ def normalise(images):
     return ((images.float() / 255.0 - PIXEL_MEAN) / PIXEL_STD).unsqueeze(1)
 
 
-def load_split(split, folder=None):
-    """Images (N, 1, 28, 28) and labels (N,) of 'train' (first 55,000), 'validation' (last 5,000) or 'test'."""
+def load_split(split, folder=None, limit=0):
+    """Images (N, 1, 28, 28) and labels (N,) of 'train' (first 55,000), 'validation' (last 5,000) or 'test'.
+
+    `limit` > 0 keeps only the first `limit` images of the split.
+    """
     folder = Path(folder) if folder is not None else fetch("mnist")
     prefix = "t10k" if split == "test" else "train"
     images = read_idx(folder / f"{prefix}-images-idx3-ubyte")  # (N, 28, 28) uint8
@@ -51,6 +54,8 @@ def load_split(split, folder=None):
         images, labels = images[:-VALIDATION_SIZE], labels[:-VALIDATION_SIZE]
     elif split == "validation":
         images, labels = images[-VALIDATION_SIZE:], labels[-VALIDATION_SIZE:]
+    if limit:
+        images, labels = images[:limit], labels[:limit]
     return normalise(images), labels
 
 

@@ -41,12 +41,15 @@ def parse_arguments(argv=None):
     parser.add_argument("--augment-shift", type=int, default=0, help="random shift of up to this many pixels (0: off)")
     parser.add_argument("--train-images", type=int, default=0, help="use only the first N training images (0: all)")
     parser.add_argument("--validation-images", type=int, default=0, help="use only N validation images (0: all 5,000)")
+    parser.add_argument("--log-every", type=int, default=50, help="steps between training-loss records")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with the four MNIST IDX files (default: fetched by the data helper)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation, shuffling and dropout")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     parser.add_argument("--out-dir", default="runs/cnn", help="folder for checkpoints, metrics.jsonl and plots")
     parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/last.pt")
     arguments = parser.parse_args(argv)
-    for name in ["epochs", "batch_size"]:
+    for name in ["epochs", "batch_size", "log_every"]:
         if getattr(arguments, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     for name in ["lr", "momentum", "weight_decay", "augment_shift", "train_images", "validation_images",
@@ -150,13 +153,8 @@ def train(arguments):
     out_dir = Path(arguments.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = CNNConfig(dropout=arguments.dropout, pooling=arguments.pooling)
-    train_images, train_labels = load_split("train")
-    validation_images, validation_labels = load_split("validation")
-    if arguments.train_images:
-        train_images, train_labels = train_images[: arguments.train_images], train_labels[: arguments.train_images]
-    if arguments.validation_images:
-        validation_images = validation_images[: arguments.validation_images]
-        validation_labels = validation_labels[: arguments.validation_images]
+    train_images, train_labels = load_split("train", arguments.data_dir, arguments.train_images)
+    validation_images, validation_labels = load_split("validation", arguments.data_dir, arguments.validation_images)
     train_images, train_labels = train_images.to(device), train_labels.to(device)
     validation_images, validation_labels = validation_images.to(device), validation_labels.to(device)
 
@@ -237,7 +235,7 @@ def train(arguments):
                 running_count += labels.shape[0]
                 correct += (logits.argmax(dim=1) == labels).sum().item()
                 seen += labels.shape[0]
-                if (step + 1) % 50 == 0:
+                if (step + 1) % arguments.log_every == 0:
                     records.append({"kind": "step", "step": step + 1, "train_loss": running_loss / running_count})
                     with metrics_path.open("a") as file:
                         file.write(json.dumps(records[-1]) + "\n")
