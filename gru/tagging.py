@@ -1,0 +1,108 @@
+"""What train.py and eval.py share: the device, checkpoints, tagging sentences, entity-level scores."""
+
+import os
+from pathlib import Path
+
+import torch
+from seqeval.metrics import classification_report
+from seqeval.scheme import IOBES
+
+from gru.corpus import collate, make_batches, split_points, tags_to_spans
+from gru.model import Tagger, TaggerConfig
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, missing file); the CLI prints it as one line."""
+
+
+def pick_device(name: str) -> torch.device:
+    """--device auto picks CUDA, then MPS, then the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device must be auto, cpu, cuda or mps, not {name!r}")
+    return torch.device(name)
+
+
+def save_atomically(payload: dict, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a checkpoint."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict:
+    """A checkpoint dict loaded with weights_only=True, or a UserError saying why it cannot be."""
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found (train one with: python gru/train.py)")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # a truncated or foreign file: say so in one line
+        raise UserError(f"checkpoint {path} could not be read ({type(error).__name__})") from error
+    if not isinstance(checkpoint, dict) or not {"model", "config", "vocab", "tags"} <= checkpoint.keys():
+        raise UserError(f"{path} is not a gru/train.py checkpoint")
+    return checkpoint
+
+
+def tagger_from_checkpoint(checkpoint: dict, device: torch.device) -> Tagger:
+    """Rebuild the tagger saved in a checkpoint, in eval mode."""
+    model = Tagger(TaggerConfig(**checkpoint["config"])).to(device)
+    model.load_state_dict(checkpoint["model"])
+    return model.eval()
+
+
+def predict(model, sentences, char_to_id, tags, device, batch_size=256) -> list[list[str]]:
+    """Predicted tag strings for each (chars, tags) sentence, in the given order."""
+    tag_to_id = {tag: i for i, tag in enumerate(tags)}
+    predictions = [None] * len(sentences)
+    model.eval()
+    for indices in make_batches(sentences, batch_size):
+        char_ids, _, lengths = collate(sentences, indices, char_to_id, tag_to_id, device)
+        for index, path in zip(indices, model.decode(char_ids, lengths)):
+            predictions[index] = [tags[tag_id] for tag_id in path]
+    return predictions
+
+
+def to_iobes(tags: list[str]) -> list[str]:
+    """BMES is IOBES with M- for I-: rename so seqeval reads it."""
+    return [("I-" + tag[2:]) if tag.startswith("M-") else tag for tag in tags]
+
+
+def entity_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict:
+    """Entity-level precision/recall/F1 per type and overall (seqeval, strict mode, IOBES scheme).
+
+    Strict mode counts an entity as found only when its start, end and type all match the gold entity.
+    """
+    report = classification_report(
+        [to_iobes(t) for t in gold], [to_iobes(t) for t in predicted],
+        mode="strict", scheme=IOBES, output_dict=True, zero_division=0,
+    )
+    scores = {kind: {k: float(v) for k, v in values.items()} for kind, values in report.items()}
+    overall = scores.get("micro avg", {"precision": 0.0, "recall": 0.0, "f1-score": 0.0})
+    return {
+        "f1": overall["f1-score"], "precision": overall["precision"], "recall": overall["recall"],
+        "per_type": {kind: values for kind, values in scores.items() if "avg" not in kind},
+    }
+
+
+def tag_text(model, text: str, char_to_id, tags, device, max_length: int) -> list[tuple[int, int, str, str]]:
+    """Entities in free text as (start, end, type, surface), long text cut at punctuation into pieces."""
+    text = text.strip()
+    if not text:
+        raise UserError("the text to tag is empty")
+    chars = list(text)
+    if not any("\u3400" <= char <= "\u9fff" for char in chars):
+        raise UserError("the text has no Chinese characters: this tagger was trained on Chinese news text")
+    bounds = [0, *split_points(chars, max_length), len(chars)]
+    pieces = [(chars[a:b], ["O"] * (b - a)) for a, b in zip(bounds, bounds[1:])]
+    predicted = predict(model, pieces, char_to_id, tags, device)
+    entities = []
+    for offset, piece_tags in zip(bounds, predicted):
+        for start, end, kind in tags_to_spans(piece_tags):
+            entities.append((offset + start, offset + end, kind, text[offset + start : offset + end]))
+    return entities
+
