@@ -1,0 +1,139 @@
+"""Side-by-side timings: training throughput, KV-cached vs recomputed greedy decoding, beam search, attention kernels.
+
+    python transformer/bench.py                       # uses runs/transformer/best.pt if it exists for beam search
+"""
+
+import argparse
+import sys
+import time
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from transformer.decoding import beam_search, greedy_decode
+from transformer.model import Transformer, TransformerConfig, scaled_dot_product_attention
+from transformer.prepare import BOS_ID, EOS_ID
+from transformer.train import UserError, load_checkpoint, model_from_checkpoint
+
+
+def timed(function, repeats: int) -> float:
+    """Seconds per call, after one warm-up call."""
+    function()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    return (time.perf_counter() - started) / repeats
+
+
+def training_step(model, optimizer, source, target):
+    """One Adam step on label-smoothed cross-entropy, as in train.py."""
+    logits = model(source, target[:, :-1])
+    loss = F.cross_entropy(logits.flatten(0, 1), target[:, 1:].flatten(), label_smoothing=0.1)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def bench_training(config: TransformerConfig, batch: int, length: int, repeats: int):
+    """Target tokens per second of full training steps, with the hand-written and the fused attention."""
+    rates = {}
+    for attention in ["handwritten", "fused"]:
+        torch.manual_seed(0)
+        model = Transformer(TransformerConfig(**{**config.to_dict(), "attention": attention}))
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
+        source = torch.randint(4, config.vocab_size, (batch, length))
+        target = torch.randint(4, config.vocab_size, (batch, length + 1))
+
+        rates[attention] = batch * length / timed(partial(training_step, model, optimizer, source, target), repeats)
+        print(f"train step, {attention:11s} attention: {rates[attention]:8.0f} target tokens/s")
+    print(f"  fused / handwritten: {rates['fused'] / rates['handwritten']:.2f}x")
+
+
+def bench_attention_kernel(repeats: int):
+    """The attention of eq. 1 alone, forward and backward, at a typical batch: hand-written vs fused."""
+    query, key, value = (torch.randn(64, 4, 24, 64, requires_grad=True) for _ in range(3))
+    allowed = torch.ones(24, 24, dtype=torch.bool).tril()
+
+    def handwritten():
+        scaled_dot_product_attention(query, key, value, allowed)[0].sum().backward()
+
+    def fused():
+        F.scaled_dot_product_attention(query, key, value, attn_mask=allowed).sum().backward()
+
+    times = {"handwritten": timed(handwritten, repeats), "fused": timed(fused, repeats)}
+    for name, seconds in times.items():
+        print(f"attention kernel (64x4 heads x 24x24, fwd+bwd), {name:11s}: {seconds * 1e3:7.2f} ms")
+    print(f"  fused speed-up: {times['handwritten'] / times['fused']:.2f}x")
+
+
+def bench_greedy(model: Transformer, batch: int, source_length: int, repeats: int):
+    """Greedy decoding tokens/s with the KV cache and with the prefix recomputed, at 32 and 128 new tokens."""
+    source = torch.randint(4, model.config.vocab_size, (batch, source_length))
+    for new_tokens in [32, 128]:
+        seconds = {}
+        for use_cache in [True, False]:
+            decode = partial(greedy_decode, model, source, BOS_ID, EOS_ID, new_tokens, use_cache, stop_at_eos=False)
+            seconds[use_cache] = timed(decode, repeats)
+        cached, recomputed = batch * new_tokens / seconds[True], batch * new_tokens / seconds[False]
+        print(f"greedy, batch {batch}, {new_tokens:3d} tokens: cached {cached:7.0f} tokens/s, "
+              f"recomputed {recomputed:7.0f} tokens/s, speed-up {cached / recomputed:.2f}x")
+
+
+def bench_beam(model: Transformer, processor, sentences: list[str], beam_sizes):
+    """Beam search seconds per sentence (sentences decoded one at a time, as in interactive use)."""
+    encoded = [torch.tensor([processor.encode(s) + [EOS_ID]]) for s in sentences]
+    for beam_size in beam_sizes:
+        started = time.perf_counter()
+        for source in encoded:
+            if beam_size == 1:
+                greedy_decode(model, source, BOS_ID, EOS_ID, source.size(1) * 2 + 10)
+            else:
+                beam_search(model, source, BOS_ID, EOS_ID, source.size(1) * 2 + 10, beam_size)
+        per_sentence = (time.perf_counter() - started) / len(encoded)
+        print(f"beam {beam_size}: {per_sentence * 1e3:7.1f} ms per sentence ({len(encoded)} sentences, batch 1)")
+
+
+def main(argv=None):
+    """Run every comparison and print the ratios."""
+    parser = argparse.ArgumentParser(description="Benchmark the Transformer chapter on this machine.")
+    parser.add_argument("--checkpoint", default="runs/transformer/best.pt",
+                        help="trained model for decoding and beam search (random weights if missing)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions of each measurement")
+    parser.add_argument("--beam-sentences", type=int, default=40, help="test sentences for the beam timing")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    torch.manual_seed(0)
+    processor = None
+    try:
+        checkpoint = load_checkpoint(args.checkpoint)
+        model = model_from_checkpoint(checkpoint).eval()
+        from transformer.prepare import load_tokenizer
+
+        processor = load_tokenizer(bytes(checkpoint["tokenizer"].tolist()))
+        print(f"decoding with {args.checkpoint}")
+    except UserError as error:
+        print(f"({error}; decoding timings use random weights, beam search is skipped)")
+        model = Transformer(TransformerConfig(num_encoder_layers=2, num_decoder_layers=2)).eval()
+    config = model.config
+    bench_training(config, batch=125, length=12, repeats=args.repeats)
+    bench_attention_kernel(repeats=10 * args.repeats)
+    bench_greedy(model, batch=1, source_length=16, repeats=args.repeats)
+    bench_greedy(model, batch=32, source_length=16, repeats=args.repeats)
+    if processor is not None:
+        from transformer.prepare import load_pairs, split_pairs
+
+        split = checkpoint["split"]
+        test = split_pairs(load_pairs(), split["seed"], split["valid_fraction"], split["test_fraction"])["test"]
+        every = max(len(test) // args.beam_sentences, 1)
+        bench_beam(model, processor, [source for source, _ in test[::every][: args.beam_sentences]], [1, 2, 4, 8])
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (UserError, ValueError) as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,334 @@
+"""Train the Transformer to translate English -> Spanish on Tatoeba.
+
+    python transformer/train.py                    # the default run of the README's results table
+    python transformer/train.py --resume           # go on from runs/transformer/last.pt
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import DataError
+from transformer.decoding import translate
+from transformer.model import Transformer, TransformerConfig
+from transformer.prepare import (
+    PAD_ID,
+    collate,
+    encode_pairs,
+    load_pairs,
+    load_tokenizer,
+    split_pairs,
+    token_batches,
+    train_tokenizer,
+)
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+CHECKPOINT_KIND = "transformer-translation"
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing or foreign checkpoint); reported as one line."""
+
+
+def pick_device(name: str) -> torch.device:
+    """--device auto picks CUDA, then MPS, then CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but CUDA is not available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps asked for, but MPS is not available")
+    return torch.device(name)
+
+
+def label_smoothed_cross_entropy(logits, target, smoothing: float, pad_id: int = PAD_ID) -> torch.Tensor:
+    """Mean over non-pad tokens of -(1 - eps) log p(y) - eps * mean_v log p(v): the target keeps 1 - eps of the
+    probability mass and eps is spread evenly over the whole vocabulary (eq. 10)."""
+    log_probs = logits.log_softmax(dim=-1)  # (N, V)
+    true_token = -log_probs.gather(-1, target[:, None]).squeeze(-1)  # (N,)
+    uniform = -log_probs.mean(dim=-1)  # (N,)
+    loss = (1.0 - smoothing) * true_token + smoothing * uniform
+    keep = target != pad_id
+    return loss[keep].mean()
+
+
+def learning_rate(step: int, args) -> float:
+    """Eq. 9 ("Noam"): d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), times --lr-factor; or a constant --lr."""
+    if args.schedule == "constant":
+        return args.lr
+    step = max(step, 1)
+    return args.lr_factor * args.d_model**-0.5 * min(step**-0.5, step * args.warmup_steps**-1.5)
+
+
+def save_atomically(payload: dict, path: Path):
+    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a checkpoint."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path, device="cpu") -> dict:
+    """Load and check a checkpoint written by this script; raise UserError with a readable reason otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # a truncated or foreign file
+        raise UserError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("kind") != CHECKPOINT_KIND:
+        raise UserError(f"{path} is not a checkpoint of transformer/train.py")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict, device="cpu", attention: str | None = None) -> Transformer:
+    """Rebuild the model a checkpoint describes and load its weights."""
+    config = dict(checkpoint["config"])
+    if attention is not None:
+        config["attention"] = attention
+    try:
+        model = Transformer(TransformerConfig(**config))
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, RuntimeError) as error:
+        raise UserError(f"checkpoint does not match this model: {str(error).splitlines()[0]}") from None
+    return model.to(device)
+
+
+def parse_args(argv=None):
+    """Every flag, with the defaults of the README's results table."""
+    parser = argparse.ArgumentParser(description="Train an English->Spanish Transformer on Tatoeba.")
+    parser.add_argument("--epochs", type=int, default=1, help="number of passes over the training pairs")
+    parser.add_argument("--max-tokens", type=int, default=1500, help="padded tokens per batch (per side)")
+    parser.add_argument("--max-len", type=int, default=64, help="drop training pairs longer than this many tokens")
+    parser.add_argument("--vocab-size", type=int, default=8000, help="shared SentencePiece BPE vocabulary size")
+    parser.add_argument("--d-model", type=int, default=256, help="model width")
+    parser.add_argument("--num-heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--encoder-layers", type=int, default=2, help="encoder layers")
+    parser.add_argument("--decoder-layers", type=int, default=2, help="decoder layers")
+    parser.add_argument("--d-ff", type=int, default=1024, help="feed-forward inner width")
+    parser.add_argument("--dropout", type=float, default=0.1, help="dropout probability")
+    parser.add_argument("--pre-norm", action="store_true", help="LayerNorm before each sublayer (default: post-norm)")
+    parser.add_argument(
+        "--attention", choices=["handwritten", "fused"], default="handwritten",
+        help="eq. 1 written out, or torch's fused scaled_dot_product_attention",
+    )
+    parser.add_argument("--label-smoothing", type=float, default=0.1, help="epsilon of label smoothing (0: off)")
+    parser.add_argument("--schedule", choices=["noam", "constant"], default="noam", help="learning-rate schedule")
+    parser.add_argument("--warmup-steps", type=int, default=400, help="Noam warmup steps")
+    parser.add_argument("--lr-factor", type=float, default=0.7, help="Noam multiplier")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of --schedule constant")
+    parser.add_argument("--train-fraction", type=float, default=1.0, help="use only this share of training pairs")
+    parser.add_argument("--valid-pairs", type=int, default=0, help="validation pairs for the loss (0: all)")
+    parser.add_argument("--valid-bleu-sentences", type=int, default=500, help="validation pairs decoded for BLEU")
+    parser.add_argument("--valid-every", type=int, default=400, help="also validate every N steps (0: per epoch)")
+    parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in total (0: no cap)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, tokenizer and initialisation")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--out-dir", default="runs/transformer", help="checkpoints, metrics.jsonl and plots")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
+    parser.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
+    args = parser.parse_args(argv)
+    if args.epochs < 1 or args.max_tokens < 16 or args.vocab_size < 100 or args.max_len < 4:
+        raise UserError("--epochs >= 1, --max-tokens >= 16, --vocab-size >= 100 and --max-len >= 4 are required")
+    if args.d_model % args.num_heads or args.d_model % 2:
+        raise UserError("--d-model must be even and divisible by --num-heads")
+    if not 0.0 <= args.label_smoothing < 1.0 or not 0.0 <= args.dropout < 1.0:
+        raise UserError("--label-smoothing and --dropout must lie in [0, 1)")
+    if not 0.0 < args.train_fraction <= 1.0:
+        raise UserError("--train-fraction must lie in (0, 1]")
+    return args
+
+
+def model_config(args, vocab_size: int) -> TransformerConfig:
+    """The model's config from the command line."""
+    return TransformerConfig(
+        vocab_size=vocab_size, d_model=args.d_model, num_heads=args.num_heads,
+        num_encoder_layers=args.encoder_layers, num_decoder_layers=args.decoder_layers, d_ff=args.d_ff,
+        dropout=args.dropout, max_len=256, pad_id=PAD_ID, norm_first=args.pre_norm, attention=args.attention,
+    )
+
+
+@torch.no_grad()
+def validate(model, encoded, processor, pairs, args, device) -> dict:
+    """Validation loss (plain cross-entropy, no smoothing) over all pairs, greedy BLEU on the first few."""
+    import sacrebleu
+
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    for indices in token_batches(encoded, args.max_tokens):
+        source, decoder_input, decoder_target = collate(encoded, indices, device)
+        logits = model(source, decoder_input)
+        total_loss += F.cross_entropy(
+            logits.flatten(0, 1), decoder_target.flatten(), ignore_index=PAD_ID, reduction="sum"
+        ).item()
+        total_tokens += int((decoder_target != PAD_ID).sum())
+    subset = pairs[: args.valid_bleu_sentences]
+    hypotheses = translate(model, processor, [source for source, _ in subset], beam_size=1, device=device)
+    bleu = sacrebleu.corpus_bleu(hypotheses, [[target for _, target in subset]]).score
+    model.train()
+    return {"valid_loss": total_loss / max(total_tokens, 1), "valid_bleu": bleu}
+
+
+def plot_curves(records: list[dict], path: Path):
+    """Training/validation loss and validation BLEU against epoch."""
+    epochs = [r["epoch"] for r in records]
+    figure, (loss_axis, bleu_axis) = plt.subplots(1, 2, figsize=(9, 3.4))
+    loss_axis.plot(epochs, [r["train_loss"] for r in records], "o-", label="train (label-smoothed)")
+    loss_axis.plot(epochs, [r["valid_loss"] for r in records], "o-", label="valid (plain cross-entropy)")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("loss per token")
+    loss_axis.legend()
+    bleu_axis.plot(epochs, [r["valid_bleu"] for r in records], "o-", color="tab:green")
+    bleu_axis.set_xlabel("epoch")
+    bleu_axis.set_ylabel("valid BLEU (greedy)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def train(args):
+    """The whole run: data, tokenizer, model, epochs of training, validation and checkpoints."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+
+    checkpoint = load_checkpoint(last_path, device) if args.resume else None
+    splits = split_pairs(load_pairs(), args.seed)
+    train_pairs = splits["train"]
+    if args.train_fraction < 1.0:
+        keep = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(args.seed))
+        train_pairs = [train_pairs[i] for i in keep[: int(len(train_pairs) * args.train_fraction)].tolist()]
+    if checkpoint is not None:
+        tokenizer_bytes = bytes(checkpoint["tokenizer"].tolist())
+    else:
+        tokenizer_bytes = train_tokenizer(train_pairs, args.vocab_size, args.seed)
+    processor = load_tokenizer(tokenizer_bytes)
+    train_encoded = encode_pairs(processor, train_pairs, args.max_len)
+    valid_pairs = splits["valid"][: args.valid_pairs] if args.valid_pairs else splits["valid"]
+    valid_encoded = encode_pairs(processor, valid_pairs, 256)
+    print(f"pairs: train {len(splits['train'])}, valid {len(splits['valid'])}, test {len(splits['test'])} "
+          f"(split by English sentence); training on {len(train_encoded)}")
+
+    torch.manual_seed(args.seed)
+    config = model_config(args, processor.get_piece_size())
+    model = Transformer(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9)
+    epoch, batch_in_epoch, step, best_bleu, records = 0, 0, 0, -1.0, []
+    if checkpoint is not None:
+        if checkpoint["config"] != config.to_dict():
+            raise UserError(f"{last_path} was trained with another config; use the same flags or another --out-dir")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        epoch, batch_in_epoch = checkpoint["epoch"], checkpoint["batch_in_epoch"]
+        step, best_bleu = checkpoint["step"], checkpoint["best_bleu"]
+        records = [json.loads(line) for line in checkpoint["records"]]
+        torch.set_rng_state(checkpoint["rng_state"])
+        print(f"resumed from {last_path} after epoch {epoch}, step {step}")
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {config}")
+
+    def payload():
+        """Everything --resume and eval.py need, as tensors, dicts, lists, numbers and strings only."""
+        return {
+            "kind": CHECKPOINT_KIND, "config": config.to_dict(), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step,
+            "best_bleu": best_bleu,
+            "records": [json.dumps(r) for r in records], "rng_state": torch.get_rng_state(),
+            "tokenizer": torch.tensor(list(tokenizer_bytes), dtype=torch.uint8),
+            "split": {"seed": args.seed, "valid_fraction": 0.03, "test_fraction": 0.03},
+            "train_args": json.dumps(vars(args)),
+        }
+
+    model.train()
+    started, elapsed_before = time.time(), (records[-1]["elapsed_seconds"] if records else 0.0)
+
+    def evaluate_and_save():
+        """Validate, log a record, write best/last checkpoints and the curves."""
+        record = {"epoch": round(epoch + batch_in_epoch / len(batches), 3), "step": step,
+                  "train_loss": window_loss / max(window_tokens, 1),
+                  "train_target_tokens_per_s": window_tokens / max(window_seconds, 1e-9)}
+        record.update(validate(model, valid_encoded, processor, valid_pairs, args, device))
+        record["elapsed_seconds"] = round(elapsed_before + time.time() - started, 1)  # resumed runs add up
+        records.append(record)
+        tqdm.write(json.dumps(record))
+        with open(out_dir / "metrics.jsonl", "a") as file:
+            file.write(json.dumps(record) + "\n")
+        nonlocal best_bleu
+        if record["valid_bleu"] > best_bleu:
+            best_bleu = record["valid_bleu"]
+            save_atomically(payload(), best_path)
+        save_atomically(payload(), last_path)
+        plot_curves(records, out_dir / "curves.png")
+
+    try:
+        while epoch < args.epochs and not (args.max_steps and step >= args.max_steps):
+            # the batch order of epoch e depends only on (seed, e), so --resume replays it exactly
+            batches = token_batches(train_encoded, args.max_tokens, torch.Generator().manual_seed(args.seed + epoch))
+            window_loss, window_tokens, window_seconds = 0.0, 0, 0.0
+            progress = tqdm(total=len(batches), initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
+                            disable=args.no_progress)
+            for indices in batches[batch_in_epoch:]:
+                step_start = time.time()
+                source, decoder_input, decoder_target = collate(train_encoded, indices, device)
+                step += 1
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(step, args)
+                logits = model(source, decoder_input)  # (B, Tt, vocab)
+                loss = label_smoothed_cross_entropy(
+                    logits.flatten(0, 1), decoder_target.flatten(), args.label_smoothing
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                tokens = int((decoder_target != PAD_ID).sum())
+                window_loss += loss.item() * tokens
+                window_tokens += tokens
+                window_seconds += time.time() - step_start
+                batch_in_epoch += 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{learning_rate(step, args):.2e}")
+                at_end = batch_in_epoch == len(batches) or (args.max_steps and step >= args.max_steps)
+                if at_end or (args.valid_every and step % args.valid_every == 0):
+                    if batch_in_epoch == len(batches):
+                        epoch, batch_in_epoch = epoch + 1, 0
+                    evaluate_and_save()
+                    window_loss, window_tokens, window_seconds = 0.0, 0, 0.0
+                if at_end:
+                    break
+            progress.close()
+    except KeyboardInterrupt:
+        # --resume skips the batches already trained on: the batch order of an epoch is fixed by (seed, epoch)
+        save_atomically(payload(), last_path)
+        print(f"\ninterrupted: saved {last_path}; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+    minutes = (time.time() - started) / 60
+    print(f"done in {minutes:.1f} min this session; best valid BLEU {best_bleu:.2f}; checkpoints in {out_dir}")
+
+
+def main(argv=None):
+    """Run, turning errors a user can cause into one line on stderr."""
+    try:
+        train(parse_args(argv))
+    except (UserError, DataError, ValueError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()
