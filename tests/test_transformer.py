@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from transformer.decoding import beam_search, greedy_decode
+from transformer.eval import main as eval_main
 from transformer.model import LayerNorm, Transformer, TransformerConfig, scaled_dot_product_attention
 from transformer.prepare import (
     BOS_ID,
@@ -22,6 +23,7 @@ from transformer.prepare import (
     train_tokenizer,
 )
 from transformer.train import label_smoothed_cross_entropy
+from transformer.train import main as train_main
 
 TINY = dict(vocab_size=50, d_model=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, d_ff=64, dropout=0.0)
 
@@ -268,22 +270,19 @@ TINY_FLAGS = ["--d-model", "32", "--num-heads", "2", "--d-ff", "64", "--vocab-si
               "0.005", "--valid-pairs", "50", "--valid-bleu-sentences", "10", "--no-progress", "--threads", "1"]
 
 
-def test_checkpoint_round_trip_resume_and_eval(run_cli, tmp_path):
+def test_checkpoint_round_trip_resume_and_eval(run_cli, tmp_path, capsys):
     out = str(tmp_path / "run")
-    first = run_cli("transformer/train.py", *TINY_FLAGS, "--out-dir", out, "--max-steps", "3", "--valid-every", "2")
-    assert first.returncode == 0, first.stderr[-2000:]
+    train_main([*TINY_FLAGS, "--out-dir", out, "--max-steps", "3", "--valid-every", "2"])
     checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert checkpoint["step"] == 3 and len(checkpoint["records"]) == 2
-    resumed = run_cli("transformer/train.py", *TINY_FLAGS, "--out-dir", out, "--max-steps", "5", "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    train_main([*TINY_FLAGS, "--out-dir", out, "--max-steps", "5", "--resume"])
     after = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert after["step"] == 5 and after["batch_in_epoch"] == 5
     assert not torch.equal(after["model"]["embedding.weight"], checkpoint["model"]["embedding.weight"])
-    evaluated = run_cli("transformer/eval.py", "--checkpoint", out + "/last.pt", "--limit", "12", "--json",
-                        "--beam-size", "2", "--device", "cpu")
-    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-    metrics = json.loads(evaluated.stdout)
-    assert {"bleu", "chrf", "beam_size"} <= metrics.keys() and metrics["beam_size"] == 2
+    capsys.readouterr()
+    eval_main(["--checkpoint", out + "/last.pt", "--limit", "12", "--json", "--beam-size", "2", "--device", "cpu"])
+    metrics = json.loads(capsys.readouterr().out)
+    assert {"bleu", "chrf", "beam_size", "greedy_bleu"} <= metrics.keys() and metrics["beam_size"] == 2
     # a checkpoint of another config: resuming with other flags refuses and keeps the good checkpoint
     other = run_cli("transformer/train.py", *TINY_FLAGS, "--out-dir", out, "--max-steps", "6", "--resume",
                     "--d-model", "64")
@@ -292,33 +291,34 @@ def test_checkpoint_round_trip_resume_and_eval(run_cli, tmp_path):
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 5
 
 
+def test_missing_checkpoint_gives_one_clear_error(run_cli):
+    result = run_cli("transformer/eval.py", "--checkpoint", "missing.pt", timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: checkpoint not found: missing.pt"
+
+
 @pytest.mark.parametrize(
-    "arguments",
+    "arguments, message",
     [
-        ["--translate", ""],
-        ["--checkpoint", "missing.pt"],
-        ["--checkpoint", "FOREIGN", "--translate", "Hello."],
-        ["--beam-size", "0"],
+        (["--translate", "", "--checkpoint", "missing.pt"], "error: --translate needs some English text"),
+        (["--beam-size", "0"], "error: --beam-size and --batch-size must be >= 1"),
+        (["--checkpoint", "FOREIGN", "--translate", "Hello."], "is not a checkpoint of transformer/train.py"),
+        (["--checkpoint", "MISMATCHED", "--translate", "Hello."], "error: checkpoint does not match this model"),
+        (["--checkpoint", "CORRUPT", "--translate", "Hello."], "error: cannot read checkpoint"),
     ],
 )
-def test_eval_bad_input_gives_one_clear_error(run_cli, tmp_path, arguments):
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"config": {"hidden": 3}, "model": {"weight": torch.zeros(2)}}, foreign)
-    arguments = [str(foreign) if a == "FOREIGN" else a for a in arguments]
-    if "--checkpoint" not in arguments:
-        arguments += ["--checkpoint", str(foreign)]
-    result = run_cli("transformer/eval.py", *arguments, timeout=120)
-    assert result.returncode != 0
-    assert result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1
-    assert "Traceback" not in result.stderr
-
-
-def test_mismatched_weights_in_checkpoint_give_one_clear_error(run_cli, tmp_path):
+def test_eval_bad_input_gives_one_clear_error(tmp_path, capsys, arguments, message):
+    torch.save({"config": {"hidden": 3}, "model": {"weight": torch.zeros(2)}}, tmp_path / "foreign.pt")
     model = tiny_model()
     state = {name: tensor.float() for name, tensor in model.state_dict().items()}
     state["embedding.weight"] = torch.zeros(7, 7)
-    bad = tmp_path / "bad.pt"
-    torch.save({"kind": "transformer-translation", "config": model.config.to_dict(), "model": state}, bad)
-    result = run_cli("transformer/eval.py", "--checkpoint", str(bad), "--translate", "Hi.", timeout=120)
-    assert result.returncode != 0 and result.stderr.startswith("error: checkpoint does not match")
-    assert len(result.stderr.strip().splitlines()) == 1
+    torch.save({"kind": "transformer-translation", "config": model.config.to_dict(), "model": state},
+               tmp_path / "mismatched.pt")
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    names = {"FOREIGN": "foreign.pt", "MISMATCHED": "mismatched.pt", "CORRUPT": "corrupt.pt"}
+    arguments = [str(tmp_path / names[a]) if a in names else a for a in arguments]
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(arguments)
+    assert exit_info.value.code != 0
+    error_line = str(exit_info.value.code)
+    assert error_line.startswith("error:") and message in error_line and "\n" not in error_line
