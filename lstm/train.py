@@ -211,7 +211,7 @@ def train_language_model(args, device: torch.device, out_dir: Path):
                 "best_bpc": best_bpc, "history": history, "carried_state": carried,
                 "rng_state": torch.get_rng_state(), "elapsed_seconds": elapsed}
 
-    metrics = open(out_dir / "metrics.jsonl", "a")
+    metrics = open(out_dir / "metrics.jsonl", "a" if args.resume else "w")  # a fresh run starts a fresh log
     step = start_step
     started = time.perf_counter() - elapsed
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="train", mininterval=2)
@@ -379,6 +379,8 @@ def plot_adding(results: list[dict], path: Path):
 def train_adding(args, device, out_dir: Path):
     """Every (length, cell) pair in turn, then the comparison plot."""
     results = []
+    if not args.resume:
+        (out_dir / "metrics.jsonl").write_text("")  # a fresh run starts a fresh log
     for length in args.lengths:
         for cell in args.cells:
             result = train_adding_run(args, device, out_dir, cell, length)

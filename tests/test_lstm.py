@@ -258,3 +258,11 @@ def test_resume_with_another_config_fails_without_touching_the_checkpoint(cli, t
     result = cli("lstm/train.py", "--out-dir", str(tmp_path), "--resume", "--steps", "1")
     assert_one_line_error(result, "another config")
     assert last.read_bytes() == before
+
+
+def test_bench_rejects_a_malformed_size(cli):
+    assert_one_line_error(cli("lstm/bench.py", "--sizes", "64x100"), "batch x length x hidden x layers")
+
+
+def test_gradient_flow_reports_missing_adding_checkpoints(cli, tmp_path):
+    assert_one_line_error(cli("lstm/gradient_flow.py", "--run-dir", str(tmp_path)), "no checkpoint")
