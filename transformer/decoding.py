@@ -35,7 +35,8 @@ def greedy_decode(
         if use_cache:
             logits = model.decode_step(tokens[:, -1:], state)  # (B, vocab): one new position
         else:
-            logits = model.decode(tokens, memory, source_ids)[:, -1]  # (B, vocab): the whole prefix again
+            hidden = model.decode_hidden(tokens, memory, source_ids)  # (B, t, d_model): the whole prefix again
+            logits = model.logits(hidden[:, -1])  # (B, vocab): only the last position is needed
         step_logits.append(logits)
         next_token = logits.argmax(dim=-1).masked_fill(finished, pad_id)  # (B,)
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)

@@ -251,13 +251,17 @@ class Transformer(nn.Module):
         """Eq. 8: the pre-softmax projection shares its weight matrix with the embedding."""
         return x @ self.embedding.weight.T  # (B, T, vocab)
 
-    def decode(self, target_ids, memory, source_ids):
-        """Teacher-forced decoder: target prefix ids (B, Tt) and memory -> next-token logits (B, Tt, vocab)."""
+    def decode_hidden(self, target_ids, memory, source_ids):
+        """The decoder stack over a whole target prefix (B, Tt) -> its last hidden states (B, Tt, d_model)."""
         target_allowed, source_allowed = self.target_mask(target_ids), self.source_mask(source_ids)
         x = self.embed(target_ids)
         for layer, keys_values in zip(self.decoder_layers, self.memory_keys_values(memory)):
             x = layer(x, target_allowed, keys_values, source_allowed)
-        return self.logits(self.decoder_norm(x))
+        return self.decoder_norm(x)
+
+    def decode(self, target_ids, memory, source_ids):
+        """Teacher-forced decoder: target prefix ids (B, Tt) and memory -> next-token logits (B, Tt, vocab)."""
+        return self.logits(self.decode_hidden(target_ids, memory, source_ids))
 
     def forward(self, source_ids, target_ids):
         """Training pass: (B, Ts) source and (B, Tt) shifted target -> (B, Tt, vocab) logits."""

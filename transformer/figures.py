@@ -1,0 +1,56 @@
+"""Pictures of the sinusoidal positional encoding (eq. 5); needs no training.
+
+    python transformer/figures.py        # writes transformer/assets/positional_encoding.png
+"""
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+import torch
+
+from transformer.model import sinusoidal_positional_encoding
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_positional_encoding(path: Path, max_len: int = 128, d_model: int = 256):
+    """Three panels: the encoding as an image, a few dimensions as curves, and PE(p).PE(q) against |p - q|."""
+    encoding = sinusoidal_positional_encoding(max_len, d_model)  # (T, d)
+    figure, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    image = axes[0].imshow(encoding.T, aspect="auto", cmap="RdBu", vmin=-1, vmax=1)
+    axes[0].set_xlabel("position")
+    axes[0].set_ylabel("dimension")
+    axes[0].set_title("PE[position, dimension]")
+    figure.colorbar(image, ax=axes[0])
+    for dimension in [0, 20, 40, 80, 160]:
+        axes[1].plot(encoding[:, dimension], label=f"dim {dimension}")
+    axes[1].set_xlabel("position")
+    axes[1].set_title("sin curves: lower dimensions turn faster")
+    axes[1].legend(fontsize=7, loc="lower left")
+    similarity = encoding @ encoding.T  # (T, T): PE(p) . PE(q)
+    for anchor in [0, 32, 64]:
+        distance = torch.arange(max_len) - anchor
+        axes[2].plot(distance, similarity[anchor], label=f"p = {anchor}")
+    axes[2].set_xlabel("q - p")
+    axes[2].set_title("PE(p) . PE(q) depends only on q - p")
+    axes[2].legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+def main():
+    """Write the positional-encoding figure."""
+    parser = argparse.ArgumentParser(description="Draw the sinusoidal positional encoding.")
+    parser.add_argument("--out", default="transformer/assets/positional_encoding.png", help="PNG to write")
+    parser.add_argument("--d-model", type=int, default=256, help="width of the encoding")
+    args = parser.parse_args()
+    plot_positional_encoding(Path(args.out), d_model=args.d_model)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
