@@ -153,9 +153,9 @@ class TaggerConfig:
     vocab_size: int
     num_tags: int
     embedding_dim: int = 128
-    hidden_size: int = 256
+    hidden_size: int = 128
     num_layers: int = 1
-    dropout: float = 0.3
+    dropout: float = 0.2
     output: str = "crf"  # "crf" or "softmax"
     impl: str = "handwritten"  # "handwritten" or "torch"
 
