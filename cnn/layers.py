@@ -14,28 +14,38 @@ import torch
 # im2col: the windows of an image laid out as the columns of a matrix (README, "im2col")
 
 
-def image_windows(images, kernel_size, stride):
-    """A strided view (N, C, P, Q, K, K) of every K x K window of `images`; no data is copied."""
-    windows = images.unfold(2, kernel_size, stride).unfold(3, kernel_size, stride)  # (N, C, P, Q, K, K)
-    return windows
+def window_slice(images, row, col, out_height, out_width, stride):
+    """Element (row, col) of every window at once: the strided view images[:, :, row + y*stride, col + x*stride]."""
+    return images[
+        :, :, row : row + (out_height - 1) * stride + 1 : stride, col : col + (out_width - 1) * stride + 1 : stride
+    ]
+
+
+def output_size(size, kernel_size, stride):
+    """How many windows of `kernel_size` fit, `stride` apart, into `size` pixels: floor((size - K) / s) + 1."""
+    return (size - kernel_size) // stride + 1
 
 
 def im2col(images, kernel_size, stride):
     """Copy every K x K window into one column: (N, C, H, W) -> (N, C*K*K, P*Q)."""
-    windows = image_windows(images, kernel_size, stride)  # (N, C, P, Q, K, K)
-    batch, channels, out_height, out_width = windows.shape[:4]
-    columns = windows.permute(0, 1, 4, 5, 2, 3)  # (N, C, K, K, P, Q)
-    return columns.reshape(batch, channels * kernel_size * kernel_size, out_height * out_width)
+    batch, channels, height, width = images.shape
+    out_height, out_width = output_size(height, kernel_size, stride), output_size(width, kernel_size, stride)
+    columns = images.new_empty(batch, channels, kernel_size, kernel_size, out_height, out_width)
+    for row in range(kernel_size):
+        for col in range(kernel_size):
+            columns[:, :, row, col] = window_slice(images, row, col, out_height, out_width, stride)  # (N, C, P, Q)
+    return columns.view(batch, channels * kernel_size * kernel_size, out_height * out_width)
 
 
 def correlate(images, weight, stride):
     """Cross-correlation, no padding, as one matrix product: (N, C, H, W) * (O, C, K, K) -> (N, O, P, Q)."""
     out_channels, _, kernel_size, _ = weight.shape
+    batch, _, height, width = images.shape
     columns = im2col(images, kernel_size, stride)  # (N, C*K*K, P*Q)
-    out_height = (images.shape[2] - kernel_size) // stride + 1
-    out_width = (images.shape[3] - kernel_size) // stride + 1
-    output = weight.reshape(out_channels, -1) @ columns  # (O, C*K*K) @ (N, C*K*K, P*Q) -> (N, O, P*Q)
-    return output.reshape(images.shape[0], out_channels, out_height, out_width), columns
+    weight_matrix = weight.reshape(out_channels, -1).expand(batch, -1, -1)  # (N, O, C*K*K), no copy
+    output = torch.bmm(weight_matrix, columns)  # (N, O, C*K*K) @ (N, C*K*K, P*Q) -> (N, O, P*Q)
+    out_height, out_width = output_size(height, kernel_size, stride), output_size(width, kernel_size, stride)
+    return output.view(batch, out_channels, out_height, out_width), columns
 
 
 def pad(images, padding):
@@ -68,7 +78,7 @@ def conv2d_backward(output_gradient, cache, need_input_gradient=True, input_grad
     delta = output_gradient.reshape(batch, out_channels, out_height * out_width)  # (N, O, P*Q)
     # eq. 10: dJ/dW = a * delta, a correlation of the input with delta; with im2col, a matrix product
     # per image, (O, P*Q) @ (P*Q, C*K*K), summed over the batch
-    weight_gradient = (delta @ columns.transpose(1, 2)).sum(dim=0).reshape(weight.shape)  # (O, C, K, K)
+    weight_gradient = torch.bmm(delta, columns.transpose(1, 2)).sum(dim=0).view(weight.shape)  # (O, C, K, K)
     # eq. 11: dJ/db = the sum of delta over the batch and every position
     bias_gradient = delta.sum(dim=(0, 2))  # (O,)
     if not need_input_gradient:
@@ -99,9 +109,9 @@ def conv2d_input_gradient_col2im(delta, weight, input_shape, stride, padding):
     """Eq. 9 summed in im2col order: column gradients W^T delta, each added back where its window came from."""
     out_channels, in_channels, kernel_size, _ = weight.shape
     batch, height, width = input_shape[0], input_shape[2] + 2 * padding, input_shape[3] + 2 * padding
-    out_height = (height - kernel_size) // stride + 1
-    out_width = (width - kernel_size) // stride + 1
-    column_gradient = weight.reshape(out_channels, -1).T @ delta  # (C*K*K, O) @ (N, O, P*Q) -> (N, C*K*K, P*Q)
+    out_height, out_width = output_size(height, kernel_size, stride), output_size(width, kernel_size, stride)
+    transposed_weight = weight.reshape(out_channels, -1).T.expand(batch, -1, -1)  # (N, C*K*K, O), no copy
+    column_gradient = torch.bmm(transposed_weight, delta)  # (N, C*K*K, O) @ (N, O, P*Q) -> (N, C*K*K, P*Q)
     column_gradient = column_gradient.view(batch, in_channels, kernel_size, kernel_size, out_height, out_width)
     padded_input_gradient = add_windows(column_gradient, (batch, in_channels, height, width), stride)
     return padded_input_gradient[:, :, padding : height - padding, padding : width - padding]
@@ -136,45 +146,64 @@ def add_windows(window_values, input_shape, stride):
     for row in range(kernel_size):
         for col in range(kernel_size):
             # window (y, x) took its element (row, col) from grid position (y*stride + row, x*stride + col)
-            rows = slice(row, row + (out_height - 1) * stride + 1, stride)
-            cols = slice(col, col + (out_width - 1) * stride + 1, stride)
-            grid[:, :, rows, cols] += window_values[:, :, row, col]
+            window_slice(grid, row, col, out_height, out_width, stride).add_(window_values[:, :, row, col])
     return grid
 
 
 def max_pool2d_forward(images, kernel_size, stride=None):
-    """The largest value of every K x K window (eq. 6), and where it was."""
+    """The largest value of every K x K window (eq. 6), and which of the K*K elements it was."""
     stride = stride or kernel_size
-    windows = image_windows(images, kernel_size, stride)  # (N, C, P, Q, K, K)
-    flat_windows = windows.reshape(*windows.shape[:4], kernel_size * kernel_size)  # (N, C, P, Q, K*K)
-    output, winner = flat_windows.max(dim=-1)  # (N, C, P, Q), (N, C, P, Q)
+    out_height, out_width = (
+        output_size(images.shape[2], kernel_size, stride),
+        output_size(images.shape[3], kernel_size, stride),
+    )
+    output = window_slice(images, 0, 0, out_height, out_width, stride).clone()  # (N, C, P, Q)
+    winner = torch.zeros(output.shape, dtype=torch.uint8, device=images.device)  # (N, C, P, Q)
+    for element in range(1, kernel_size * kernel_size):  # one pass per window element: K*K cheap passes
+        candidate = window_slice(images, element // kernel_size, element % kernel_size, out_height, out_width, stride)
+        larger = candidate > output  # strictly larger: on a tie the first element keeps the max, as in torch
+        output = torch.where(larger, candidate, output)
+        winner.masked_fill_(larger, element)
     return output, (winner, images.shape, kernel_size, stride)
 
 
 def max_pool2d_backward(output_gradient, cache):
-    """Eq. 7 (max): each window's delta goes to the position that won the max, zero elsewhere."""
+    """Eq. 7 (max): each window's delta goes to the element that won the max, zero to the others."""
     winner, input_shape, kernel_size, stride = cache
-    one_hot = torch.zeros(*winner.shape, kernel_size * kernel_size, dtype=output_gradient.dtype,
-                          device=output_gradient.device)  # (N, C, P, Q, K*K)
-    one_hot.scatter_(-1, winner.unsqueeze(-1), 1.0)
-    window_gradient = one_hot * output_gradient.unsqueeze(-1)  # (N, C, P, Q, K*K)
-    window_gradient = window_gradient.reshape(*winner.shape, kernel_size, kernel_size)  # (N, C, P, Q, K, K)
-    return add_windows(window_gradient.permute(0, 1, 4, 5, 2, 3), input_shape, stride)
+    out_height, out_width = winner.shape[2:]
+    input_gradient = output_gradient.new_zeros(input_shape)  # (N, C, H, W)
+    for element in range(kernel_size * kernel_size):
+        target = window_slice(
+            input_gradient, element // kernel_size, element % kernel_size, out_height, out_width, stride
+        )
+        target.add_(output_gradient * (winner == element))  # (N, C, P, Q)
+    return input_gradient
 
 
 def avg_pool2d_forward(images, kernel_size, stride=None):
     """The mean of every K x K window (eq. 6)."""
     stride = stride or kernel_size
-    output = image_windows(images, kernel_size, stride).mean(dim=(-2, -1))  # (N, C, P, Q)
-    return output, (images.shape, kernel_size, stride)
+    out_height, out_width = (
+        output_size(images.shape[2], kernel_size, stride),
+        output_size(images.shape[3], kernel_size, stride),
+    )
+    total = window_slice(images, 0, 0, out_height, out_width, stride).clone()  # (N, C, P, Q)
+    for element in range(1, kernel_size * kernel_size):
+        total += window_slice(images, element // kernel_size, element % kernel_size, out_height, out_width, stride)
+    return total / (kernel_size * kernel_size), (images.shape, kernel_size, stride)
 
 
 def avg_pool2d_backward(output_gradient, cache):
     """Eq. 7 (average): each window's delta is shared equally, delta / K^2, by its K^2 inputs."""
     input_shape, kernel_size, stride = cache
-    share = (output_gradient / (kernel_size * kernel_size))[..., None, None]  # (N, C, P, Q, 1, 1)
-    window_gradient = share.expand(*output_gradient.shape, kernel_size, kernel_size)  # (N, C, P, Q, K, K)
-    return add_windows(window_gradient.permute(0, 1, 4, 5, 2, 3), input_shape, stride)
+    share = output_gradient / (kernel_size * kernel_size)  # (N, C, P, Q)
+    out_height, out_width = output_gradient.shape[2:]
+    input_gradient = output_gradient.new_zeros(input_shape)  # (N, C, H, W)
+    for element in range(kernel_size * kernel_size):
+        window_slice(input_gradient, element // kernel_size, element % kernel_size, out_height, out_width, stride).add_(
+            share
+        )
+    return input_gradient
 
 
 class MaxPool2dFunction(torch.autograd.Function):

@@ -30,7 +30,7 @@ def parse_arguments(argv=None):
                              "the hand-written backward chained by model.manual_forward_backward (handwritten only)")
     parser.add_argument("--conv-backward", default="col2im", choices=["col2im", "rot180"],
                         help="how the hand-written conv computes dJ/da: im2col order or the literal rot180 form")
-    parser.add_argument("--epochs", type=int, default=4, help="passes over the 55,000 training images")
+    parser.add_argument("--epochs", type=int, default=5, help="passes over the 55,000 training images")
     parser.add_argument("--batch-size", type=int, default=128, help="images per SGD step")
     parser.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine decay to 0)")
     parser.add_argument("--warmup-steps", type=int, default=100, help="steps of linear learning-rate warm-up")
@@ -38,7 +38,7 @@ def parse_arguments(argv=None):
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay lambda")
     parser.add_argument("--dropout", type=float, default=0.5, help="dropout probability before the last layer")
     parser.add_argument("--pooling", default="max", choices=["max", "avg"], help="max or average pooling")
-    parser.add_argument("--augment-shift", type=int, default=0, help="random shift of up to this many pixels (0: off)")
+    parser.add_argument("--augment-shift", type=int, default=2, help="random shift of up to this many pixels (0: off)")
     parser.add_argument("--train-images", type=int, default=0, help="use only the first N training images (0: all)")
     parser.add_argument("--validation-images", type=int, default=0, help="use only N validation images (0: all 5,000)")
     parser.add_argument("--log-every", type=int, default=50, help="steps between training-loss records")
