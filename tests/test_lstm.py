@@ -1,6 +1,8 @@
 """The LSTM chapter: the hand-written LSTM equals torch.nn.LSTM, both tasks train, the CLIs fail clearly."""
 
+import importlib
 import json
+import subprocess
 
 import pytest
 import torch
@@ -34,6 +36,24 @@ def cli(run_cli):
 
     def run(script, *arguments):
         return run_cli(script, *arguments, env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+
+    return run
+
+
+@pytest.fixture
+def in_process(capsys):
+    """Run a chapter script's main(argv) in this process (no interpreter start-up): a CompletedProcess-alike."""
+
+    def run(script, *arguments):
+        module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
+        capsys.readouterr()
+        code = 0
+        try:
+            module.main(list(arguments))
+        except SystemExit as exit_:  # an uncaught exception would fail the test with its traceback
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        stdout, stderr = capsys.readouterr()
+        return subprocess.CompletedProcess([script, *arguments], code, stdout, stderr)
 
     return run
 
@@ -164,25 +184,25 @@ TINY_LM = ["--hidden-size", "32", "--num-layers", "2", "--embedding-size", "16",
            "--batch-size", "16", "--lr", "1e-2", "--eval-every", "20"]
 
 
-def test_tiny_language_model_trains_checkpoints_resumes_and_evaluates(cli, tmp_path):
+def test_tiny_language_model_trains_checkpoints_resumes_and_evaluates(in_process, tmp_path):
     out_dir = tmp_path / "lm"
-    trained = cli("lstm/train.py", *TINY_LM, "--steps", "40", "--out-dir", str(out_dir))
+    trained = in_process("lstm/train.py", *TINY_LM, "--steps", "40", "--out-dir", str(out_dir))
     assert trained.returncode == 0, trained.stderr
     summary = json.loads((out_dir / "summary.json").read_text())
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[1]["validation_bpc"] < records[0]["validation_bpc"] < 6.4  # log2(82) = 6.36: it learns
     assert (out_dir / "best.pt").is_file() and (out_dir / "last.pt").is_file() and (out_dir / "curves.png").is_file()
 
-    evaluated = cli("lstm/eval.py", "--checkpoint", str(out_dir / "best.pt"), "--json")
+    evaluated = in_process("lstm/eval.py", "--checkpoint", str(out_dir / "best.pt"), "--json")
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout)["test_bpc"] == pytest.approx(summary["test_bpc"], abs=1e-4)
 
-    sampled = cli("lstm/eval.py", "--checkpoint", str(out_dir / "best.pt"), "--sample", "--prompt", "Emma",
+    sampled = in_process("lstm/eval.py", "--checkpoint", str(out_dir / "best.pt"), "--sample", "--prompt", "Emma",
                       "--length", "40", "--temperature", "0.8")
     assert sampled.returncode == 0, sampled.stderr
     assert sampled.stdout.startswith("Emma") and len(sampled.stdout.rstrip("\n")) == 44
 
-    resumed = cli("lstm/train.py", *TINY_LM, "--steps", "60", "--out-dir", str(out_dir), "--resume")
+    resumed = in_process("lstm/train.py", *TINY_LM, "--steps", "60", "--out-dir", str(out_dir), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from step 40" in resumed.stdout
     assert json.loads((out_dir / "summary.json").read_text())["steps"] == 60
@@ -201,8 +221,8 @@ def test_checkpoint_round_trip_gives_the_same_model(tmp_path):
     torch.testing.assert_close(loaded(tokens)[0], model(tokens)[0])
 
 
-def test_tiny_adding_run_beats_the_trivial_answer(cli, tmp_path):
-    result = cli("lstm/train.py", "--task", "adding", "--lengths", "10", "--cells", "lstm", "rnn",
+def test_tiny_adding_run_beats_the_trivial_answer(in_process, tmp_path):
+    result = in_process("lstm/train.py", "--task", "adding", "--lengths", "10", "--cells", "lstm", "rnn",
                      "--adding-steps", "150", "--adding-hidden-size", "16", "--out-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     runs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -237,8 +257,8 @@ def test_eval_rejects_an_empty_prompt(cli, tiny_checkpoint):
     assert_one_line_error(result, "prompt is empty")
 
 
-def test_eval_rejects_a_prompt_with_an_unknown_character(cli, tiny_checkpoint):
-    result = cli("lstm/eval.py", "--checkpoint", str(tiny_checkpoint), "--sample", "--prompt", "Emma \u00e9")
+def test_eval_rejects_a_prompt_with_an_unknown_character(in_process, tiny_checkpoint):
+    result = in_process("lstm/eval.py", "--checkpoint", str(tiny_checkpoint), "--sample", "--prompt", "Emma \u00e9")
     assert_one_line_error(result, "not in the model's vocabulary")
 
 
@@ -246,23 +266,23 @@ def test_eval_reports_a_missing_checkpoint(cli, tmp_path):
     assert_one_line_error(cli("lstm/eval.py", "--checkpoint", str(tmp_path / "missing.pt")), "no checkpoint")
 
 
-def test_eval_reports_a_corrupt_checkpoint(cli, tmp_path):
+def test_eval_reports_a_corrupt_checkpoint(in_process, tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
-    assert_one_line_error(cli("lstm/eval.py", "--checkpoint", str(tmp_path / "broken.pt")), "not a readable")
+    assert_one_line_error(in_process("lstm/eval.py", "--checkpoint", str(tmp_path / "broken.pt")), "not a readable")
 
 
-def test_resume_with_another_config_fails_without_touching_the_checkpoint(cli, tmp_path, tiny_checkpoint):
+def test_resume_with_another_config_fails_without_touching_the_checkpoint(in_process, tmp_path, tiny_checkpoint):
     last = tmp_path / "last.pt"
     last.write_bytes(tiny_checkpoint.read_bytes())
     before = last.read_bytes()
-    result = cli("lstm/train.py", "--out-dir", str(tmp_path), "--resume", "--steps", "1")
+    result = in_process("lstm/train.py", "--out-dir", str(tmp_path), "--resume", "--steps", "1")
     assert_one_line_error(result, "another config")
     assert last.read_bytes() == before
 
 
-def test_bench_rejects_a_malformed_size(cli):
-    assert_one_line_error(cli("lstm/bench.py", "--sizes", "64x100"), "batch x length x hidden x layers")
+def test_bench_rejects_a_malformed_size(in_process):
+    assert_one_line_error(in_process("lstm/bench.py", "--sizes", "64x100"), "batch x length x hidden x layers")
 
 
-def test_gradient_flow_reports_missing_adding_checkpoints(cli, tmp_path):
-    assert_one_line_error(cli("lstm/gradient_flow.py", "--run-dir", str(tmp_path)), "no checkpoint")
+def test_gradient_flow_reports_missing_adding_checkpoints(in_process, tmp_path):
+    assert_one_line_error(in_process("lstm/gradient_flow.py", "--run-dir", str(tmp_path)), "no checkpoint")
