@@ -256,6 +256,8 @@ def train(args):
             "train_args": json.dumps(vars(args)),
         }
 
+    if checkpoint is None:
+        (out_dir / "metrics.jsonl").write_text("")  # a fresh run starts a fresh log
     model.train()
     started, elapsed_before = time.time(), (records[-1]["elapsed_seconds"] if records else 0.0)
 
