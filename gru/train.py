@@ -47,6 +47,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="random seed (init, split, batch order, dropout)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--out-dir", default="runs/gru", help="checkpoints, metrics.jsonl and curves go here")
+    parser.add_argument("--stop-after", type=int, default=0,
+                        help="end after this many epochs, keeping the schedule of --epochs (continue with --resume)")
     parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/last.pt")
     parser.add_argument("--overwrite", action="store_true", help="start afresh even if <out-dir> holds checkpoints")
     args = parser.parse_args(argv)
@@ -139,51 +141,58 @@ def train(args) -> dict:
             "batch_rng": generator.get_state(), "torch_rng": torch.get_rng_state(), "args": vars(args),
         }
 
-    row = history[-1] if history else {}
-    for epoch in range(start_epoch, args.epochs + 1):
+    def run_epoch(epoch: int, batches) -> dict:
+        """One pass over the training batches, then validation: the epoch's metrics row."""
         model.train()
         started, total_loss, characters = time.time(), 0.0, 0
-        batches = make_batches(train_set, args.batch_size, generator)
-        epoch_rng = (generator.get_state(), torch.get_rng_state())
+        progress = tqdm(batches, desc=f"epoch {epoch}/{args.epochs}", leave=False, mininterval=2)
+        for step, indices in enumerate(progress, (epoch - 1) * steps_per_epoch):
+            char_ids, tag_ids, lengths = collate(train_set, indices, char_to_id, tag_to_id, device)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step)
+            loss = model.loss(char_ids, tag_ids, lengths)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            optimizer.step()
+            total_loss += loss.item() * int(lengths.sum())
+            characters += int(lengths.sum())
+            progress.set_postfix(loss=f"{total_loss / characters:.4f}")
+        train_seconds = time.time() - started
+        gold = [tags for _, tags in validation_set]
+        scores = entity_scores(gold, predict(model, validation_set, char_to_id, TAGS, device))
+        return {"epoch": epoch, "train_loss": total_loss / characters,
+                "validation_loss": mean_loss(model, validation_set, char_to_id, tag_to_id, device),
+                "validation_f1": scores["f1"], "validation_precision": scores["precision"],
+                "validation_recall": scores["recall"], "train_seconds": round(train_seconds, 1),
+                "chars_per_second": round(characters / train_seconds)}
+
+    row = history[-1] if history else {}
+    for epoch in range(start_epoch, args.epochs + 1):
+        epoch_rng = (generator.get_state(), torch.get_rng_state())  # what --resume needs to redo this epoch
         try:
-            progress = tqdm(batches, desc=f"epoch {epoch}/{args.epochs}", leave=False, mininterval=2)
-            for step, indices in enumerate(progress, (epoch - 1) * steps_per_epoch):
-                char_ids, tag_ids, lengths = collate(train_set, indices, char_to_id, tag_to_id, device)
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(step)
-                loss = model.loss(char_ids, tag_ids, lengths)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-                optimizer.step()
-                total_loss += loss.item() * int(lengths.sum())
-                characters += int(lengths.sum())
-                progress.set_postfix(loss=f"{total_loss / characters:.4f}")
+            row = run_epoch(epoch, make_batches(train_set, args.batch_size, generator))
+            history.append(row)
+            if row["validation_f1"] > best_f1:
+                best_f1 = row["validation_f1"]
+                save_atomically(snapshot(epoch), best_path)
+            save_atomically(snapshot(epoch), last_path)
         except KeyboardInterrupt:
             # keep the weights so far, but mark the epoch unfinished so --resume runs it again
+            history = [past for past in history if past["epoch"] < epoch]
             state = snapshot(epoch - 1)
             state["batch_rng"], state["torch_rng"] = epoch_rng
             save_atomically(state, last_path)
             tqdm.write(f"interrupted: saved {last_path}; continue with --resume")
             sys.exit(130)
-        train_seconds = time.time() - started
-        gold = [tags for _, tags in validation_set]
-        scores = entity_scores(gold, predict(model, validation_set, char_to_id, TAGS, device))
-        validation_loss = mean_loss(model, validation_set, char_to_id, tag_to_id, device)
-        row = {"epoch": epoch, "train_loss": total_loss / characters, "validation_loss": validation_loss,
-               "validation_f1": scores["f1"], "validation_precision": scores["precision"],
-               "validation_recall": scores["recall"], "train_seconds": round(train_seconds, 1),
-               "chars_per_second": round(characters / train_seconds)}
-        history.append(row)
-        with metrics_path.open("a") as file:
-            file.write(json.dumps(row) + "\n")
-        tqdm.write(f"epoch {epoch}: train loss {row['train_loss']:.4f}, validation loss {validation_loss:.4f}, "
-                   f"entity F1 {scores['f1']:.4f} ({train_seconds:.0f} s, {row['chars_per_second']} chars/s)")
-        if scores["f1"] > best_f1:
-            best_f1 = scores["f1"]
-            save_atomically(snapshot(epoch), best_path)
-        save_atomically(snapshot(epoch), last_path)
+        metrics_path.write_text("".join(json.dumps(past) + "\n" for past in history))  # one row per finished epoch
+        tqdm.write(f"epoch {epoch}: train loss {row['train_loss']:.4f}, validation loss {row['validation_loss']:.4f}, "
+                   f"entity F1 {row['validation_f1']:.4f} ({row['train_seconds']:.0f} s, {row['chars_per_second']} "
+                   "chars/s)")
         plot_curves(history, out_dir / "curves.png")
+        if epoch == args.stop_after:
+            tqdm.write(f"stopped after epoch {epoch} as asked; continue with --resume")
+            break
     tqdm.write(f"best validation entity F1 {best_f1:.4f}; checkpoints in {out_dir}")
     return row
 

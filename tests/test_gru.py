@@ -183,16 +183,18 @@ def call_main(main, arguments, capsys):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    """A tiny real training run: one epoch, then --resume to two."""
+    """A tiny real training run stopped after one of two epochs and resumed, and the same run without a break."""
     out_dir = tmp_path_factory.mktemp("gru-run")
-    first = train_script.main([*TINY_TRAIN, "--out-dir", str(out_dir), "--epochs", "1"])
+    first = train_script.main([*TINY_TRAIN, "--out-dir", str(out_dir), "--epochs", "2", "--stop-after", "1"])
     after_first = torch.load(out_dir / "last.pt", weights_only=True)
     second = train_script.main([*TINY_TRAIN, "--out-dir", str(out_dir), "--epochs", "2", "--resume"])
-    return out_dir, first, second, after_first
+    straight_dir = tmp_path_factory.mktemp("gru-straight")
+    assert train_script.main([*TINY_TRAIN, "--out-dir", str(straight_dir), "--epochs", "2"]) == 0
+    return out_dir, first, second, after_first, straight_dir
 
 
 def test_training_writes_checkpoints_and_resumes(trained_run):
-    out_dir, first, second, after_first = trained_run
+    out_dir, first, second, after_first, straight_dir = trained_run
     assert first == 0 and second == 0
     assert after_first["epoch"] == 1
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -202,6 +204,9 @@ def test_training_writes_checkpoints_and_resumes(trained_run):
     assert checkpoint["epoch"] == 2 and [row["epoch"] for row in checkpoint["history"]] == [1, 2]
     assert checkpoint["vocab"] == after_first["vocab"] and checkpoint["tags"] == TAGS
     assert not torch.equal(checkpoint["model"]["tag_scores.weight"], after_first["model"]["tag_scores.weight"])
+    straight = torch.load(straight_dir / "last.pt", weights_only=True)  # two epochs without a break
+    for name, weight in straight["model"].items():
+        torch.testing.assert_close(checkpoint["model"][name], weight, rtol=0, atol=0)
 
 
 def test_vocabulary_and_tags_round_trip_with_the_checkpoint(trained_run):
