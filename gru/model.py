@@ -70,7 +70,7 @@ class HandwrittenGRU(nn.Module):
     def run_layer(self, layer_input, lengths, mask, initial_state, layer):
         """Run one layer, both directions side by side in one time loop: (B, T, I) -> (B, T, D*H), (D, B, H)."""
         batch_size, max_length, _ = layer_input.shape
-        hidden_size = size = self.hidden_size
+        size = self.hidden_size
         # the reverse direction reads each sentence backwards; reversing inside the length keeps padding at the end
         direction_inputs = [layer_input]
         if self.bidirectional:
@@ -83,9 +83,10 @@ class HandwrittenGRU(nn.Module):
         input_gates = torch.baddbmm(
             bias_ih[:, None, :], inputs.flatten(1, 2), weight_ih.transpose(1, 2)
         )  # (D, B*T, 3H)
-        input_gates = input_gates.view(self.num_directions, batch_size, max_length, 3 * hidden_size)
+        input_gates = input_gates.view(self.num_directions, batch_size, max_length, 3 * size).permute(2, 0, 1, 3)
         # unbind (not indexing) hands out the steps, so backward stacks their gradients once instead of T times
-        input_gates = input_gates.permute(2, 0, 1, 3).unbind(0)  # T slices of (D, B, 3H)
+        input_reset_update = input_gates[..., : 2 * size].unbind(0)  # T slices of (D, B, 2H)
+        input_candidate = input_gates[..., 2 * size :].unbind(0)  # T slices of (D, B, H)
         step_mask = mask.t()[:, None, :, None].unbind(0)  # T slices of (1, B, 1)
         weight_hh_t, bias_hh = weight_hh.transpose(1, 2), bias_hh[:, None, :]  # (D, H, 3H), (D, 1, 3H)
         hidden_state = initial_state  # (D, B, H)
@@ -93,14 +94,14 @@ class HandwrittenGRU(nn.Module):
         for t in range(max_length):
             # the hidden halves of (1)-(3), all three gates in one batched matrix product
             hidden_gates = torch.baddbmm(bias_hh, hidden_state, weight_hh_t)  # (D, B, 3H)
-            step_gates = input_gates[t]  # (D, B, 3H)
+            hidden_reset_update, hidden_candidate = hidden_gates.split([2 * size, size], dim=-1)
             # (1), (2): reset and update gates share one sigmoid
-            reset_and_update = torch.sigmoid(step_gates[..., : 2 * size] + hidden_gates[..., : 2 * size])
+            reset_and_update = torch.sigmoid(input_reset_update[t] + hidden_reset_update)  # (D, B, 2H)
             reset_gate, update_gate = reset_and_update.chunk(2, dim=-1)  # (D, B, H) each
             # (3): the reset gate wipes channels of the hidden projection before it joins the input
-            candidate = torch.tanh(step_gates[..., 2 * size :] + reset_gate * hidden_gates[..., 2 * size :])
-            # (4): the update gate mixes old state and candidate; z = 1 copies the state through unchanged
-            new_state = candidate + update_gate * (hidden_state - candidate)  # (D, B, H)
+            candidate = torch.tanh(torch.addcmul(input_candidate[t], reset_gate, hidden_candidate))  # (D, B, H)
+            # (4): h = n + z (h - n), the update gate mixes candidate and old state; z = 1 copies the state
+            new_state = torch.lerp(candidate, hidden_state, update_gate)  # (D, B, H)
             # on padding the state stays as it was, so padding never changes a result
             hidden_state = torch.where(step_mask[t], new_state, hidden_state)
             outputs.append(hidden_state)
