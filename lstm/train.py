@@ -56,7 +56,7 @@ def parse_args(argv=None):
     parser.add_argument("--seq-len", type=int, default=100, help="characters per truncated-BPTT window")
     parser.add_argument("--batch-size", type=int, default=64, help="parallel text streams per step")
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak Adam learning rate (cosine decay to 10%%)")
+    parser.add_argument("--lr", type=float, default=1e-2, help="peak Adam learning rate (cosine decay to 10%%)")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
     parser.add_argument("--eval-every", type=int, default=100, help="steps between validation passes")
     parser.add_argument("--lengths", type=int, nargs="+", default=[50, 100, 200], help="adding: sequence lengths")
