@@ -30,7 +30,7 @@ MODEL_KEYS = ("embedding_dim", "hidden_size", "num_layers", "dropout", "output",
 def parse_args(argv=None):
     """The command line; the defaults reproduce the README's results table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=8, help="passes over the training sentences")
+    parser.add_argument("--epochs", type=int, default=10, help="passes over the training sentences")
     parser.add_argument("--batch-size", type=int, default=32, help="sentences per batch")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak Adam learning rate (cosine decay to 5%%)")
     parser.add_argument("--clip", type=float, default=5.0, help="clip the gradient norm to this")
