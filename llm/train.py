@@ -444,18 +444,25 @@ def main(argv=None):
     if status == "interrupted":
         print(f"stopped at step {step + 1}; saved {last_path} (continue with --resume)")
         return
-    finish(args, best_path, val_tokens, prepared, device, autocast)
+    finish(args, best_path, prepared, device, out_dir)
 
 
-def finish(args, best_path, val_tokens, prepared, device, autocast):
-    """Full validation loss of the best checkpoint, then a few samples."""
+def finish(args, best_path, prepared, device, out_dir: Path):
+    """Validation and test metrics of the best checkpoint (saved to results.json), then a few samples."""
     import sentencepiece as spm
 
-    model, _ = load_model(str(best_path), device)
+    from llm.eval import split_metrics
+
+    model, checkpoint = load_model(str(best_path), device)
     if not args.no_final_eval:
-        val_loss, count = evaluate_loss(model, val_tokens, args.context_length, args.batch_size, device, autocast)
-        print(f"validation: {val_loss:.4f} nats/token over {count:,} tokens (perplexity per token "
-              f"{math.exp(val_loss):.1f}); test metrics: python llm/eval.py --checkpoint {best_path}")
+        results = {"step": checkpoint["step"]}
+        for split in ("valid", "test"):
+            metrics = split_metrics(model, prepared.token_files[split], prepared.text_files[split],
+                                    args.context_length, args.batch_size, device)
+            results[split] = metrics
+            print(f"{split}: loss {metrics['loss']:.4f} nats/token | {metrics['bits_per_byte']:.4f} bits/byte | "
+                  f"word perplexity {metrics['word_perplexity']:.1f}")
+        (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     processor = spm.SentencePieceProcessor(model_file=str(prepared.tokenizer_path))
     generator = torch.Generator().manual_seed(args.seed)
     for sample in range(args.num_samples):

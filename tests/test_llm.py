@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +58,7 @@ def test_tiny_pipeline_trains_with_falling_loss_and_writes_everything(corpus, ru
     result = run_cli("llm/train.py", *TINY, "--text-file", corpus["text_file"], "--data-dir", corpus["data_dir"],
                      "--out-dir", str(out_dir), "--max-steps", "40", "--eval-every", "20", env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "parameters" in result.stdout and "validation:" in result.stdout
+    assert "parameters" in result.stdout and "word perplexity" in result.stdout
     losses = train_losses(out_dir / "metrics.jsonl")
     assert np.mean([losses[s] for s in range(36, 41)]) < np.mean([losses[s] for s in range(1, 6)]) - 0.5
     for name in ("best.pt", "last.pt", "loss.png"):
@@ -142,6 +145,24 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(corpus, capsys):
     train_in_process(*common, "--out-dir", str(interrupted), "--resume")
     assert "resumed from" in capsys.readouterr().out
     assert train_losses(interrupted / "metrics.jsonl") == train_losses(straight / "metrics.jsonl")
+
+
+def test_two_process_ddp_matches_one_process_at_the_same_global_batch(corpus, run_cli):
+    common = [*TINY, "--text-file", corpus["text_file"], "--data-dir", corpus["data_dir"], "--max-steps", "6",
+              "--eval-every", "3", "--num-samples", "0", "--no-final-eval"]
+    single, distributed = corpus["root"] / "single", corpus["root"] / "ddp"
+    train_in_process(*common, "--batch-size", "4", "--out-dir", str(single))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "llm/train.py",
+         *common, "--batch-size", "2", "--out-dir", str(distributed)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120,
+        env={**os.environ, **ONE_THREAD},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    single_losses, ddp_losses = train_losses(single / "metrics.jsonl"), train_losses(distributed / "metrics.jsonl")
+    assert single_losses.keys() == ddp_losses.keys() == set(range(1, 7))
+    for step in single_losses:
+        assert ddp_losses[step] == pytest.approx(single_losses[step], abs=1e-4)
 
 
 def test_token_files_switch_to_uint32_above_65535_tokens_of_vocabulary(tmp_path):
