@@ -202,7 +202,10 @@ def train(arguments):
     if arguments.resume and metrics_path.exists():
         records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     model.train()
-    epoch, completed_batches, record = start_epoch, start_batch, {}
+    epoch_records = [r for r in records if r["kind"] == "epoch"]
+    epoch, completed_batches, record = start_epoch, start_batch, epoch_records[-1] if epoch_records else {}
+    if start_epoch >= arguments.epochs:
+        print(f"{last_path} has already trained {start_epoch} of {arguments.epochs} epochs; nothing to do")
     try:
         for epoch in range(start_epoch, arguments.epochs):
             epoch_start = time.time()

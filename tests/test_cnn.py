@@ -263,8 +263,10 @@ def test_corrupt_checkpoint_and_idx_files_give_one_clear_error(run_cli, tmp_path
                                  env=ONE_THREAD))
 
 
-def test_train_cli_rejects_bad_flags_and_a_resume_without_checkpoint(run_cli, tmp_path):
+def test_train_cli_rejects_bad_flags_and_a_resume_without_checkpoint(run_cli, tmp_path, capsys):
     result = run_cli("cnn/train.py", "--epochs", "0", env=ONE_THREAD)
     assert result.returncode != 0 and "Traceback" not in result.stderr and "--epochs" in result.stderr
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         train_main(["--resume", "--out-dir", str(tmp_path / "empty"), "--train-images", "64"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip().startswith("error: --resume: no checkpoint at")
