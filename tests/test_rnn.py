@@ -10,9 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rnn import hello
 from rnn.checkpoint import load_checkpoint, model_from_checkpoint
 from rnn.model import ClassifierConfig, HandwrittenRNN, NameClassifier, RNNLayerFunction, TorchRNN, clip_gradient_norm
 from rnn.names import Alphabet, load_pairs, make_batch, stratified_split
+from rnn.vanishing import input_gradient_norms
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -241,3 +243,16 @@ def test_cli_errors_are_one_line(run_cli, tmp_path):
         assert "Traceback" not in result.stderr
     bad_flag = run_cli("rnn/train.py", "--hidden-size", "0")
     assert bad_flag.returncode != 0 and "Traceback" not in bad_flag.stderr
+
+
+def test_gradient_vanishes_with_distance_under_default_init_and_less_with_orthogonal_weights():
+    default = input_gradient_norms(hidden_size=64, steps=30, batch_size=8)  # (T,), index = distance from the loss
+    orthogonal = input_gradient_norms(hidden_size=64, steps=30, batch_size=8, recurrent_gain=1.0)
+    assert default[20] < 1e-4 * default[0]
+    assert orthogonal[20] / orthogonal[0] > 100 * default[20] / default[0]
+
+
+def test_hello_demo_learns_elloh(capsys):
+    hello.main([])
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("step  30") and line.endswith("'elloh'") for line in lines)
