@@ -181,12 +181,35 @@ def iter_training_sentences(path: Path, max_sentences: int):
                     return
 
 
+def character_coverage(train_text: Path, vocab_size: int, target: float = 0.9995) -> float:
+    """Share of the text's characters that get a token of their own (the rest fall back to bytes).
+
+    0.9995 when the vocabulary has room; Chinese needs thousands of characters for that, so with a smaller
+    vocabulary the coverage drops, down to SentencePiece's floor of 0.98.
+    """
+    from collections import Counter
+
+    counts = Counter()
+    for sentence in iter_training_sentences(train_text, 200_000):
+        counts.update(sentence)
+    covered = np.cumsum(sorted(counts.values(), reverse=True)) / sum(counts.values())  # (distinct characters,)
+    room = vocab_size - 320  # leave the 256 byte tokens, the specials and some merges
+    needed = int(np.searchsorted(covered, target)) + 1  # characters it takes to reach the target
+    if needed <= room:
+        return target
+    needed_floor = int(np.searchsorted(covered, 0.98)) + 1
+    if needed_floor > room:
+        raise PrepareError(f"this text needs {needed_floor} distinct characters to cover 98% of it; "
+                           f"use --vocab-size {needed_floor + 400} or more")
+    return max(0.98, float(covered[room - 1]) - 1e-6)
+
+
 def train_tokenizer(train_text: Path, prefix: Path, vocab_size: int, quiet: bool = True) -> Path:
     """Learn BPE merges with SentencePiece: byte fallback (no unknown characters), digits split one by one."""
     import sentencepiece as spm
 
     model_path = Path(str(prefix) + ".model")
-    stamp = {"train_sha256": file_sha256(train_text), "vocab_size": vocab_size, "version": 1}
+    stamp = {"train_sha256": file_sha256(train_text), "vocab_size": vocab_size, "version": 2}
     stamp_path = Path(str(prefix) + ".stamp.json")
     if stage_is_current(stamp_path, stamp, [model_path]):
         return model_path
@@ -201,7 +224,8 @@ def train_tokenizer(train_text: Path, prefix: Path, vocab_size: int, quiet: bool
             byte_fallback=True,  # any character outside the vocabulary becomes its UTF-8 bytes <0x..>
             split_digits=True,  # 1984 -> 1 9 8 4, so numbers never get arbitrary merges
             user_defined_symbols=["\n"],  # newlines are kept as a token of their own
-            character_coverage=0.9995,
+            normalization_rule_name="identity",  # no Unicode folding: decoding gives back the very text
+            character_coverage=character_coverage(train_text, vocab_size),
             unk_id=0,
             eos_id=1,
             bos_id=-1,
