@@ -193,7 +193,7 @@ def character_coverage(train_text: Path, vocab_size: int, target: float = 0.9995
     for sentence in iter_training_sentences(train_text, 200_000):
         counts.update(sentence)
     covered = np.cumsum(sorted(counts.values(), reverse=True)) / sum(counts.values())  # (distinct characters,)
-    room = vocab_size - 320  # leave the 256 byte tokens, the specials and some merges
+    room = vocab_size - 262 - 32  # leave the 256 byte tokens, 3 specials, newline and at least 32 merges
     needed = int(np.searchsorted(covered, target)) + 1  # characters it takes to reach the target
     if needed <= room:
         return target

@@ -184,7 +184,7 @@ def test_tinystories_pipeline_runs_on_a_fixture_served_from_a_loopback_server(tm
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("HCL_TINYSTORIES_URL", f"http://127.0.0.1:{server.server_address[1]}/")
     try:
-        train_in_process(*TINY, "--dataset", "tinystories", "--vocab-size", "300", "--data-dir", str(tmp_path / "d"),
+        train_in_process(*TINY, "--dataset", "tinystories", "--vocab-size", "400", "--data-dir", str(tmp_path / "d"),
                          "--out-dir", str(tmp_path / "run"), "--max-steps", "4", "--eval-every", "2",
                          "--context-length", "16", "--num-samples", "0", "--no-final-eval")
     finally:
