@@ -213,6 +213,28 @@ def test_chinese_text_file_trains_and_its_tokenizer_round_trips(tmp_path):
     assert (tmp_path / "run" / "last.pt").is_file()
 
 
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpus, monkeypatch, capsys):
+    import llm.model
+
+    out_dir = corpus["root"] / "diverging"
+    real_cross_entropy, calls = llm.model.F.cross_entropy, {"count": 0}
+
+    def cross_entropy_that_breaks(*arguments, **keywords):
+        calls["count"] += 1
+        loss = real_cross_entropy(*arguments, **keywords)
+        return loss * float("nan") if calls["count"] > 8 else loss
+
+    common = [*TINY, "--text-file", corpus["text_file"], "--data-dir", corpus["data_dir"], "--out-dir", str(out_dir),
+              "--max-steps", "10", "--eval-every", "2", "--eval-batches", "1", "--num-samples", "0"]
+    monkeypatch.setattr(llm.model.F, "cross_entropy", cross_entropy_that_breaks)
+    with pytest.raises(SystemExit) as stopped:
+        train_in_process(*common)
+    assert stopped.value.code == 1
+    assert "error: loss became nan" in capsys.readouterr().err
+    checkpoint = torch.load(out_dir / "last.pt", weights_only=True)
+    assert checkpoint["step"] < 10 and all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+
+
 def test_token_files_switch_to_uint32_above_65535_tokens_of_vocabulary(tmp_path):
     small, large = tmp_path / "small.bin", tmp_path / "large.bin"
     write_token_file(small, [0, 65535, 7], vocab_size=65536)
