@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", default=None, choices=sorted(PRESETS), help="a larger GPU configuration")
     train.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch (per process)")
     train.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step")
-    train.add_argument("--max-steps", type=int, default=700, help="optimizer steps")
+    train.add_argument("--max-steps", type=int, default=480, help="optimizer steps")
     train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     train.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
     train.add_argument("--warmup-steps", type=int, default=50, help="linear warmup steps")
