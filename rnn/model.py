@@ -5,7 +5,7 @@ Equations (numbered as in rnn/README.md):
     (2) c_t = tanh(a_t)                                       candidate state
     (3) h_t = m_t c_t + (1 - m_t) h_{t-1}                     mask m_t = 1 on real steps, 0 on padding
     (4) y_t = m_t h_t                                         output (zero on padding, like torch's packed RNN)
-Backward (derived in the README), walking t = T-1 ... 0 with δh = ∂L/∂h_t:
+Backward (derived in the README), walking from the last step to the first with δh = ∂L/∂h_t:
     (5) δh ← δh + m_t ∂L/∂y_t
     (6) δa_t = m_t δh ⊙ (1 - c_t²)
     (7) ∂L/∂h_{t-1} = (1 - m_t) δh + δa_t W_hh

@@ -1,6 +1,6 @@
 """The vanishing gradient, measured: the norm of dL/dx_t against the distance from the loss, for tanh RNNs.
 
-The loss reads only the last hidden state h_T, so the gradient reaching x_t has gone through T-1-t steps of
+The loss reads only the last hidden state h_T, so the gradient reaching x_t has gone through T-t steps of
 (7) in rnn/model.py: one multiplication by diag(1 - c²) W_hh per step. Its norm therefore shrinks (or grows)
 roughly geometrically with the distance. The hand-written BPTT computes every dL/dx_t.
 """
@@ -28,7 +28,7 @@ def input_gradient_norms(hidden_size, steps, batch_size, recurrent_gain=None, se
     read_out = torch.randn(hidden_size, dtype=torch.float64) / hidden_size ** 0.5  # (H,)
     (final_hidden[-1] @ read_out).sum().backward()
     norms = inputs.grad.norm(dim=-1).mean(0)  # (T,)
-    return norms.flip(0)  # index = distance from the loss, T-1-t
+    return norms.flip(0)  # index = distance from the last input, T - t (t counted from 1)
 
 
 def main(argv=None):
@@ -50,9 +50,9 @@ def main(argv=None):
         factor = (norms[10] / norms[0]).item() ** (1 / 10)
         picks = [norms[d].item() for d in (0, 10, min(30, arguments.steps - 1))]
         print(f"{label:<35}" + " ".join(f"{value:9.2e}" for value in picks) + f"   {factor:.3f}")
-    size_axis.set(title="default init: uniform(±1/sqrt(H))", xlabel="distance from the loss (T-1-t)",
+    size_axis.set(title="default init: uniform(±1/sqrt(H))", xlabel="steps from the last input (T - t)",
                   ylabel="mean ||dL/dx_t||")
-    gain_axis.set(title="orthogonal recurrent weights, scaled", xlabel="distance from the loss (T-1-t)")
+    gain_axis.set(title="orthogonal recurrent weights, scaled", xlabel="steps from the last input (T - t)")
     for axis in (size_axis, gain_axis):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
