@@ -79,7 +79,7 @@ def main():
 
 
 def plot(curves: dict, trained: int, factor: int, path: Path):
-    """Loss against position in a window of factor*T tokens, one line per method (averaged over 16 positions)."""
+    """Loss against position in a window of factor*T tokens, one line per method, in bins of 16 positions."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,12 +87,13 @@ def plot(curves: dict, trained: int, factor: int, path: Path):
 
     figure, axis = plt.subplots(figsize=(6.5, 3.5), dpi=100)
     labels = {"none": "plain RoPE", "interpolation": "position interpolation", "ntk": "NTK-aware scaling"}
-    for method in ("none", "interpolation", "ntk"):
-        curve = curves[(method, factor)].numpy()
+    def binned(curve: torch.Tensor):
         bins = len(curve) // 16
-        smoothed = curve[: bins * 16].reshape(bins, 16).mean(axis=1)
-        axis.plot(np.arange(bins) * 16 + 8, smoothed, label=f"{labels[method]} ({factor}T)")
-    axis.plot(np.arange(trained), curves[("none", 1)].numpy(), color="black", linewidth=0.8, label="trained context T")
+        return np.arange(bins) * 16 + 8, curve.numpy()[: bins * 16].reshape(bins, 16).mean(axis=1)
+
+    for method in ("none", "interpolation", "ntk"):
+        axis.plot(*binned(curves[(method, factor)]), label=f"{labels[method]} ({factor}T)")
+    axis.plot(*binned(curves[("none", 1)]), "k--o", markersize=3, linewidth=1, label="window of T (as trained)")
     axis.axvline(trained, color="grey", linestyle="--", linewidth=0.8)
     axis.set_xlabel("position in the window (tokens)")
     axis.set_ylabel("validation loss (nats/token)")
