@@ -111,7 +111,7 @@ def model_from_checkpoint(checkpoint: dict, device="cpu", attention: str | None 
 def parse_args(argv=None):
     """Every flag, with the defaults of the README's results table."""
     parser = argparse.ArgumentParser(description="Train an English->Spanish Transformer on Tatoeba.")
-    parser.add_argument("--epochs", type=int, default=1, help="number of passes over the training pairs")
+    parser.add_argument("--epochs", type=int, default=3, help="number of passes over the training pairs")
     parser.add_argument("--max-tokens", type=int, default=1500, help="padded tokens per batch (per side)")
     parser.add_argument("--max-len", type=int, default=64, help="drop training pairs longer than this many tokens")
     parser.add_argument("--vocab-size", type=int, default=8000, help="shared SentencePiece BPE vocabulary size")
