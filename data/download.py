@@ -128,9 +128,8 @@ def sources(data_file: DataFile, packages: dict[Package, Path], package_dir: Pat
 
 def decompress_into(source: Path, name: str, out: Path) -> None:
     """Copy `source` to `out`, gunzipping it when `name` ends in .gz."""
-    opener = gzip.open if name.endswith(".gz") else open
-    with opener(source, "rb") as reader, open(out, "wb") as writer:
-        shutil.copyfileobj(reader, writer, CHUNK)
+    with open(source, "rb") as reader:
+        write_stream(reader, name, out)
 
 
 def download(url: str, out: Path) -> None:
@@ -204,6 +203,7 @@ def read_member(archive: Path, member: str, out: Path) -> None:
 
 
 def write_stream(reader, name: str, out: Path) -> None:
+    """Copy a binary stream to `out`, gunzipping it when `name` ends in .gz."""
     if name.endswith(".gz"):
         reader = gzip.GzipFile(fileobj=reader)
     with open(out, "wb") as writer:
