@@ -22,7 +22,7 @@ from transformer.prepare import (
     token_batches,
     train_tokenizer,
 )
-from transformer.train import label_smoothed_cross_entropy
+from transformer.train import WeightAverage, label_smoothed_cross_entropy
 from transformer.train import main as train_main
 
 TINY = dict(vocab_size=50, d_model=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, d_ff=64, dropout=0.0)
@@ -289,6 +289,36 @@ def test_checkpoint_round_trip_resume_and_eval(run_cli, tmp_path, capsys):
     assert other.returncode != 0 and other.stderr.strip().startswith("error:") and "Traceback" not in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 5
+
+
+def test_weight_average_follows_the_weights_at_its_decay():
+    model = nn.Linear(2, 2)
+    average = WeightAverage(model, decay=0.9)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    average.update(model)  # warm-up decay min(0.9, 2/11): the average moves 9/11 of the way
+    assert torch.allclose(average.weights["weight"], start + 9 / 11)
+    for _ in range(200):
+        average.update(model)
+    assert torch.allclose(average.weights["weight"], model.weight, atol=1e-6)
+    before = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(5.0)  # the average now lags far behind
+    raw = average.swapped_into(model)
+    assert torch.equal(raw["weight"], before + 5.0) and torch.equal(model.weight, average.weights["weight"])
+
+
+def test_resumed_run_equals_uninterrupted_run_weights_and_average(tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train_main([*TINY_FLAGS, "--out-dir", straight, "--max-steps", "4", "--valid-every", "2"])
+    train_main([*TINY_FLAGS, "--out-dir", resumed, "--max-steps", "2", "--valid-every", "2"])
+    train_main([*TINY_FLAGS, "--out-dir", resumed, "--max-steps", "4", "--valid-every", "2", "--resume"])
+    one, two = (torch.load(f"{path}/last.pt", weights_only=True) for path in (straight, resumed))
+    for key in ("model", "raw_model"):  # the averaged weights and the training weights
+        for name, tensor in one[key].items():
+            assert torch.allclose(tensor, two[key][name], atol=1e-6), (key, name)
+    assert not torch.equal(one["model"]["embedding.weight"], one["raw_model"]["embedding.weight"])
 
 
 def test_missing_checkpoint_gives_one_clear_error(run_cli):

@@ -5,7 +5,7 @@ import torch
 from transformer.model import Transformer, reorder_state
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def greedy_decode(
     model: Transformer,
     source_ids: torch.Tensor,
@@ -47,7 +47,7 @@ def greedy_decode(
     return (generated, torch.stack(step_logits, dim=1)) if return_logits else generated
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def beam_search(
     model: Transformer,
     source_ids: torch.Tensor,
@@ -102,7 +102,7 @@ def strip_special(ids: list[int], eos_id: int, pad_id: int) -> list[int]:
     return [i for i in ids if i != pad_id]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def translate(model, processor, sentences, beam_size=1, length_penalty=0.6, batch_size=64, device="cpu", extra=50):
     """English sentences -> Spanish strings, with greedy (beam_size 1) or beam search; batches sorted by length."""
     model.eval()

@@ -44,9 +44,9 @@ class LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(dim=-1, keepdim=True)  # (..., 1)
-        variance = x.var(dim=-1, unbiased=False, keepdim=True)  # (..., 1), the biased variance as in nn.LayerNorm
-        return self.weight * (x - mean) / torch.sqrt(variance + self.eps) + self.bias
+        # one pass for both statistics; the biased variance, as in nn.LayerNorm
+        variance, mean = torch.var_mean(x, dim=-1, unbiased=False, keepdim=True)  # (..., 1) each
+        return self.weight * (x - mean) * torch.rsqrt(variance + self.eps) + self.bias
 
 
 def scaled_dot_product_attention(query, key, value, allowed=None, dropout: float = 0.0):
@@ -249,7 +249,7 @@ class Transformer(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Eq. 8: the pre-softmax projection shares its weight matrix with the embedding."""
-        return x @ self.embedding.weight.T  # (B, T, vocab)
+        return F.linear(x, self.embedding.weight)  # (B, T, vocab) = x @ E^T, without materialising E^T
 
     def decode_hidden(self, target_ids, memory, source_ids):
         """The decoder stack over a whole target prefix (B, Tt) -> its last hidden states (B, Tt, d_model)."""

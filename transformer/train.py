@@ -74,6 +74,36 @@ def learning_rate(step: int, args) -> float:
     return args.lr_factor * args.d_model**-0.5 * min(step**-0.5, step * args.warmup_steps**-1.5)
 
 
+class WeightAverage:
+    """An exponential moving average of the weights, the cheap cousin of the paper's checkpoint averaging.
+
+    The paper translates with the average of its last 5 (or 20) checkpoints; here every optimizer step folds the
+    weights in: average <- d * average + (1 - d) * weights, with d = min(decay, (1 + n) / (10 + n)) after n updates,
+    so that the random initial weights are forgotten quickly. The average is what validation scores and what
+    best.pt holds; the raw weights keep training.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module):
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point():
+                self.weights[name].lerp_(tensor, 1.0 - decay)  # average + (1 - d) * (weights - average)
+            else:
+                self.weights[name].copy_(tensor)
+
+    def swapped_into(self, model: torch.nn.Module) -> dict:
+        """Load the averaged weights into the model; return the raw ones so the caller can put them back."""
+        raw = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+        model.load_state_dict(self.weights)
+        return raw
+
+
 def save_atomically(payload: dict, path: Path):
     """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a checkpoint."""
     temporary = path.with_name(path.name + ".tmp")
@@ -126,6 +156,8 @@ def parse_args(argv=None):
         "--attention", choices=["handwritten", "fused"], default="handwritten",
         help="eq. 1 written out, or torch's fused scaled_dot_product_attention",
     )
+    parser.add_argument("--average-decay", type=float, default=0.998,
+                        help="decay of the moving average of the weights that validation and best.pt use (0: off)")
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="epsilon of label smoothing (0: off)")
     parser.add_argument("--schedule", choices=["noam", "constant"], default="noam", help="learning-rate schedule")
     parser.add_argument("--warmup-steps", type=int, default=400, help="Noam warmup steps")
@@ -149,6 +181,8 @@ def parse_args(argv=None):
         raise UserError("--d-model must be even and divisible by --num-heads")
     if not 0.0 <= args.label_smoothing < 1.0 or not 0.0 <= args.dropout < 1.0:
         raise UserError("--label-smoothing and --dropout must lie in [0, 1)")
+    if not 0.0 <= args.average_decay < 1.0:
+        raise UserError("--average-decay must lie in [0, 1)")
     if not 0.0 < args.train_fraction <= 1.0:
         raise UserError("--train-fraction must lie in (0, 1]")
     return args
@@ -195,7 +229,7 @@ def plot_curves(records: list[dict], path: Path):
     loss_axis.legend()
     bleu_axis.plot(epochs, [r["valid_bleu"] for r in records], "o-", color="tab:green")
     bleu_axis.set_xlabel("epoch")
-    bleu_axis.set_ylabel("valid BLEU (greedy)")
+    bleu_axis.set_ylabel("valid BLEU (greedy, averaged weights)")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -232,10 +266,15 @@ def train(args):
     model = Transformer(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9)
     epoch, batch_in_epoch, step, best_bleu, records = 0, 0, 0, -1.0, []
+    average = WeightAverage(model, args.average_decay) if args.average_decay else None
     if checkpoint is not None:
         if checkpoint["config"] != config.to_dict():
             raise UserError(f"{last_path} was trained with another config; use the same flags or another --out-dir")
-        model.load_state_dict(checkpoint["model"])
+        if average is not None:
+            if "raw_model" not in checkpoint:
+                raise UserError(f"{last_path} was trained without --average-decay; resume it with --average-decay 0")
+            average.weights, average.updates = checkpoint["model"], checkpoint["average_updates"]
+        model.load_state_dict(checkpoint.get("raw_model", checkpoint["model"]))
         optimizer.load_state_dict(checkpoint["optimizer"])
         epoch, batch_in_epoch = checkpoint["epoch"], checkpoint["batch_in_epoch"]
         step, best_bleu = checkpoint["step"], checkpoint["best_bleu"]
@@ -245,9 +284,16 @@ def train(args):
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {config}")
 
     def payload():
-        """Everything --resume and eval.py need, as tensors, dicts, lists, numbers and strings only."""
+        """Everything --resume and eval.py need, as tensors, dicts, lists, numbers and strings only.
+
+        "model" holds the weights eval.py translates with: the moving average when it is on ("raw_model" then
+        keeps the training weights for --resume).
+        """
+        weights = {"model": model.state_dict()}
+        if average is not None:
+            weights = {"model": average.weights, "raw_model": model.state_dict(), "average_updates": average.updates}
         return {
-            "kind": CHECKPOINT_KIND, "config": config.to_dict(), "model": model.state_dict(),
+            "kind": CHECKPOINT_KIND, "config": config.to_dict(), **weights,
             "optimizer": optimizer.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step,
             "best_bleu": best_bleu,
             "records": [json.dumps(r) for r in records], "rng_state": torch.get_rng_state(),
@@ -266,7 +312,10 @@ def train(args):
         record = {"epoch": round(epoch + batch_in_epoch / len(batches), 3), "step": step,
                   "train_loss": window_loss / max(window_tokens, 1),
                   "train_target_tokens_per_s": window_tokens / max(window_seconds, 1e-9)}
+        raw = average.swapped_into(model) if average is not None else None
         record.update(validate(model, valid_encoded, processor, valid_pairs, args, device))
+        if raw is not None:
+            model.load_state_dict(raw)
         record["elapsed_seconds"] = round(elapsed_before + time.time() - started, 1)  # resumed runs add up
         records.append(record)
         tqdm.write(json.dumps(record))
@@ -299,6 +348,8 @@ def train(args):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if average is not None:
+                    average.update(model)
                 tokens = int((decoder_target != PAD_ID).sum())
                 window_loss += loss.item() * tokens
                 window_tokens += tokens
