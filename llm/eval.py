@@ -3,9 +3,11 @@
     python llm/eval.py --checkpoint runs/llm/best.pt
     python llm/eval.py --checkpoint runs/llm/best.pt --json
 
-Word-level perplexity = exp(total negative log-likelihood of the test split / its whitespace-separated
-words), the convention of published WikiText-2 results; bits per byte = total NLL / ln 2 / UTF-8 bytes.
-Both divide the same total by a tokenizer-independent count, so tokenizers of any size compare fairly.
+Every token is scored with a sliding window (by default each window moves half the context, so every scored
+token sees at least half a context of text before it). Word-level perplexity = exp(total negative log-likelihood
+of the test split / its whitespace-separated words), the convention of published WikiText-2 results; bits per
+byte = total NLL / ln 2 / UTF-8 bytes. Both divide the same total by a tokenizer-independent count, so
+tokenizers of any size compare fairly.
 """
 
 import argparse
@@ -22,24 +24,33 @@ from llm.prepare import PrepareError, prepare, read_token_file
 
 
 @torch.no_grad()
-def total_negative_log_likelihood(model, tokens: np.ndarray, context_length: int, batch_size: int, device):
-    """Sum of -log p(token | up to context_length previous tokens of its window) over every token after the first.
+def total_negative_log_likelihood(model, tokens: np.ndarray, context_length: int, batch_size: int, device,
+                                  stride: int | None = None):
+    """Sum of -log p(token | up to context_length previous tokens) over every token after the first.
 
-    Non-overlapping windows cover the split; the leftover tail is scored by one last window that ends at the
-    final token, counting only the targets no earlier window scored.
+    Windows of context_length tokens start every `stride` tokens (default: context_length, non-overlapping).
+    The first window scores all its targets; every later one scores only its last `stride` targets, each of
+    which then sees at least context_length - stride tokens of context (a sliding window: with non-overlapping
+    windows the first targets of every window are predicted from almost nothing). A last window ending at the
+    final token scores the targets no earlier window reached.
     """
+    stride = min(stride or context_length, context_length)
     model.eval()
-    count = len(tokens) - 1
-    starts = list(range(0, count - context_length + 1, context_length))
+    count = len(tokens) - 1  # targets: tokens[1:]
+    starts = list(range(0, count - context_length + 1, stride))
     total, scored = 0.0, 0
     for first in range(0, len(starts), batch_size):
         batch_starts = starts[first : first + batch_size]
         rows = [np.asarray(tokens[s : s + context_length + 1], dtype=np.int64) for s in batch_starts]
         block = torch.from_numpy(np.stack(rows)).to(device)  # (B, T+1)
         logits, _ = model(block[:, :-1])  # (B, T, V)
-        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), block[:, 1:], reduction="sum")
-        total += float(nll)
-        scored += block[:, 1:].numel()
+        targets = block[:, 1:]  # (B, T)
+        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (B, T)
+        total += float(nll[:, context_length - stride :].sum())
+        scored += nll[:, context_length - stride :].numel()
+        if batch_starts[0] == 0 and stride < context_length:  # the very first window scores all its targets
+            total += float(nll[0, : context_length - stride].sum())
+            scored += context_length - stride
     tail = count - scored
     if tail > 0:
         length = min(context_length, count)
@@ -52,11 +63,12 @@ def total_negative_log_likelihood(model, tokens: np.ndarray, context_length: int
     return total, scored
 
 
-def split_metrics(model, token_path: Path, text_path: Path, context_length: int, batch_size: int, device) -> dict:
+def split_metrics(model, token_path: Path, text_path: Path, context_length: int, batch_size: int, device,
+                  stride: int | None = None) -> dict:
     """Loss per token, perplexity per token, bits per byte and word perplexity of one split."""
     tokens = read_token_file(token_path)
     text = Path(text_path).read_text(encoding="utf-8")
-    total, count = total_negative_log_likelihood(model, tokens, context_length, batch_size, device)
+    total, count = total_negative_log_likelihood(model, tokens, context_length, batch_size, device, stride)
     num_bytes, num_words = len(text.encode("utf-8")), len(text.split())
     loss = total / count
     return {
@@ -66,7 +78,8 @@ def split_metrics(model, token_path: Path, text_path: Path, context_length: int,
     }
 
 
-def evaluate_checkpoint(checkpoint_path: str, device, context_length=None, batch_size=16, splits=("valid", "test")):
+def evaluate_checkpoint(checkpoint_path: str, device, context_length=None, batch_size=16, splits=("valid", "test"),
+                        stride=None):
     """Load a checkpoint, find (or rebuild) its token files, and measure each split."""
     model, checkpoint = load_model(checkpoint_path, device)
     train_args = checkpoint.get("args", {})
@@ -79,7 +92,7 @@ def evaluate_checkpoint(checkpoint_path: str, device, context_length=None, batch
     results = {}
     for split in splits:
         results[split] = split_metrics(model, prepared.token_files[split], prepared.text_files[split], length,
-                                       batch_size, device)
+                                       batch_size, device, stride if stride is not None else length // 2)
     return results, checkpoint
 
 
@@ -88,14 +101,17 @@ def main():
     parser.add_argument("--checkpoint", default="runs/llm/best.pt", help="checkpoint written by llm/train.py")
     parser.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
     parser.add_argument("--context-length", type=int, default=None, help="evaluation window (default: training's)")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="sliding-window step: each scored token sees at least context - stride tokens of context "
+                             "(default: half the context; the context length itself = non-overlapping windows)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     args = parser.parse_args()
     try:
-        if args.batch_size < 1 or (args.context_length is not None and args.context_length < 1):
-            raise ValueError("--batch-size and --context-length must be positive")
+        if min(args.batch_size, args.context_length or 1, args.stride or 1) < 1:
+            raise ValueError("--batch-size, --context-length and --stride must be positive")
         results, checkpoint = evaluate_checkpoint(args.checkpoint, pick_device(args.device), args.context_length,
-                                                  args.batch_size)
+                                                  args.batch_size, stride=args.stride)
     except (ValueError, PrepareError) as error:
         sys.exit(f"error: {error}")
     valid, test = results["valid"], results["test"]

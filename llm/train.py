@@ -58,17 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hand-written masked softmax or fused scaled_dot_product_attention")
     train = parser.add_argument_group("training")
     train.add_argument("--preset", default=None, choices=sorted(PRESETS), help="a larger GPU configuration")
-    train.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch (per process)")
+    train.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch (per process)")
     train.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step")
-    train.add_argument("--max-steps", type=int, default=480, help="optimizer steps")
+    train.add_argument("--max-steps", type=int, default=3000, help="optimizer steps")
     train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     train.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
-    train.add_argument("--warmup-steps", type=int, default=50, help="linear warmup steps")
+    train.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps")
     train.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices (not norms)")
     train.add_argument("--beta2", type=float, default=0.99, help="AdamW beta2")
     train.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
-    train.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps")
-    train.add_argument("--eval-batches", type=int, default=8, help="validation batches per periodic evaluation")
+    train.add_argument("--eval-every", type=int, default=400, help="validation loss every N steps")
+    train.add_argument("--eval-batches", type=int, default=32, help="validation batches per periodic evaluation")
     train.add_argument("--seed", type=int, default=1337, help="random seed")
     train.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     train.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -458,7 +458,7 @@ def finish(args, best_path, prepared, device, out_dir: Path):
         results = {"step": checkpoint["step"]}
         for split in ("valid", "test"):
             metrics = split_metrics(model, prepared.token_files[split], prepared.text_files[split],
-                                    args.context_length, args.batch_size, device)
+                                    args.context_length, max(args.batch_size, 32), device, args.context_length // 2)
             results[split] = metrics
             print(f"{split}: loss {metrics['loss']:.4f} nats/token | {metrics['bits_per_byte']:.4f} bits/byte | "
                   f"word perplexity {metrics['word_perplexity']:.1f}")

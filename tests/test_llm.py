@@ -285,3 +285,17 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert learning_rate(100, args) == pytest.approx(1e-4)
     assert 1e-4 < learning_rate(55, args) < 1e-3
     assert math.isclose(learning_rate(55, args), 1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 0.5)))
+
+
+@pytest.mark.parametrize("stride", [32, 16, 5, 1])
+def test_sliding_window_scores_every_token_once_and_non_overlapping_is_the_default(stride):
+    from llm.eval import total_negative_log_likelihood
+
+    model = Llama(tiny_config(context_length=32))
+    tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, 203).astype(np.uint16)
+    total, scored = total_negative_log_likelihood(model, tokens, 32, 4, "cpu", stride)
+    assert scored == len(tokens) - 1 and math.isfinite(total)
+    if stride == 32:  # non-overlapping windows: the same as leaving the stride out
+        assert math.isclose(total, total_negative_log_likelihood(model, tokens, 32, 4, "cpu")[0], rel_tol=1e-6)
+    else:  # tokens scored with more context: one model, one text, a different (here: random-model) total
+        assert total != total_negative_log_likelihood(model, tokens, 32, 4, "cpu")[0]
