@@ -131,6 +131,20 @@ def matching_rnn_hidden_size(lstm_hidden_size: int, input_size: int, num_layers:
     return min(range(1, 8 * lstm_hidden_size), key=lambda hidden: abs(total("rnn", hidden) - target))
 
 
+@torch.no_grad()
+def open_forget_gates(recurrent: nn.Module, hidden_size: int, bias: float = 1.0):
+    """Start every forget gate near sigma(1) = 0.73 instead of sigma(0) = 0.5 (Jozefowicz et al., 2015).
+
+    Works on the hand-written LSTM and on torch.nn.LSTM alike: both name their biases bias_ih_l{k} / bias_hh_l{k}
+    and keep the forget gate in rows H..2H. b_ih's slice is set to `bias` and b_hh's to 0, so their sum is `bias`.
+    With f = 0.5 the cell keeps half of itself per step (0.5^20 ~ 1e-6 after 20 characters); with 0.73 gradients
+    through the cell reach back several times further from the first step of training.
+    """
+    for name, parameter in recurrent.named_parameters():
+        if name.rsplit(".", 1)[-1].startswith(("bias_ih_l", "bias_hh_l")):
+            parameter[hidden_size : 2 * hidden_size] = bias if "bias_ih" in name else 0.0
+
+
 @dataclass
 class CharConfig:
     """The character language model's shape (saved in checkpoints as a dict)."""
@@ -156,6 +170,8 @@ class CharLanguageModel(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
+        if config.cell == "lstm":
+            open_forget_gates(self.recurrent, config.hidden_size)
 
     def forward(self, tokens, state=None, lengths=None):
         """Logits (B, T, V) for the character after each input character, and the state to carry on."""

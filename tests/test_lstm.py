@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 import torch
+from torch import nn
 
 from lstm.model import (
     AddingConfig,
@@ -137,6 +138,23 @@ def test_handwritten_and_torch_language_models_start_from_identical_weights():
     models[0].eval()
     models[1].eval()
     torch.testing.assert_close(models[0](tokens)[0], models[1](tokens)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["handwritten", "torch"])
+def test_language_model_starts_with_forget_gate_bias_one_and_other_gates_untouched(impl):
+    torch.manual_seed(3)
+    model = CharLanguageModel(CharConfig(vocab_size=20, embedding_size=8, hidden_size=16, num_layers=2, impl=impl))
+    torch.manual_seed(3)
+    nn.Embedding(20, 8)  # the model draws its embedding first
+    plain = nn.LSTM(8, 16, 2)  # then the recurrent weights: what the same draw gives without the forget-gate change
+    biases = {name.rsplit(".", 1)[-1]: p for name, p in model.recurrent.named_parameters() if "bias" in name}
+    for layer in range(2):
+        ih, hh = biases[f"bias_ih_l{layer}"], biases[f"bias_hh_l{layer}"]
+        assert torch.equal(ih[16:32] + hh[16:32], torch.ones(16))  # forget gate: sigma(1) at the start
+        for rows in (slice(0, 16), slice(32, 64)):  # input, candidate, output gates keep torch's initialisation
+            torch.testing.assert_close(ih[rows], getattr(plain, f"bias_ih_l{layer}")[rows].detach())
+    rnn = CharLanguageModel(CharConfig(vocab_size=20, embedding_size=8, hidden_size=16, cell="rnn", impl="torch"))
+    assert not any(torch.equal(p, torch.ones_like(p)) for name, p in rnn.named_parameters() if "bias" in name)
 
 
 def test_rnn_baseline_is_sized_to_the_lstm_parameter_count():
