@@ -141,7 +141,7 @@ def model_from_checkpoint(checkpoint: dict, device="cpu", attention: str | None 
 def parse_args(argv=None):
     """Every flag, with the defaults of the README's results table."""
     parser = argparse.ArgumentParser(description="Train an English->Spanish Transformer on Tatoeba.")
-    parser.add_argument("--epochs", type=int, default=3, help="number of passes over the training pairs")
+    parser.add_argument("--epochs", type=int, default=4, help="number of passes over the training pairs")
     parser.add_argument("--max-tokens", type=int, default=1500, help="padded tokens per batch (per side)")
     parser.add_argument("--max-len", type=int, default=64, help="drop training pairs longer than this many tokens")
     parser.add_argument("--vocab-size", type=int, default=8000, help="shared SentencePiece BPE vocabulary size")
@@ -166,7 +166,7 @@ def parse_args(argv=None):
     parser.add_argument("--train-fraction", type=float, default=1.0, help="use only this share of training pairs")
     parser.add_argument("--valid-pairs", type=int, default=0, help="validation pairs for the loss (0: all)")
     parser.add_argument("--valid-bleu-sentences", type=int, default=500, help="validation pairs decoded for BLEU")
-    parser.add_argument("--valid-every", type=int, default=400, help="also validate every N steps (0: per epoch)")
+    parser.add_argument("--valid-every", type=int, default=0, help="also validate every N steps (0: per epoch)")
     parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in total (0: no cap)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, tokenizer and initialisation")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
