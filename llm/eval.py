@@ -23,6 +23,11 @@ from llm.generate import load_model, pick_device
 from llm.prepare import PrepareError, prepare, read_token_file
 
 
+def half_context_stride(context_length: int) -> int:
+    """The sliding-window step of the reported metrics: every scored token sees at least half a context."""
+    return context_length // 2
+
+
 @torch.no_grad()
 def total_negative_log_likelihood(model, tokens: np.ndarray, context_length: int, batch_size: int, device,
                                   stride: int | None = None):
@@ -89,10 +94,11 @@ def evaluate_checkpoint(checkpoint_path: str, device, context_length=None, batch
     length = context_length or model.config.context_length
     if length > model.rope_cos.size(0):
         model.set_rope_table(length)
+    stride = stride if stride is not None else half_context_stride(length)
     results = {}
     for split in splits:
         results[split] = split_metrics(model, prepared.token_files[split], prepared.text_files[split], length,
-                                       batch_size, device, stride if stride is not None else length // 2)
+                                       batch_size, device, stride)
     return results, checkpoint
 
 

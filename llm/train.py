@@ -451,14 +451,15 @@ def finish(args, best_path, prepared, device, out_dir: Path):
     """Validation and test metrics of the best checkpoint (saved to results.json), then a few samples."""
     import sentencepiece as spm
 
-    from llm.eval import split_metrics
+    from llm.eval import half_context_stride, split_metrics
 
     model, checkpoint = load_model(str(best_path), device)
     if not args.no_final_eval:
         results = {"step": checkpoint["step"]}
         for split in ("valid", "test"):
             metrics = split_metrics(model, prepared.token_files[split], prepared.text_files[split],
-                                    args.context_length, max(args.batch_size, 32), device, args.context_length // 2)
+                                    args.context_length, max(args.batch_size, 32), device,
+                                    half_context_stride(args.context_length))
             results[split] = metrics
             print(f"{split}: loss {metrics['loss']:.4f} nats/token | {metrics['bits_per_byte']:.4f} bits/byte | "
                   f"word perplexity {metrics['word_perplexity']:.1f}")
