@@ -114,7 +114,7 @@ def main():
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     args = parser.parse_args()
     try:
-        if min(args.batch_size, args.context_length or 1, args.stride or 1) < 1:
+        if args.batch_size < 1 or any(value is not None and value < 1 for value in (args.context_length, args.stride)):
             raise ValueError("--batch-size, --context-length and --stride must be positive")
         results, checkpoint = evaluate_checkpoint(args.checkpoint, pick_device(args.device), args.context_length,
                                                   args.batch_size, stride=args.stride)

@@ -299,3 +299,10 @@ def test_sliding_window_scores_every_token_once_and_non_overlapping_is_the_defau
         assert math.isclose(total, total_negative_log_likelihood(model, tokens, 32, 4, "cpu")[0], rel_tol=1e-6)
     else:  # tokens scored with more context: one model, one text, a different (here: random-model) total
         assert total != total_negative_log_likelihood(model, tokens, 32, 4, "cpu")[0]
+
+
+@pytest.mark.parametrize("flag", ["--stride", "--context-length"])
+def test_eval_rejects_a_zero_stride_or_context_with_one_line(run_cli, flag):
+    result = run_cli("llm/eval.py", flag, "0")
+    assert result.returncode != 0 and result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
