@@ -1,6 +1,7 @@
 """Put language-model runs side by side: validation bpc against steps in one PNG, and a table of their summaries.
 
     python lstm/compare.py runs/lstm runs/lstm-torch runs/lstm-rnn --out lstm/assets/lm_curves.png
+    python lstm/compare.py runs/lstm runs/lstm-rnn --context-out lstm/assets/context.png  # + loss by position
 """
 
 import argparse
@@ -12,6 +13,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from data import DataError  # noqa: E402
+from lstm.eval import load_language_model, loss_by_position  # noqa: E402
+from lstm.tasks import load_corpus  # noqa: E402
+from lstm.train import UserError  # noqa: E402
+
+CONTEXT_BANDS = [(0, 1), (1, 2), (2, 5), (5, 10), (10, 20), (20, 50), (50, 100), (100, 200), (200, 400)]
 
 
 def read_run(run_dir: Path):
@@ -28,12 +37,51 @@ def read_run(run_dir: Path):
     return records, summary
 
 
+def run_label(summary: dict) -> str:
+    """'LSTM (handwritten), lr 0.02': the model, and the learning rate where the run recorded it."""
+    learning_rate = f", lr {summary['lr']:g}" if "lr" in summary else ""
+    return f"{summary['cell'].upper()} ({summary['impl']}){learning_rate}"
+
+
+def plot_context(runs, path: Path, window: int):
+    """Test bpc against the number of characters of context, for each run's best checkpoint; prints a table too."""
+    figure, axes = plt.subplots(figsize=(6, 4))
+    bands = [band for band in CONTEXT_BANDS if band[1] <= window]
+    print("\n| run | " + " | ".join(f"{a}-{b - 1}" if b - a > 1 else f"{a}" for a, b in bands) + " |")
+    print("|---|" + "---|" * len(bands))
+    for run_dir, _, summary in runs:
+        model, checkpoint = load_language_model(run_dir / "best.pt", torch.device("cpu"))
+        corpus = load_corpus(checkpoint["books"])
+        curve = loss_by_position(model, torch.tensor(corpus.encode(corpus.test)), window, window // 8)  # (W,)
+        band_means = [curve[a:b].mean().item() for a, b in bands]
+        print(f"| {run_dir} | " + " | ".join(f"{mean:.3f}" for mean in band_means) + " |")
+        middles = [((a + 1) * b) ** 0.5 for a, b in bands]  # geometric middle of characters-of-context a+1 .. b
+        axes.plot(middles, band_means, marker="o", markersize=3, label=run_label(summary))
+    axes.set_xscale("log")
+    axes.set_ylim(top=4.0)
+    axes.set_xlabel("characters of context (state reset to zero before the first); bands as in the table")
+    axes.set_ylabel("test bits per character")
+    axes.set_title("how much history each model uses")
+    axes.grid(alpha=0.3, which="both")
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     """Read, print the table, plot."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", help="out-dirs of finished train.py language-model runs")
     parser.add_argument("--out", default="runs/lm_curves.png", help="where to write the PNG")
+    parser.add_argument("--context-out", help="also score each run's best.pt by position in windows read from a "
+                                              "zero state, and draw that curve into this PNG")
+    parser.add_argument("--window", type=int, default=400, help="window length for --context-out")
     args = parser.parse_args(argv)
+    if args.window < 2:
+        parser.error("--window must be at least 2")
     try:
         runs = [(Path(run_dir), *read_run(Path(run_dir))) for run_dir in args.run_dirs]
     except (OSError, ValueError) as error:
@@ -43,7 +91,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|")
     figure, axes = plt.subplots(figsize=(6, 4))
     for run_dir, records, summary in runs:
-        label = f"{summary['cell'].upper()} ({summary['impl']})"
+        label = run_label(summary)
         minutes = summary["train_seconds"] / 60
         print(f"| {run_dir} | {label} | {summary['hidden_size']} | {summary['parameters']:,} | "
               f"{summary['test_bpc']:.4f} | {summary['best_validation_bpc']:.4f} | {minutes:.1f} min |")
@@ -57,7 +105,14 @@ def main(argv=None):
     figure.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.out, dpi=100)
+    plt.close(figure)
     print(f"wrote {args.out}")
+    if args.context_out:
+        try:
+            plot_context(runs, Path(args.context_out), args.window)
+        except (UserError, DataError, OSError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@
 
 import argparse
 import json
+import math
 import sys
 
 import torch
+from torch.nn import functional as F
 
 from data import DataError
 from lstm.model import CharConfig, CharLanguageModel, generate
@@ -49,6 +51,33 @@ def load_language_model(path, device):
         raise UserError(f"{path}: weights do not fit the config stored beside them") from None
     model.eval()
     return model, checkpoint
+
+
+@torch.no_grad()
+def loss_by_position(model, ids: torch.Tensor, window: int = 400, stride: int | None = None,
+                     batch_size: int = 64) -> torch.Tensor:
+    """Bits per character at each position of windows read from a zero state: how far back the model reaches.
+
+    Windows of `window` characters start every `stride` characters (overlapping when stride < window, which
+    averages each position over more text); each is read on its own, from h = c = 0, so position t has exactly
+    t characters of context. Where the curve stops falling, more history stops helping.
+    """
+    stride = stride or window
+    starts = torch.arange(0, len(ids) - window, stride)  # (N,)
+    offsets = torch.arange(window)  # (W,)
+    inputs = ids[starts[:, None] + offsets]  # (N, W)
+    targets = ids[starts[:, None] + offsets + 1]  # (N, W)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(window, dtype=torch.float64)
+    for first in range(0, len(starts), batch_size):
+        logits, _ = model(inputs[first : first + batch_size].to(device))  # (b, W, V)
+        batch_targets = targets[first : first + batch_size].to(device)  # (b, W)
+        nats = F.cross_entropy(logits.transpose(1, 2), batch_targets, reduction="none")  # (b, W)
+        total += nats.sum(0).double().cpu()
+    model.train(was_training)
+    return (total / len(starts) / math.log(2)).float()  # (W,)
 
 
 def main(argv=None):

@@ -2,11 +2,13 @@
 
 import importlib
 import json
+import math
 import subprocess
 
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from lstm.model import (
     AddingConfig,
@@ -220,10 +222,39 @@ def test_tiny_language_model_trains_checkpoints_resumes_and_evaluates(in_process
     assert sampled.returncode == 0, sampled.stderr
     assert sampled.stdout.startswith("Emma") and len(sampled.stdout.rstrip("\n")) == 44
 
+    compared = in_process("lstm/compare.py", str(out_dir), "--out", str(tmp_path / "curves.png"),
+                          "--context-out", str(tmp_path / "context.png"), "--window", "50")
+    assert compared.returncode == 0, compared.stderr
+    assert (tmp_path / "curves.png").is_file() and (tmp_path / "context.png").is_file()
+    context_row = compared.stdout.splitlines()[-2].split("|")[2:-1]  # bpc at 0, 1, 2-4, 5-9, 10-19, 20-49
+    assert len(context_row) == 6 and float(context_row[0]) > float(context_row[-1])  # context helps
+
     resumed = in_process("lstm/train.py", *TINY_LM, "--steps", "60", "--out-dir", str(out_dir), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from step 40" in resumed.stdout
     assert json.loads((out_dir / "summary.json").read_text())["steps"] == 60
+
+
+def test_each_cell_gets_its_own_default_learning_rate_unless_one_is_given():
+    from lstm.train import DEFAULT_LEARNING_RATES, parse_args
+
+    assert parse_args([]).lr == DEFAULT_LEARNING_RATES["lstm"]
+    assert parse_args(["--cell", "rnn"]).lr == DEFAULT_LEARNING_RATES["rnn"] < DEFAULT_LEARNING_RATES["lstm"]
+    assert parse_args(["--cell", "rnn", "--lr", "0.03"]).lr == 0.03
+
+
+def test_loss_by_position_reads_each_window_from_a_zero_state():
+    from lstm.eval import loss_by_position
+
+    torch.manual_seed(0)
+    model = CharLanguageModel(CharConfig(vocab_size=10, embedding_size=4, hidden_size=6, num_layers=2))
+    ids = torch.randint(0, 10, (3 * 7 + 2,))  # room for windows of 7 starting at 0, 3, ..., 15
+    curve = loss_by_position(model, ids, window=7, stride=3, batch_size=4)  # batches of four windows, then two
+    with torch.no_grad():
+        model.eval()
+        per_window = [F.cross_entropy(model(ids[None, start : start + 7])[0][0], ids[start + 1 : start + 8],
+                                      reduction="none") for start in range(0, 16, 3)]  # each (7,), zero state
+    torch.testing.assert_close(curve, torch.stack(per_window).mean(0) / math.log(2))
 
 
 def test_checkpoint_round_trip_gives_the_same_model(tmp_path):
