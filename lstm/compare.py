@@ -37,29 +37,29 @@ def read_run(run_dir: Path):
     return records, summary
 
 
-def run_label(summary: dict) -> str:
-    """'LSTM (handwritten), lr 0.02': the model, and the learning rate where the run recorded it."""
-    learning_rate = f", lr {summary['lr']:g}" if "lr" in summary else ""
-    return f"{summary['cell'].upper()} ({summary['impl']}){learning_rate}"
+def run_label(run_dir: Path, summary: dict) -> str:
+    """'LSTM (handwritten), lr 0.01': the model, and its learning rate (the folder's name if the run lacks it)."""
+    detail = f"lr {summary['lr']:g}" if "lr" in summary else run_dir.name
+    return f"{summary['cell'].upper()} ({summary['impl']}), {detail}"
 
 
-def plot_context(runs, path: Path, window: int):
+def plot_context(runs, labels, path: Path, window: int):
     """Test bpc against the number of characters of context, for each run's best checkpoint; prints a table too."""
     figure, axes = plt.subplots(figsize=(6, 4))
     bands = [band for band in CONTEXT_BANDS if band[1] <= window]
     print("\n| run | " + " | ".join(f"{a}-{b - 1}" if b - a > 1 else f"{a}" for a, b in bands) + " |")
     print("|---|" + "---|" * len(bands))
-    for run_dir, _, summary in runs:
+    for (run_dir, _, _), label in zip(runs, labels):
         model, checkpoint = load_language_model(run_dir / "best.pt", torch.device("cpu"))
         corpus = load_corpus(checkpoint["books"])
         curve = loss_by_position(model, torch.tensor(corpus.encode(corpus.test)), window, window // 8)  # (W,)
         band_means = [curve[a:b].mean().item() for a, b in bands]
         print(f"| {run_dir} | " + " | ".join(f"{mean:.3f}" for mean in band_means) + " |")
         middles = [((a + 1) * b) ** 0.5 for a, b in bands]  # geometric middle of characters-of-context a+1 .. b
-        axes.plot(middles, band_means, marker="o", markersize=3, label=run_label(summary))
+        axes.plot(middles, band_means, marker="o", markersize=3, label=label)
     axes.set_xscale("log")
     axes.set_ylim(top=4.0)
-    axes.set_xlabel("characters of context (state reset to zero before the first); bands as in the table")
+    axes.set_xlabel("characters of context (read from a zero state)")
     axes.set_ylabel("test bits per character")
     axes.set_title("how much history each model uses")
     axes.grid(alpha=0.3, which="both")
@@ -79,19 +79,22 @@ def main(argv=None):
     parser.add_argument("--context-out", help="also score each run's best.pt by position in windows read from a "
                                               "zero state, and draw that curve into this PNG")
     parser.add_argument("--window", type=int, default=400, help="window length for --context-out")
+    parser.add_argument("--labels", nargs="+", help="legend labels, one per run (default: model and learning rate)")
     args = parser.parse_args(argv)
     if args.window < 2:
         parser.error("--window must be at least 2")
+    if args.labels and len(args.labels) != len(args.run_dirs):
+        parser.error(f"--labels gives {len(args.labels)} labels for {len(args.run_dirs)} runs")
     try:
         runs = [(Path(run_dir), *read_run(Path(run_dir))) for run_dir in args.run_dirs]
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+    labels = args.labels or [run_label(run_dir, summary) for run_dir, _, summary in runs]
     print("| run | model | hidden | parameters | test bpc | best validation bpc | wall-clock |")
     print("|---|---|---|---|---|---|---|")
     figure, axes = plt.subplots(figsize=(6, 4))
-    for run_dir, records, summary in runs:
-        label = run_label(summary)
+    for (run_dir, records, summary), label in zip(runs, labels):
         minutes = summary["train_seconds"] / 60
         print(f"| {run_dir} | {label} | {summary['hidden_size']} | {summary['parameters']:,} | "
               f"{summary['test_bpc']:.4f} | {summary['best_validation_bpc']:.4f} | {minutes:.1f} min |")
@@ -109,7 +112,7 @@ def main(argv=None):
     print(f"wrote {args.out}")
     if args.context_out:
         try:
-            plot_context(runs, Path(args.context_out), args.window)
+            plot_context(runs, labels, Path(args.context_out), args.window)
         except (UserError, DataError, OSError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(1) from None
