@@ -215,6 +215,7 @@ class AddingConfig:
     num_layers: int = 1
     cell: str = "lstm"
     impl: str = "handwritten"
+    forget_bias: float = 0.0  # LSTM only: the forget gates' starting bias (0 gives sigma(0) = 0.5)
 
 
 class AddingModel(nn.Module):
@@ -225,6 +226,8 @@ class AddingModel(nn.Module):
         self.config = config
         self.recurrent = make_recurrent(config.cell, config.impl, 2, config.hidden_size, config.num_layers, 0.0)
         self.head = nn.Linear(config.hidden_size, 1)
+        if config.cell == "lstm" and config.forget_bias:
+            open_forget_gates(self.recurrent, config.hidden_size, config.forget_bias)
 
     def forward(self, inputs):
         """Predicted sums (B,) for inputs (B, T, 2)."""

@@ -71,6 +71,8 @@ def parse_args(argv=None):
     parser.add_argument("--adding-hidden-size", type=int, default=64, help="adding: LSTM hidden size")
     parser.add_argument("--adding-batch-size", type=int, default=64, help="adding: sequences per step")
     parser.add_argument("--adding-lr", type=float, default=1e-2, help="adding: Adam learning rate")
+    parser.add_argument("--adding-forget-bias", type=float, default=0.0,
+                        help="adding: the LSTM's starting forget-gate bias (0: gates start at sigma(0) = 0.5)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     parser.add_argument("--out-dir", default="runs/lstm", help="checkpoints, metrics.jsonl and plots go here")
@@ -286,7 +288,9 @@ def adding_config(args, cell: str) -> AddingConfig:
     hidden_size = args.adding_hidden_size
     if cell == "rnn":
         hidden_size = matching_rnn_hidden_size(args.adding_hidden_size, 2, 1, extra_per_hidden=1)
-    return AddingConfig(hidden_size, 1, cell, args.impl if cell == "lstm" else "torch")
+    if cell == "lstm":
+        return AddingConfig(hidden_size, 1, cell, args.impl, args.adding_forget_bias)
+    return AddingConfig(hidden_size, 1, cell, "torch")
 
 
 def train_adding_run(args, device, out_dir: Path, cell: str, length: int) -> dict:
@@ -305,7 +309,7 @@ def train_adding_run(args, device, out_dir: Path, cell: str, length: int) -> dic
     last_path = out_dir / f"{name}-last.pt"
     if args.resume and last_path.is_file():
         checkpoint = load_checkpoint(last_path, device)
-        if checkpoint["config"] != run["config"]:
+        if {"forget_bias": 0.0, **checkpoint["config"]} != run["config"]:  # runs from before the option had none
             raise UserError(f"{last_path} was trained with another config; use a new --out-dir")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])

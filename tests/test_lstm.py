@@ -159,6 +159,24 @@ def test_language_model_starts_with_forget_gate_bias_one_and_other_gates_untouch
     assert not any(torch.equal(p, torch.ones_like(p)) for name, p in rnn.named_parameters() if "bias" in name)
 
 
+def test_adding_model_opens_its_forget_gates_only_when_asked():
+    hidden = 4
+    for impl in ("handwritten", "torch"):
+        torch.manual_seed(0)
+        closed = AddingModel(AddingConfig(hidden_size=hidden, impl=impl))
+        torch.manual_seed(0)
+        opened = AddingModel(AddingConfig(hidden_size=hidden, impl=impl, forget_bias=3.0))
+        for (name, before), after in zip(closed.named_parameters(), opened.parameters()):
+            if "bias_ih" in name:  # forget rows H..2H set to 3, the other gates as initialised
+                assert torch.all(after[hidden : 2 * hidden] == 3.0)
+                torch.testing.assert_close(after[:hidden], before[:hidden])
+                torch.testing.assert_close(after[2 * hidden :], before[2 * hidden :])
+            elif "bias_hh" in name:
+                assert torch.all(after[hidden : 2 * hidden] == 0.0)
+            else:
+                torch.testing.assert_close(after, before)
+
+
 def test_rnn_baseline_is_sized_to_the_lstm_parameter_count():
     hidden_size = matching_rnn_hidden_size(192, 64, 2, extra_per_hidden=82)
     lstm_total = recurrent_parameter_count("lstm", 64, 192, 2) + 82 * 192
