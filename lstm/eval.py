@@ -63,6 +63,8 @@ def loss_by_position(model, ids: torch.Tensor, window: int = 400, stride: int | 
     t characters of context. Where the curve stops falling, more history stops helping.
     """
     stride = stride or window
+    if len(ids) <= window:
+        raise ValueError(f"the text ({len(ids):,} characters) is not longer than one window of {window:,}")
     starts = torch.arange(0, len(ids) - window, stride)  # (N,)
     offsets = torch.arange(window)  # (W,)
     inputs = ids[starts[:, None] + offsets]  # (N, W)
