@@ -68,9 +68,7 @@ def main(argv=None):
     results, curves = {}, {}
     for stage in ("initialised", "trained"):
         for cell in ("lstm", "rnn"):
-            stored = trained[cell]["config"]
-            config = AddingConfig(stored["hidden_size"], stored["num_layers"], stored["cell"], stored["impl"],
-                                  stored.get("forget_bias", 0.0))
+            config = AddingConfig.from_checkpoint(trained[cell]["config"])
             torch.manual_seed(args.seed)
             model = AddingModel(config).double()  # float64: the RNN's far gradients underflow float32
             if stage == "trained":

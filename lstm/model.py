@@ -5,7 +5,7 @@ an implementation behind one interface, then the character language model and th
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
@@ -216,6 +216,12 @@ class AddingConfig:
     cell: str = "lstm"
     impl: str = "handwritten"
     forget_bias: float = 0.0  # LSTM only: the forget gates' starting bias (0 gives sigma(0) = 0.5)
+
+    @classmethod
+    def from_checkpoint(cls, stored: dict) -> "AddingConfig":
+        """The config saved in an adding checkpoint; fields the checkpoint predates take their defaults."""
+        names = {field.name for field in fields(cls)}
+        return cls(**{key: value for key, value in stored.items() if key in names})
 
 
 class AddingModel(nn.Module):

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib
@@ -309,7 +310,7 @@ def train_adding_run(args, device, out_dir: Path, cell: str, length: int) -> dic
     last_path = out_dir / f"{name}-last.pt"
     if args.resume and last_path.is_file():
         checkpoint = load_checkpoint(last_path, device)
-        if {"forget_bias": 0.0, **checkpoint["config"]} != run["config"]:  # runs from before the option had none
+        if {**asdict(AddingConfig()), **checkpoint["config"]} != run["config"]:  # defaults for fields added later
             raise UserError(f"{last_path} was trained with another config; use a new --out-dir")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])

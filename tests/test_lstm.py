@@ -298,6 +298,24 @@ def test_tiny_adding_run_beats_the_trivial_answer(in_process, tmp_path):
     assert (tmp_path / "adding.png").is_file() and (tmp_path / "adding-lstm-10-last.pt").is_file()
 
 
+def test_adding_resume_accepts_a_checkpoint_older_than_forget_bias_and_refuses_another_bias(in_process, tmp_path):
+    from lstm.train import save_checkpoint
+
+    tiny = ["--task", "adding", "--lengths", "6", "--cells", "lstm", "--adding-hidden-size", "4",
+            "--out-dir", str(tmp_path)]
+    assert in_process("lstm/train.py", *tiny, "--adding-steps", "2").returncode == 0
+    last = tmp_path / "adding-lstm-6-last.pt"
+    checkpoint = torch.load(last, weights_only=True)
+    del checkpoint["config"]["forget_bias"]  # as saved before the option existed
+    save_checkpoint(last, checkpoint)
+    resumed = in_process("lstm/train.py", *tiny, "--adding-steps", "3", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    before = last.read_bytes()
+    refused = in_process("lstm/train.py", *tiny, "--adding-steps", "4", "--resume", "--adding-forget-bias", "3")
+    assert_one_line_error(refused, "another config")
+    assert last.read_bytes() == before
+
+
 def assert_one_line_error(result, fragment):
     """Non-zero exit, a single 'error:' line on stderr that says what is wrong, and no traceback."""
     assert result.returncode != 0
