@@ -149,17 +149,20 @@ class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.query_proj = nn.Linear(config.d_model, config.n_heads * config.head_dim, bias=False)
-        self.key_value_proj = nn.Linear(config.d_model, 2 * config.n_kv_heads * config.head_dim, bias=False)
+        # one matmul computes query, key and value; the rows of qkv_proj.weight are [W_q; W_k; W_v]
+        self.qkv_sizes = (config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim,
+                          config.n_kv_heads * config.head_dim)
+        self.qkv_proj = nn.Linear(config.d_model, sum(self.qkv_sizes), bias=False)
         self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False)
         self.out_proj.is_residual_output = True
         self.attend = handwritten_causal_attention if config.attention_impl == "handwritten" else fused_causal_attention
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, start: int = 0):
         batch, length, _ = x.shape  # (B, T, d_model)
-        query = self.query_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        key, value = self.key_value_proj(x).view(batch, length, 2, self.n_kv_heads, self.head_dim).unbind(2)
-        key, value = key.transpose(1, 2), value.transpose(1, 2)  # each (B, Hkv, T, hd)
+        query, key, value = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)  # (B, T, H*hd), (B, T, Hkv*hd) twice
+        query = query.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        key = key.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        value = value.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
         if cache is not None:
             key, value = cache.update(layer, key, value)  # each (B, Hkv, start+T, hd)
