@@ -7,7 +7,10 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 
-.PHONY: install llm test lint clean
+# `make llm ARGS="--resume"` continues an interrupted run in runs/llm (ARGS go to llm/train.py).
+ARGS   ?=
+
+.PHONY: install llm test lint clean clean-runs
 
 install: $(VENV)/.installed
 
@@ -19,7 +22,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 llm: install
-	$(BIN)/python llm/train.py
+	$(BIN)/python llm/train.py $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .
@@ -27,5 +30,10 @@ lint: install
 test: lint
 	$(BIN)/python -m pytest
 
+# `clean` removes the virtual environment only; trained models and tokenizers in runs/ stay.
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV)
+
+# `clean-runs` deletes runs/: every checkpoint, tokenizer, metrics file and plot that training wrote.
+clean-runs:
+	rm -rf runs

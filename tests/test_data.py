@@ -5,6 +5,8 @@ import hashlib
 import http.server
 import io
 import os
+import shutil
+import subprocess
 import tarfile
 import threading
 import zipfile
@@ -204,3 +206,15 @@ def test_cli_verify_deletes_a_corrupt_file_and_list_reports_cache(run_cli, tmp_p
     assert not (names / "Korean.txt").exists()
     listing = run_cli("data/__main__.py", "list", env={"HCL_DATA_DIR": str(tmp_path)})
     assert listing.returncode == 0 and "wikitext-2" in listing.stdout
+
+
+def test_make_clean_keeps_the_runs_and_clean_runs_deletes_them():
+    """`make clean` removes the environment only; deleting runs/ is its own target."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = Path(__file__).resolve().parents[1]
+    clean = subprocess.run(["make", "-n", "clean"], cwd=root, capture_output=True, text=True, check=True).stdout
+    clean_runs = subprocess.run(["make", "-n", "clean-runs"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout
+    assert ".venv" in clean and "runs" not in clean
+    assert clean_runs.split() == ["rm", "-rf", "runs"]
