@@ -1,7 +1,8 @@
 """A GRU written by hand (PyTorch's conventions and parameter layout) and the BiGRU tagger built on it.
 
-Read top to bottom: the hand-written GRU, the torch.nn.GRU twin with the same interface, then the tagger
-(character embeddings -> BiGRU -> tag scores -> softmax or CRF).
+Read top to bottom: one GRU layer's forward over a whole sequence, the same layer with its backward pass
+written by hand (GRULayerFunction), the hand-written GRU built from such layers, the torch.nn.GRU twin with
+the same interface, then the tagger (character embeddings -> BiGRU -> tag scores -> softmax or CRF).
 """
 
 from dataclasses import asdict, dataclass
@@ -28,6 +29,112 @@ def reverse_within_lengths(sequences: torch.Tensor, lengths: torch.Tensor) -> to
     return sequences.gather(1, source[:, :, None].expand(batch_size, max_length, channels))
 
 
+def gru_layer_forward(inputs, mask, initial_state, weight_ih, weight_hh, bias_ih, bias_hh, keep_for_backward=False):
+    """Equations (1)-(6) over a whole sequence, both directions side by side on a leading axis D.
+
+    inputs (D, B, T, I) (the reverse direction already reversed within lengths), mask (B, T) bool,
+    initial_state (D, B, H), weight_ih (D, 3H, I), weight_hh (D, 3H, H), bias_ih and bias_hh (D, 3H)
+    -> outputs (D, B, T, H) zero on padding, final state (D, B, H), and with keep_for_backward what the
+    hand-written backward needs: the states h_0..h_T (T+1, D, B, H), the gates r, z (T, D, B, 2H), the
+    candidates n (T, D, B, H) and the hidden candidate projections W_hn h_{t-1} + b_hn (T, D, B, H).
+    Autograd can differentiate this function as it stands; GRULayerFunction runs it and differentiates by hand.
+    """
+    directions, batch_size, max_length, _ = inputs.shape
+    size = weight_hh.shape[-1]
+    # hoisted out of the loop: the input halves of (1)-(3) for every step in one matrix product
+    input_gates = torch.baddbmm(bias_ih[:, None, :], inputs.flatten(1, 2), weight_ih.transpose(1, 2))  # (D, B*T, 3H)
+    input_gates = input_gates.view(directions, batch_size, max_length, 3 * size).permute(2, 0, 1, 3)  # (T, D, B, 3H)
+    # unbind (not indexing) hands out the steps, so autograd stacks their gradients once instead of T times
+    input_reset_update = input_gates[..., : 2 * size].unbind(0)  # T slices of (D, B, 2H)
+    input_candidate = input_gates[..., 2 * size :].unbind(0)  # T slices of (D, B, H)
+    step_mask = mask.t()[:, None, :, None].unbind(0)  # T slices of (1, B, 1)
+    weight_hh_t, bias_hh = weight_hh.transpose(1, 2), bias_hh[:, None, :]  # (D, H, 3H), (D, 1, 3H)
+    hidden_state = initial_state  # (D, B, H)
+    states, gates, candidates, hidden_candidates = [hidden_state], [], [], []
+    for t in range(max_length):
+        # the hidden halves of (1)-(3), all three gates in one batched matrix product
+        hidden_gates = torch.baddbmm(bias_hh, hidden_state, weight_hh_t)  # (D, B, 3H)
+        hidden_reset_update, hidden_candidate = hidden_gates.split([2 * size, size], dim=-1)
+        # (1), (2): reset and update gates share one sigmoid
+        reset_and_update = torch.sigmoid(input_reset_update[t] + hidden_reset_update)  # (D, B, 2H)
+        reset_gate, update_gate = reset_and_update.chunk(2, dim=-1)  # (D, B, H) each
+        # (3): the reset gate wipes channels of the hidden projection before it joins the input
+        candidate = torch.tanh(torch.addcmul(input_candidate[t], reset_gate, hidden_candidate))  # (D, B, H)
+        # (4): h = n + z (h - n), the update gate mixes candidate and old state; z = 1 copies the state
+        new_state = torch.lerp(candidate, hidden_state, update_gate)  # (D, B, H)
+        # (6): on padding the state stays as it was, so padding never changes a result
+        hidden_state = torch.where(step_mask[t], new_state, hidden_state)
+        states.append(hidden_state)
+        if keep_for_backward:
+            gates.append(reset_and_update)
+            candidates.append(candidate)
+            hidden_candidates.append(hidden_candidate)
+    states = torch.stack(states)  # (T+1, D, B, H): h_0 .. h_T
+    outputs = (states[1:] * mask.t()[:, None, :, None]).permute(1, 2, 0, 3)  # (D, B, T, H), zero on padding
+    if not keep_for_backward:
+        return outputs, hidden_state
+    return outputs, hidden_state, (states, torch.stack(gates), torch.stack(candidates), torch.stack(hidden_candidates))
+
+
+class GRULayerFunction(torch.autograd.Function):
+    """One GRU layer (all its directions) with the backward pass written out: equations (12)-(19) of the README."""
+
+    @staticmethod
+    def forward(ctx, inputs, mask, initial_state, weight_ih, weight_hh, bias_ih, bias_hh):
+        """The same forward as gru_layer_forward, keeping only what the backward reads."""
+        outputs, final_state, (states, gates, candidates, hidden_candidates) = gru_layer_forward(
+            inputs, mask, initial_state, weight_ih, weight_hh, bias_ih, bias_hh, keep_for_backward=True
+        )
+        ctx.save_for_backward(inputs, mask, weight_ih, weight_hh, states, gates, candidates, hidden_candidates)
+        return outputs, final_state
+
+    @staticmethod
+    def backward(ctx, grad_outputs, grad_final_state):
+        """Backpropagation through time for the GRU, from the last step to the first."""
+        inputs, mask, weight_ih, weight_hh, states, gates, candidates, hidden_candidates = ctx.saved_tensors
+        directions, batch_size, max_length, _ = inputs.shape
+        size = weight_hh.shape[-1]
+        previous_states = states[:-1]  # (T, D, B, H): h_{t-1} for each t
+        reset_gate, update_gate = gates.chunk(2, dim=-1)  # (T, D, B, H) each
+        time_mask = mask.t()[:, None, :, None]  # (T, 1, B, 1) bool
+        # (12): the output at t reaches h_t only on real steps
+        grad_outputs = grad_outputs.permute(2, 0, 1, 3) * time_mask  # (T, D, B, H)
+        # (13)-(16) for all steps at once: the factors that turn δh_t into the gate pre-activation gradients
+        candidate_factor = (1 - update_gate) * (1 - candidates * candidates)  # (T, D, B, H): δa_n = δh (1-z)(1-n²)
+        update_factor = (previous_states - candidates) * update_gate * (1 - update_gate)  # δa_z = δh (h-n) z(1-z)
+        reset_factor = candidate_factor * hidden_candidates * reset_gate * (1 - reset_gate)  # δa_r = δa_n ĥ r(1-r)
+        # δ of the hidden projection W_hh h_{t-1} + b_hh, rows [r; z; n]: (δa_r, δa_z, δa_n r)
+        hidden_factors = torch.stack([reset_factor, update_factor, candidate_factor * reset_gate], dim=3)
+        # (T, D, B, 3, H)
+        step_factors = hidden_factors.unbind(0)  # T slices of (D, B, 3, H)
+        step_update, step_output, step_mask = update_gate.unbind(0), grad_outputs.unbind(0), time_mask.unbind(0)
+        masked_grads = torch.empty_like(candidates)  # (T, D, B, H): δh_t on real steps, 0 on padding
+        grad_hidden_gates = torch.empty_like(hidden_factors)  # (T, D, B, 3, H)
+        grad_hidden = grad_final_state  # (D, B, H): δh_t, flowing backwards in time
+        for t in range(max_length - 1, -1, -1):
+            # (12): the gradient from the output at t joins the one from the later steps
+            grad_hidden = grad_hidden + step_output[t]  # (D, B, H)
+            # (6)': on padding h_t = h_{t-1}: the gradient passes through untouched and reaches no gate
+            step_grad = torch.mul(grad_hidden, step_mask[t], out=masked_grads[t])  # (D, B, H)
+            # (13)-(16): the three gate gradients of the hidden projection in one product
+            step_hidden_gates = torch.mul(step_grad[:, :, None, :], step_factors[t], out=grad_hidden_gates[t])
+            # (17): δh_{t-1} = δh_t z_t (the copy path) + δ(W_hh h_{t-1}) W_hh (through the three gates)
+            through_step = torch.baddbmm(step_grad * step_update[t], step_hidden_gates.flatten(2), weight_hh)
+            grad_hidden = torch.where(step_mask[t], through_step, grad_hidden)  # (D, B, H)
+        # (18): the input projection's gradient is the hidden one's except for n, where r does not apply: δa_n
+        grad_hidden_gates = grad_hidden_gates.flatten(3)  # (T, D, B, 3H)
+        grad_input_gates = torch.cat([grad_hidden_gates[..., : 2 * size], masked_grads * candidate_factor], dim=-1)
+        # (19): the weights' gradients are sums over steps and sentences: one batched product each, after the loop
+        grad_input_gates = grad_input_gates.permute(1, 2, 0, 3).reshape(directions, batch_size * max_length, -1)
+        flat_hidden_gates = grad_hidden_gates.transpose(0, 1).reshape(directions, max_length * batch_size, -1)
+        flat_previous = previous_states.transpose(0, 1).reshape(directions, max_length * batch_size, size)
+        grad_weight_hh = torch.bmm(flat_hidden_gates.transpose(1, 2), flat_previous)  # (D, 3H, H)
+        grad_weight_ih = torch.bmm(grad_input_gates.transpose(1, 2), inputs.flatten(1, 2))  # (D, 3H, I)
+        grad_inputs = torch.bmm(grad_input_gates, weight_ih).view(inputs.shape)  # (D, B, T, I)
+        grad_bias_ih, grad_bias_hh = grad_input_gates.sum(1), flat_hidden_gates.sum(1)  # (D, 3H) each
+        return grad_inputs, None, grad_hidden, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh
+
+
 class HandwrittenGRU(nn.Module):
     """torch.nn.GRU written out: same equations, same gate order (r, z, n), same parameter names and shapes.
 
@@ -38,10 +145,14 @@ class HandwrittenGRU(nn.Module):
       (4) h_t = (1 - z_t) * n_t + z_t * h_{t-1}                         new state
     """
 
-    def __init__(self, input_size, hidden_size, num_layers=1, bidirectional=False, dropout=0.0):
+    def __init__(self, input_size, hidden_size, num_layers=1, bidirectional=False, dropout=0.0,
+                 backward="handwritten"):
         super().__init__()
+        if backward not in ("handwritten", "autograd"):
+            raise ValueError(f"backward must be 'handwritten' or 'autograd', not {backward!r}")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bidirectional, self.dropout = bidirectional, dropout
+        self.backward = backward  # "handwritten": GRULayerFunction; "autograd": autograd through the same forward
         self.num_directions = 2 if bidirectional else 1
         self.suffixes = ["", "_reverse"][: self.num_directions]
         for layer in range(num_layers):
@@ -69,47 +180,20 @@ class HandwrittenGRU(nn.Module):
 
     def run_layer(self, layer_input, lengths, mask, initial_state, layer):
         """Run one layer, both directions side by side in one time loop: (B, T, I) -> (B, T, D*H), (D, B, H)."""
-        batch_size, max_length, _ = layer_input.shape
-        size = self.hidden_size
         # the reverse direction reads each sentence backwards; reversing inside the length keeps padding at the end
         direction_inputs = [layer_input]
         if self.bidirectional:
             direction_inputs.append(reverse_within_lengths(layer_input, lengths))
         inputs = torch.stack(direction_inputs)  # (D, B, T, I)
-        weight_ih = self.stacked("weight_ih", layer)  # (D, 3H, I)
-        weight_hh = self.stacked("weight_hh", layer)  # (D, 3H, H)
-        bias_ih, bias_hh = self.stacked("bias_ih", layer), self.stacked("bias_hh", layer)  # (D, 3H)
-        # hoisted out of the loop: the input halves of (1)-(3) for every step in one matrix product
-        input_gates = torch.baddbmm(
-            bias_ih[:, None, :], inputs.flatten(1, 2), weight_ih.transpose(1, 2)
-        )  # (D, B*T, 3H)
-        input_gates = input_gates.view(self.num_directions, batch_size, max_length, 3 * size).permute(2, 0, 1, 3)
-        # unbind (not indexing) hands out the steps, so backward stacks their gradients once instead of T times
-        input_reset_update = input_gates[..., : 2 * size].unbind(0)  # T slices of (D, B, 2H)
-        input_candidate = input_gates[..., 2 * size :].unbind(0)  # T slices of (D, B, H)
-        step_mask = mask.t()[:, None, :, None].unbind(0)  # T slices of (1, B, 1)
-        weight_hh_t, bias_hh = weight_hh.transpose(1, 2), bias_hh[:, None, :]  # (D, H, 3H), (D, 1, 3H)
-        hidden_state = initial_state  # (D, B, H)
-        outputs = []
-        for t in range(max_length):
-            # the hidden halves of (1)-(3), all three gates in one batched matrix product
-            hidden_gates = torch.baddbmm(bias_hh, hidden_state, weight_hh_t)  # (D, B, 3H)
-            hidden_reset_update, hidden_candidate = hidden_gates.split([2 * size, size], dim=-1)
-            # (1), (2): reset and update gates share one sigmoid
-            reset_and_update = torch.sigmoid(input_reset_update[t] + hidden_reset_update)  # (D, B, 2H)
-            reset_gate, update_gate = reset_and_update.chunk(2, dim=-1)  # (D, B, H) each
-            # (3): the reset gate wipes channels of the hidden projection before it joins the input
-            candidate = torch.tanh(torch.addcmul(input_candidate[t], reset_gate, hidden_candidate))  # (D, B, H)
-            # (4): h = n + z (h - n), the update gate mixes candidate and old state; z = 1 copies the state
-            new_state = torch.lerp(candidate, hidden_state, update_gate)  # (D, B, H)
-            # on padding the state stays as it was, so padding never changes a result
-            hidden_state = torch.where(step_mask[t], new_state, hidden_state)
-            outputs.append(hidden_state)
-        outputs = torch.stack(outputs, dim=2) * mask[None, :, :, None]  # (D, B, T, H), zero on padding
-        direction_outputs = [outputs[0]]
+        weights = [self.stacked(name, layer) for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        if self.backward == "handwritten" and torch.is_grad_enabled():
+            outputs, final_state = GRULayerFunction.apply(inputs, mask, initial_state, *weights)
+        else:  # autograd records every operation of the same forward and differentiates it
+            outputs, final_state = gru_layer_forward(inputs, mask, initial_state, *weights)
+        direction_outputs = [outputs[0]]  # (B, T, H)
         if self.bidirectional:
             direction_outputs.append(reverse_within_lengths(outputs[1], lengths))  # back to reading order
-        return torch.cat(direction_outputs, dim=-1), hidden_state  # (B, T, D*H), (D, B, H)
+        return torch.cat(direction_outputs, dim=-1), final_state  # (B, T, D*H), (D, B, H)
 
     def forward(self, inputs, lengths, initial_state=None):
         """inputs (B, T, I), lengths (B,) -> outputs (B, T, D*H) zero on padding, final state (L*D, B, H)."""
@@ -159,6 +243,7 @@ class TaggerConfig:
     dropout: float = 0.2
     output: str = "crf"  # "crf" or "softmax"
     impl: str = "handwritten"  # "handwritten" or "torch"
+    backward: str = "handwritten"  # the hand-written GRU's backward: "handwritten" or "autograd"
 
     def to_dict(self) -> dict:
         """The config as a plain dict (checkpoint-safe)."""
@@ -172,11 +257,13 @@ class Tagger(nn.Module):
         super().__init__()
         if config.output not in ("crf", "softmax") or config.impl not in GRU_IMPLEMENTATIONS:
             raise ValueError(f"unknown output {config.output!r} or impl {config.impl!r}")
+        gru_options = {"backward": config.backward} if config.impl == "handwritten" else {}
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim, padding_idx=0)
         self.gru = GRU_IMPLEMENTATIONS[config.impl](
             config.embedding_dim, config.hidden_size, config.num_layers, bidirectional=True,
             dropout=config.dropout if config.num_layers > 1 else 0.0,  # between stacked layers only
+            **gru_options,
         )
         self.dropout = nn.Dropout(config.dropout)
         self.tag_scores = nn.Linear(2 * config.hidden_size, config.num_tags)

@@ -3,6 +3,7 @@
     python gru/train.py                       # the README's default run
     python gru/train.py --output softmax      # the same without the CRF
     python gru/train.py --impl torch          # torch.nn.GRU instead of the hand-written GRU
+    python gru/train.py --backward autograd   # the hand-written GRU, differentiated by autograd
 """
 
 import argparse
@@ -24,7 +25,7 @@ from gru.corpus import TAGS, build_vocab, collate, load_msra, make_batches  # no
 from gru.model import Tagger, TaggerConfig  # noqa: E402
 from gru.tagging import UserError, entity_scores, load_checkpoint, pick_device, predict, save_atomically  # noqa: E402
 
-MODEL_KEYS = ("embedding_dim", "hidden_size", "num_layers", "dropout", "output", "impl")
+MODEL_KEYS = ("embedding_dim", "hidden_size", "num_layers", "dropout", "output", "impl", "backward")
 
 
 def parse_args(argv=None):
@@ -40,6 +41,9 @@ def parse_args(argv=None):
     parser.add_argument("--dropout", type=float, default=0.2, help="dropout on embeddings and GRU outputs")
     parser.add_argument("--output", choices=["crf", "softmax"], default="crf", help="output layer")
     parser.add_argument("--impl", choices=["handwritten", "torch"], default="handwritten", help="which GRU")
+    parser.add_argument("--backward", choices=["handwritten", "autograd"], default="handwritten",
+                        help="the hand-written GRU's backward: written out (GRULayerFunction) or autograd through "
+                             "the same forward (ignored by --impl torch)")
     parser.add_argument("--min-count", type=int, default=2, help="rarer characters become <unk>")
     parser.add_argument("--validation-size", type=int, default=2500, help="sentences held out of train")
     parser.add_argument("--max-length", type=int, default=100, help="longer sentences are cut at punctuation")
