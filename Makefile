@@ -3,8 +3,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 # A pinned torch is installed before the project, so that `pip install -e .` finds torch already
-# satisfied and never pulls a multi-GB CUDA build. On a GPU machine: make TORCH=torch llm
+# satisfied and pip never picks a torch of its own. TORCH picks the release, TORCH_INDEX the wheel index:
+#   make TORCH_INDEX=https://download.pytorch.org/whl/cpu llm     # PyTorch's CPU-only wheels: no CUDA libraries
+#   make TORCH=torch llm                                           # newest release from PyPI; on Linux it bundles CUDA (GBs)
 TORCH  ?= torch==2.13.0
+TORCH_INDEX ?=
 BIN     = $(VENV)/bin
 
 # `make llm ARGS="--resume"` continues an interrupted run in runs/llm (ARGS go to llm/train.py).
@@ -17,7 +20,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
