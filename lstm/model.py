@@ -12,12 +12,120 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
-class HandwrittenLSTM(nn.Module):
-    """A batch-first multi-layer LSTM with torch.nn.LSTM's parameter names, shapes and gate order (i, f, g, o)."""
+def run_lstm_layer(inputs, valid, hidden, cell, weight_ih, weight_hh, bias_ih, bias_hh, record=None):
+    """Equations (1)-(6) for one layer over (B, T, I): outputs (B, T, H) and the final (h, c), each (B, H).
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0):
+    The same code runs under autograd (`--backward autograd`) and inside LSTMLayerFunction's forward, which passes a
+    list as `record` to keep, for every step, what the hand-written backward needs: the four gates, tanh(c_t), and
+    the states h_{t-1}, c_{t-1} the step started from. `valid` (B, T, 1) is True while step t is inside sequence b.
+    """
+    # W_ih x_t + b for every t in one matrix product, hoisted out of the time loop.
+    input_projection = torch.matmul(inputs, weight_ih.t()) + (bias_ih + bias_hh)  # (B, T, 4H)
+    weight_hh_t = weight_hh.t()  # (H, 4H)
+    outputs = []
+    # unbind, not input_projection[:, t]: its backward stacks once instead of writing T full-size zero tensors.
+    for t, projection_t in enumerate(input_projection.unbind(dim=1)):  # each (B, 4H)
+        # All four gates' pre-activations in one matrix product: eq. (1)-(4) before their nonlinearities.
+        gates = torch.addmm(projection_t, hidden, weight_hh_t)  # (B, 4H)
+        input_gate, forget_gate, candidate, output_gate = gates.chunk(4, dim=1)  # each (B, H)
+        input_gate = torch.sigmoid(input_gate)  # eq. (1): how much of the candidate to write
+        forget_gate = torch.sigmoid(forget_gate)  # eq. (2): how much of the old cell to keep
+        candidate = torch.tanh(candidate)  # eq. (3): what could be written
+        output_gate = torch.sigmoid(output_gate)  # eq. (4): how much of the cell to show
+        # Forget, then write: the cell state is a gated sum, the "constant error carousel". Eq. (5)
+        new_cell = forget_gate * cell + input_gate * candidate  # (B, H)
+        # Output: the hidden state is a gated, squashed view of the cell. Eq. (6)
+        squashed_cell = torch.tanh(new_cell)  # (B, H)
+        new_hidden = output_gate * squashed_cell  # (B, H)
+        if record is not None:
+            record.append((input_gate, forget_gate, candidate, output_gate, squashed_cell, hidden, cell))
+        if valid is not None:  # past a sequence's end the state is frozen and the output zero
+            step_valid = valid[:, t]  # (B, 1)
+            cell = torch.where(step_valid, new_cell, cell)
+            hidden = torch.where(step_valid, new_hidden, hidden)
+            outputs.append(new_hidden * step_valid)
+        else:
+            cell, hidden = new_cell, new_hidden
+            outputs.append(new_hidden)
+    return torch.stack(outputs, dim=1), hidden, cell  # (B, T, H), (B, H), (B, H)
+
+
+class LSTMLayerFunction(torch.autograd.Function):
+    """One LSTM layer through time with a hand-written backward: equations (9)-(11) of the README."""
+
+    @staticmethod
+    def forward(ctx, inputs, valid, hidden, cell, weight_ih, weight_hh, bias_ih, bias_hh):
+        """run_lstm_layer without a graph; keeps the gates, tanh(c_t) and the step-start states for backward."""
+        record = []
+        outputs, final_hidden, final_cell = run_lstm_layer(
+            inputs, valid, hidden, cell, weight_ih, weight_hh, bias_ih, bias_hh, record
+        )
+        # Seven (T, B, H) tensors, time-major so that each step's slice is contiguous.
+        kept = [torch.stack(steps) for steps in zip(*record)]
+        time_valid = None if valid is None else valid.transpose(0, 1).to(inputs.dtype)  # (T, B, 1), 1 or 0
+        ctx.save_for_backward(inputs, time_valid, weight_ih, weight_hh, *kept)
+        return outputs, final_hidden, final_cell
+
+    @staticmethod
+    def backward(ctx, grad_outputs, grad_final_hidden, grad_final_cell):
+        """From the last step to the first: (9) the cell's gradient, (10) the gates', (11) the weights' and inputs'."""
+        inputs, time_valid, weight_ih, weight_hh, *kept = ctx.saved_tensors
+        input_gate, forget_gate, candidate, output_gate, squashed_cell, previous_hidden, previous_cell = kept
+        steps, batch_size, hidden_size = input_gate.shape
+        grad_outputs = grad_outputs.transpose(0, 1)  # (T, B, H)
+        if time_valid is not None:
+            grad_outputs = grad_outputs * time_valid  # an output on padding is a constant zero
+        # The local derivatives, for every step at once: they do not depend on the gradient flowing back.
+        hidden_to_cell = output_gate * (1 - squashed_cell * squashed_cell)  # (6): dh_t/dc_t = o_t (1 - tanh²c_t)
+        gate_derivatives = torch.cat([  # (10): dc_t/dz_i, dc_t/dz_f, dc_t/dz_g and dh_t/dz_o
+            candidate * input_gate * (1 - input_gate),
+            previous_cell * forget_gate * (1 - forget_gate),
+            input_gate * (1 - candidate * candidate),
+            squashed_cell * output_gate * (1 - output_gate),
+        ], dim=2)  # (T, B, 4H)
+        grad_gates = torch.empty_like(gate_derivatives)  # (T, B, 4H): δz_t, filled from the last step back
+        grad_hidden, grad_cell = grad_final_hidden, grad_final_cell  # (B, H) each: δh and δc, flowing back in time
+        for t in range(steps - 1, -1, -1):
+            grad_hidden = grad_hidden + grad_outputs[t]  # δh_t: from the output at t and from step t+1, (11)
+            if time_valid is not None:  # past a sequence's end the state was copied: its gradient passes back as is
+                passed_hidden, passed_cell = grad_hidden * (1 - time_valid[t]), grad_cell * (1 - time_valid[t])
+                grad_hidden, grad_cell = grad_hidden * time_valid[t], grad_cell * time_valid[t]
+            # (9): δc_t = δh_t ⊙ o_t ⊙ (1 - tanh²c_t) + δc_{t+1} ⊙ f_{t+1} (the second term came from step t+1)
+            grad_cell = torch.addcmul(grad_cell, grad_hidden, hidden_to_cell[t])  # (B, H)
+            # (10): the gate pre-activations; i, f and g reach L through c_t, o through h_t
+            torch.mul(torch.cat([grad_cell, grad_cell, grad_cell, grad_hidden], dim=1), gate_derivatives[t],
+                      out=grad_gates[t])  # (B, 4H)
+            # (11): back to step t-1, through W_hh to h_{t-1} and along the cell to c_{t-1}
+            grad_hidden = torch.mm(grad_gates[t], weight_hh)  # (B, H)
+            grad_cell = grad_cell * forget_gate[t]  # (B, H)
+            if time_valid is not None:
+                grad_hidden, grad_cell = grad_hidden + passed_hidden, grad_cell + passed_cell
+        # (11): the weights' gradients are sums over time, so each leaves the loop as one matrix product.
+        flat_grad_gates = grad_gates.view(steps * batch_size, 4 * hidden_size)  # (T*B, 4H)
+        grad_weight_hh = flat_grad_gates.t() @ previous_hidden.reshape(steps * batch_size, hidden_size)  # (4H, H)
+        flat_inputs = inputs.transpose(0, 1).reshape(steps * batch_size, -1)  # (T*B, I)
+        grad_weight_ih = flat_grad_gates.t() @ flat_inputs  # (4H, I)
+        grad_bias = flat_grad_gates.sum(0)  # (4H,): the same for b_ih and b_hh
+        grad_inputs = None
+        if ctx.needs_input_grad[0]:
+            grad_inputs = (flat_grad_gates @ weight_ih).view(steps, batch_size, -1).transpose(0, 1)  # (B, T, I)
+        return grad_inputs, None, grad_hidden, grad_cell, grad_weight_ih, grad_weight_hh, grad_bias, grad_bias
+
+
+class HandwrittenLSTM(nn.Module):
+    """A batch-first multi-layer LSTM with torch.nn.LSTM's parameter names, shapes and gate order (i, f, g, o).
+
+    backward="handwritten" differentiates each layer with LSTMLayerFunction; "autograd" lets autograd record
+    run_lstm_layer step by step, the same forward code, for comparison.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0,
+                 backward: str = "handwritten"):
         super().__init__()
+        if backward not in ("handwritten", "autograd"):
+            raise ValueError(f"unknown backward {backward!r} (handwritten or autograd)")
         self.input_size, self.hidden_size, self.num_layers, self.dropout = input_size, hidden_size, num_layers, dropout
+        self.backward = backward
         for layer in range(num_layers):
             layer_input_size = input_size if layer == 0 else hidden_size
             # The four gates' weights are stacked along the first axis in torch's order: input, forget, cell, output.
@@ -49,42 +157,14 @@ class HandwrittenLSTM(nn.Module):
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
                 layer_input = nn.functional.dropout(layer_input, self.dropout, training=True)
-            layer_output, (hidden, cell) = self._run_layer(layer, layer_input, state[0][layer], state[1][layer], valid)
+            weights = [getattr(self, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            # Without a graph to build (evaluation, sampling) both are the same forward code: run it as it is.
+            handwritten = self.backward == "handwritten" and torch.is_grad_enabled()
+            run = LSTMLayerFunction.apply if handwritten else run_lstm_layer
+            layer_input, hidden, cell = run(layer_input, valid, state[0][layer], state[1][layer], *weights)
             final_hidden.append(hidden)
             final_cell.append(cell)
-            layer_input = layer_output
         return layer_input, (torch.stack(final_hidden), torch.stack(final_cell))
-
-    def _run_layer(self, layer, layer_input, hidden, cell, valid):
-        """One layer through time: the input projection for all steps at once, then the recurrence step by step."""
-        weight_ih, weight_hh = getattr(self, f"weight_ih_l{layer}"), getattr(self, f"weight_hh_l{layer}")
-        bias = getattr(self, f"bias_ih_l{layer}") + getattr(self, f"bias_hh_l{layer}")  # (4H,)
-        # W_ih x_t + b for every t in one matrix product, hoisted out of the time loop.
-        input_projection = torch.matmul(layer_input, weight_ih.t()) + bias  # (B, T, 4H)
-        weight_hh_t = weight_hh.t()  # (H, 4H)
-        outputs = []
-        # unbind, not input_projection[:, t]: its backward stacks once instead of writing T full-size zero tensors.
-        for t, projection_t in enumerate(input_projection.unbind(dim=1)):  # each (B, 4H)
-            # All four gates' pre-activations in one matrix product: eq. (1)-(4) before their nonlinearities.
-            gates = torch.addmm(projection_t, hidden, weight_hh_t)  # (B, 4H)
-            input_gate, forget_gate, candidate, output_gate = gates.chunk(4, dim=1)  # each (B, H)
-            input_gate = torch.sigmoid(input_gate)  # eq. (1): how much of the candidate to write
-            forget_gate = torch.sigmoid(forget_gate)  # eq. (2): how much of the old cell to keep
-            candidate = torch.tanh(candidate)  # eq. (3): what could be written
-            output_gate = torch.sigmoid(output_gate)  # eq. (4): how much of the cell to show
-            # Forget, then write: the cell state is a gated sum, the "constant error carousel". Eq. (5)
-            new_cell = forget_gate * cell + input_gate * candidate  # (B, H)
-            # Output: the hidden state is a gated, squashed view of the cell. Eq. (6)
-            new_hidden = output_gate * torch.tanh(new_cell)  # (B, H)
-            if valid is not None:
-                step_valid = valid[:, t]  # (B, 1)
-                cell = torch.where(step_valid, new_cell, cell)
-                hidden = torch.where(step_valid, new_hidden, hidden)
-                outputs.append(new_hidden * step_valid)
-            else:
-                cell, hidden = new_cell, new_hidden
-                outputs.append(new_hidden)
-        return torch.stack(outputs, dim=1), (hidden, cell)  # (B, T, H), ((B, H), (B, H))
 
 
 class TorchRecurrent(nn.Module):
@@ -105,10 +185,12 @@ class TorchRecurrent(nn.Module):
         return outputs, state  # (B, T, H)
 
 
-def make_recurrent(cell: str, impl: str, input_size: int, hidden_size: int, num_layers: int, dropout: float):
-    """The recurrent core: the hand-written LSTM, torch.nn.LSTM, or the torch.nn.RNN baseline."""
+def make_recurrent(cell: str, impl: str, input_size: int, hidden_size: int, num_layers: int, dropout: float,
+                   backward: str = "handwritten"):
+    """The recurrent core: the hand-written LSTM (with its own backward, or autograd's), torch.nn.LSTM, or the
+    torch.nn.RNN baseline."""
     if cell == "lstm" and impl == "handwritten":
-        return HandwrittenLSTM(input_size, hidden_size, num_layers, dropout)
+        return HandwrittenLSTM(input_size, hidden_size, num_layers, dropout, backward)
     if cell in ("lstm", "rnn") and impl in ("handwritten", "torch"):
         return TorchRecurrent(cell, input_size, hidden_size, num_layers, dropout)
     raise ValueError(f"unknown cell {cell!r} or impl {impl!r}")
@@ -161,13 +243,12 @@ class CharConfig:
 class CharLanguageModel(nn.Module):
     """Embedding -> recurrent core -> linear read-out of the next character's logits."""
 
-    def __init__(self, config: CharConfig):
+    def __init__(self, config: CharConfig, backward: str = "handwritten"):
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.embedding_size)
-        self.recurrent = make_recurrent(
-            config.cell, config.impl, config.embedding_size, config.hidden_size, config.num_layers, config.dropout
-        )
+        self.recurrent = make_recurrent(config.cell, config.impl, config.embedding_size, config.hidden_size,
+                                        config.num_layers, config.dropout, backward)
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
         if config.cell == "lstm":
@@ -227,10 +308,11 @@ class AddingConfig:
 class AddingModel(nn.Module):
     """Reads (value, marker) pairs and predicts the sum of the two marked values from the last hidden state."""
 
-    def __init__(self, config: AddingConfig):
+    def __init__(self, config: AddingConfig, backward: str = "handwritten"):
         super().__init__()
         self.config = config
-        self.recurrent = make_recurrent(config.cell, config.impl, 2, config.hidden_size, config.num_layers, 0.0)
+        self.recurrent = make_recurrent(config.cell, config.impl, 2, config.hidden_size, config.num_layers, 0.0,
+                                        backward)
         self.head = nn.Linear(config.hidden_size, 1)
         if config.cell == "lstm" and config.forget_bias:
             open_forget_gates(self.recurrent, config.hidden_size, config.forget_bias)

@@ -16,6 +16,7 @@ from lstm.model import (
     CharConfig,
     CharLanguageModel,
     HandwrittenLSTM,
+    LSTMLayerFunction,
     TorchRecurrent,
     generate,
     matching_rnn_hidden_size,
@@ -61,10 +62,10 @@ def in_process(capsys):
     return run
 
 
-def copied_pair(input_size, hidden_size, num_layers):
+def copied_pair(input_size, hidden_size, num_layers, backward="handwritten", dtype=torch.float64):
     """torch.nn.LSTM (in the wrapper that packs variable lengths) and a hand-written LSTM with the same weights."""
-    reference = TorchRecurrent("lstm", input_size, hidden_size, num_layers, 0.0).double()
-    handwritten = HandwrittenLSTM(input_size, hidden_size, num_layers).double()
+    reference = TorchRecurrent("lstm", input_size, hidden_size, num_layers, 0.0).to(dtype)
+    handwritten = HandwrittenLSTM(input_size, hidden_size, num_layers, backward=backward).to(dtype)
     handwritten.load_state_dict(reference.recurrent.state_dict())
     return reference, handwritten
 
@@ -83,32 +84,75 @@ def outputs_and_gradients(module, inputs, state, lengths=None):
     return outputs, hidden, cell, gradients
 
 
+TOLERANCES = {torch.float64: 1e-12, torch.float32: 1e-5}  # atol = rtol, per dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("backward", ["handwritten", "autograd"])
 @pytest.mark.parametrize("num_layers", [1, 2])
-def test_handwritten_lstm_matches_torch_outputs_state_and_all_gradients(num_layers):
-    reference, handwritten = copied_pair(5, 7, num_layers)
-    inputs = torch.randn(3, 11, 5, dtype=torch.float64)
-    state = (torch.randn(num_layers, 3, 7, dtype=torch.float64), torch.randn(num_layers, 3, 7, dtype=torch.float64))
+def test_handwritten_lstm_matches_torch_outputs_state_and_all_gradients(num_layers, backward, dtype):
+    reference, handwritten = copied_pair(5, 7, num_layers, backward, dtype)
+    inputs = torch.randn(3, 11, 5, dtype=dtype)
+    state = (torch.randn(num_layers, 3, 7, dtype=dtype), torch.randn(num_layers, 3, 7, dtype=dtype))
     expected = outputs_and_gradients(reference, inputs, state)
     actual = outputs_and_gradients(handwritten, inputs, state)
+    tolerance = TOLERANCES[dtype]
     for want, got in zip(expected[:3], actual[:3]):
-        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
     assert expected[3].keys() == actual[3].keys()
     for name in expected[3]:
-        torch.testing.assert_close(actual[3][name], expected[3][name], msg=f"gradient of {name}")
+        torch.testing.assert_close(actual[3][name], expected[3][name], atol=tolerance, rtol=tolerance,
+                                   msg=f"gradient of {name}")
 
 
-def test_handwritten_lstm_with_variable_lengths_matches_packed_torch_lstm():
-    reference, handwritten = copied_pair(4, 6, 2)
-    inputs = torch.randn(4, 9, 4, dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("backward", ["handwritten", "autograd"])
+def test_handwritten_lstm_with_variable_lengths_matches_packed_torch_lstm(backward, dtype):
+    reference, handwritten = copied_pair(4, 6, 2, backward, dtype)
+    inputs = torch.randn(4, 9, 4, dtype=dtype)
     lengths = torch.tensor([9, 3, 6, 1])
-    state = (torch.zeros(2, 4, 6, dtype=torch.float64), torch.zeros(2, 4, 6, dtype=torch.float64))
+    state = (torch.randn(2, 4, 6, dtype=dtype), torch.randn(2, 4, 6, dtype=dtype))
     expected = outputs_and_gradients(reference, inputs, state, lengths)
     actual = outputs_and_gradients(handwritten, inputs, state, lengths)
+    tolerance = TOLERANCES[dtype]
     for want, got in zip(expected[:3], actual[:3]):
-        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
     assert torch.all(actual[0][1, 3:] == 0), "outputs past a sequence's end are zero, as pad_packed_sequence gives"
     for name in expected[3]:
-        torch.testing.assert_close(actual[3][name], expected[3][name], msg=f"gradient of {name}")
+        torch.testing.assert_close(actual[3][name], expected[3][name], atol=tolerance, rtol=tolerance,
+                                   msg=f"gradient of {name}")
+
+
+def two_layers_of_the_function(lengths, with_initial_state):
+    """A 2-layer LSTM built from LSTMLayerFunction alone, as a function of every tensor gradcheck perturbs."""
+
+    def run(inputs, *tensors):
+        steps = inputs.shape[1]
+        valid = (torch.arange(steps)[None, :] < lengths[:, None]).unsqueeze(-1)  # (B, T, 1)
+        if with_initial_state:
+            hidden, cell, weights = tensors[0], tensors[1], tensors[2:]  # (2, B, H) each, then 2 x 4 weights
+        else:
+            zeros = inputs.new_zeros(2, inputs.shape[0], tensors[1].shape[1])  # weight_hh_l0: (4H, H)
+            hidden, cell, weights = zeros, zeros, tensors
+        outputs, hidden_0, cell_0 = LSTMLayerFunction.apply(inputs, valid, hidden[0], cell[0], *weights[:4])
+        outputs, hidden_1, cell_1 = LSTMLayerFunction.apply(outputs, valid, hidden[1], cell[1], *weights[4:])
+        return outputs, torch.stack([hidden_0, hidden_1]), torch.stack([cell_0, cell_1])
+
+    return run
+
+
+@pytest.mark.parametrize("with_initial_state", [True, False])
+def test_lstm_layer_function_passes_gradcheck_in_float64(with_initial_state):
+    """Input 5, hidden 7, batch 3, lengths 6, 2 and 4 of 6 steps, 2 layers: (9)-(11) against finite differences."""
+    lstm = HandwrittenLSTM(5, 7, 2).double()
+    weights = [parameter.detach().clone().requires_grad_(True) for parameter in lstm.parameters()]
+    inputs = torch.randn(3, 6, 5, dtype=torch.float64, requires_grad=True)
+    state = [torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    tensors = (inputs, *state, *weights) if with_initial_state else (inputs, *weights)
+    function = two_layers_of_the_function(torch.tensor([6, 2, 4]), with_initial_state)
+    # fast_mode compares, for every input and output, a random projection of the Jacobian (one directional
+    # finite difference against one hand-written vector-Jacobian product) instead of all ~1,000 of its columns.
+    assert torch.autograd.gradcheck(function, tensors, atol=1e-8, rtol=1e-6, fast_mode=True)
 
 
 def test_carrying_state_across_calls_equals_one_long_call():
