@@ -44,12 +44,63 @@ class UserError(Exception):
     """A mistake the user can fix: reported as one line on stderr."""
 
 
+def fail(message: str):
+    """End the program with one line on stderr, `error: <message>`, and exit code 1 (no traceback)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def _number(text: str, kind, low: float, low_inclusive: bool, high: float = math.inf, description: str = ""):
+    """Parse `text` as a finite int or float in a range, or raise argparse's one-line error naming the range."""
+    try:
+        value = kind(text)
+        finite = math.isfinite(float(value))
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {description}") from None
+    if not finite or value < low or (value == low and not low_inclusive) or value >= high:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {description}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    return _number(text, int, 1, True, description="a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    return _number(text, int, 0, True, description="a non-negative integer")
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    return _number(text, float, 0.0, False, description="a positive finite number")
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0."""
+    return _number(text, float, 0.0, True, description="a non-negative finite number")
+
+
+def finite_float(text: str) -> float:
+    """Any finite number."""
+    return _number(text, float, -math.inf, True, description="a finite number")
+
+
+def probability(text: str) -> float:
+    """A number in [0, 1)."""
+    return _number(text, float, 0.0, True, 1.0, description="a probability in [0, 1)")
+
+
 def parse_args(argv=None):
     """The command line; the defaults reproduce the README's results table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=["lm", "adding"], default="lm", help="language model, or the adding problem")
     parser.add_argument("--impl", choices=["handwritten", "torch"], default="handwritten",
                         help="the LSTM written in model.py, or torch.nn.LSTM")
+    parser.add_argument("--backward", choices=["handwritten", "autograd"], default="handwritten",
+                        help="--impl handwritten: each layer's backward written out (LSTMLayerFunction), or autograd "
+                             "through the same forward code")
     parser.add_argument("--cell", choices=["lstm", "rnn"], default="lstm",
                         help="lm task: the LSTM, or the tanh RNN baseline sized to the LSTM's parameter count")
     parser.add_argument("--books", nargs="+", default=list(DEFAULT_BOOKS), help="Gutenberg files to train on")
@@ -191,7 +242,7 @@ def train_language_model(args, device: torch.device, out_dir: Path):
     windows_per_epoch = (train_streams.shape[1] - 1) // args.seq_len
     config = language_model_config(args, len(corpus.vocabulary))
     torch.manual_seed(args.seed)
-    model = CharLanguageModel(config).to(device)
+    model = CharLanguageModel(config, args.backward).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     parameter_count = sum(p.numel() for p in model.parameters())
     print(f"{config.cell} ({config.impl}), hidden {config.hidden_size} x {config.num_layers} layers, "
@@ -298,7 +349,7 @@ def train_adding_run(args, device, out_dir: Path, cell: str, length: int) -> dic
     """One model at one length; returns its history of evaluation MSE. Resumable from its own last checkpoint."""
     config = adding_config(args, cell)
     torch.manual_seed(args.seed)
-    model = AddingModel(config).to(device)
+    model = AddingModel(config, args.backward).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.adding_lr)
     generator = torch.Generator().manual_seed(args.seed * 1000 + length)
     evaluation_inputs, evaluation_targets = adding_batch(1000, length, torch.Generator().manual_seed(12345 + length))
