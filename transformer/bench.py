@@ -7,14 +7,17 @@ import argparse
 import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from data import DataError
 from transformer.decoding import beam_search, greedy_decode
 from transformer.model import Transformer, TransformerConfig, scaled_dot_product_attention
 from transformer.prepare import BOS_ID, EOS_ID
-from transformer.train import UserError, load_checkpoint, model_from_checkpoint
+from transformer.runs import UserError, int_in_range, positive_int
+from transformer.train import load_run_checkpoint, model_from_checkpoint
 
 
 def timed(function, repeats: int) -> float:
@@ -94,29 +97,34 @@ def bench_beam(model: Transformer, processor, sentences: list[str], beam_sizes):
         print(f"beam {beam_size}: {per_sentence * 1e3:7.1f} ms per sentence ({len(encoded)} sentences, batch 1)")
 
 
-def main(argv=None):
-    """Run every comparison and print the ratios."""
+def parse_args(argv=None):
+    """Every flag of the benchmark, with the range each one accepts."""
     parser = argparse.ArgumentParser(description="Benchmark the Transformer chapter on this machine.")
     parser.add_argument("--checkpoint", default="runs/transformer/best.pt",
                         help="trained model for decoding and beam search (random weights if missing)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions of each measurement")
-    parser.add_argument("--beam-sentences", type=int, default=40, help="test sentences for the beam timing")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed repetitions of each measurement")
+    parser.add_argument("--beam-sentences", type=positive_int, default=40, help="test sentences for the beam timing")
+    parser.add_argument("--threads", type=int_in_range(0, 1024), default=0,
+                        help="torch CPU threads (0: torch's default)")
+    return parser.parse_args(argv)
+
+
+def benchmark(args):
+    """Run every comparison and print the ratios."""
+    checkpoint = load_run_checkpoint(args.checkpoint) if Path(args.checkpoint).exists() else None
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     torch.manual_seed(0)
     processor = None
-    try:
-        checkpoint = load_checkpoint(args.checkpoint)
+    if checkpoint is not None:
         model = model_from_checkpoint(checkpoint).eval()
         from transformer.prepare import load_tokenizer
 
         processor = load_tokenizer(bytes(checkpoint["tokenizer"].tolist()))
         print(f"decoding with {args.checkpoint}")
-    except UserError as error:
-        print(f"({error}; decoding timings use random weights, beam search is skipped)")
+    else:
+        print(f"({args.checkpoint} does not exist; decoding timings use random weights, beam search is skipped)")
         model = Transformer(TransformerConfig(num_encoder_layers=2, num_decoder_layers=2)).eval()
     config = model.config
     bench_training(config, batch=125, length=12, repeats=args.repeats)
@@ -132,8 +140,13 @@ def main(argv=None):
         bench_beam(model, processor, [source for source, _ in test[::every][: args.beam_sentences]], [1, 2, 4, 8])
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    """Run, turning errors a user can cause (an unreadable checkpoint, missing data) into one line on stderr."""
     try:
-        main()
-    except (UserError, ValueError) as error:
+        benchmark(parse_args(argv))
+    except (UserError, DataError, ValueError) as error:
         sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

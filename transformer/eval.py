@@ -7,6 +7,7 @@
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -17,37 +18,67 @@ import torch
 from data import DataError
 from transformer.decoding import translate
 from transformer.prepare import EOS_ID, load_pairs, load_tokenizer, split_pairs
-from transformer.train import UserError, load_checkpoint, model_from_checkpoint, pick_device
+from transformer.runs import UserError, int_in_range, non_negative_float, non_negative_int, pick_device
+from transformer.train import load_run_checkpoint, model_from_checkpoint
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
 def parse_args(argv=None):
-    """Every flag of the evaluation."""
+    """Every flag of the evaluation, with the range each one accepts."""
     parser = argparse.ArgumentParser(description="Evaluate the English->Spanish Transformer.")
     parser.add_argument("--checkpoint", default="runs/transformer/best.pt", help="checkpoint written by train.py")
     parser.add_argument("--split", choices=["test", "valid"], default="test", help="which held-out split to score")
-    parser.add_argument("--beam-size", type=int, default=4, help="beams of beam search (1: greedy only)")
-    parser.add_argument("--length-penalty", type=float, default=0.6, help="alpha of ((5 + length) / 6) ** alpha")
+    parser.add_argument("--beam-size", type=int_in_range(1, 100), default=4,
+                        help="beams of beam search (1: greedy only)")
+    parser.add_argument("--length-penalty", type=non_negative_float, default=0.6,
+                        help="alpha of ((5 + length) / 6) ** alpha (>= 0)")
     parser.add_argument("--no-greedy", action="store_true", help="skip the greedy decode (beam search only)")
-    parser.add_argument("--limit", type=int, default=0, help="score only the first N pairs (0: all)")
-    parser.add_argument("--batch-size", type=int, default=64, help="sentences decoded together")
-    parser.add_argument("--examples", type=int, default=8, help="rows of the example table")
+    parser.add_argument("--limit", type=non_negative_int, default=0, help="score only the first N pairs (0: all)")
+    parser.add_argument("--batch-size", type=int_in_range(1, 4096), default=64, help="sentences decoded together")
+    parser.add_argument("--examples", type=non_negative_int, default=8, help="rows of the example table")
     parser.add_argument("--heatmap-sentence", default="I don't know what you want me to do.",
                         help="English sentence whose attention is drawn")
     parser.add_argument("--out-dir", default=None, help="where attention.png goes (default: the checkpoint's folder)")
-    parser.add_argument("--translate", default=None, help="translate this English text and exit")
+    parser.add_argument("--translate", default=None,
+                        help="translate this English text (sentence by sentence) and exit")
     parser.add_argument("--attention", choices=["handwritten", "fused"], default=None,
                         help="attention kernel for decoding (default: the one trained with)")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object, nothing else")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     args = parser.parse_args(argv)
-    if args.beam_size < 1 or args.batch_size < 1 or args.limit < 0 or args.examples < 0:
-        raise UserError("--beam-size and --batch-size must be >= 1; --limit and --examples >= 0")
-    if args.translate is not None and not args.translate.strip():
-        raise UserError("--translate needs some English text")
+    for name in ("translate", "heatmap_sentence"):
+        text = getattr(args, name)
+        if text is None:
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"--{name.replace('_', '-')} needs UTF-8 text") from None
+        if not text.strip():
+            raise UserError(f"--{name.replace('_', '-')} needs some English text")
+    if args.out_dir is not None and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise UserError(f"--out-dir {args.out_dir} is a file, not a folder")
     return args
+
+
+def split_sentences(text: str) -> list[str]:
+    """A text -> its sentences (ended by . ! ? or a line break): the model was trained on single sentences."""
+    sentences = re.findall(r"[^.!?\n]+[.!?]*[\"'»”)\]]*", text)
+    return [sentence.strip() for sentence in sentences if sentence.strip(" \t.!?\"'»”)]")]
+
+
+def translate_text(model, processor, text: str, beam_size: int, length_penalty: float, device) -> str:
+    """Translate every sentence of `text` (a longer text would otherwise end at the first sentence's EOS)."""
+    sentences = split_sentences(text) or [text.strip()]
+    limit = model.config.max_len - 1  # positions left after EOS
+    for sentence in sentences:
+        length = len(processor.encode(sentence))
+        if length > limit:
+            raise UserError(f"a sentence of --translate is {length} tokens long; the model reads at most {limit} "
+                            f"(\"{sentence[:40]}...\")")
+    return " ".join(translate(model, processor, sentences, beam_size, length_penalty, device=device))
 
 
 @torch.no_grad()
@@ -95,11 +126,11 @@ def score(hypotheses, references) -> dict:
 def evaluate(args):
     """Decode the split greedily and with beam search, score, and draw the attention of one sentence."""
     device = pick_device(args.device)
-    checkpoint = load_checkpoint(args.checkpoint, device)
+    checkpoint = load_run_checkpoint(args.checkpoint)
     model = model_from_checkpoint(checkpoint, device, args.attention).eval()
     processor = load_tokenizer(bytes(checkpoint["tokenizer"].tolist()))
     if args.translate is not None:
-        print(translate(model, processor, [args.translate], args.beam_size, args.length_penalty, device=device)[0])
+        print(translate_text(model, processor, args.translate, args.beam_size, args.length_penalty, device))
         return
     split = checkpoint["split"]
     pairs = split_pairs(load_pairs(), split["seed"], split["valid_fraction"], split["test_fraction"])[args.split]

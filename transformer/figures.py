@@ -1,15 +1,18 @@
 """Pictures of the sinusoidal positional encoding (eq. 5); needs no training.
 
-    python transformer/figures.py        # writes transformer/assets/positional_encoding.png
+    python transformer/figures.py                           # writes runs/transformer/positional_encoding.png
+    python transformer/figures.py --out transformer/assets  # the README's copy
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import matplotlib
 import torch
 
 from transformer.model import sinusoidal_positional_encoding
+from transformer.runs import int_in_range
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -24,7 +27,7 @@ def plot_positional_encoding(path: Path, max_len: int = 128, d_model: int = 256)
     axes[0].set_ylabel("dimension")
     axes[0].set_title("PE[position, dimension]")
     figure.colorbar(image, ax=axes[0])
-    for dimension in [0, 20, 40, 80, 160]:
+    for dimension in [d for d in [0, 20, 40, 80, 160] if d < d_model]:
         axes[1].plot(encoding[:, dimension], label=f"dim {dimension}")
     axes[1].set_xlabel("position")
     axes[1].set_title("sin curves: lower dimensions turn faster")
@@ -42,14 +45,24 @@ def plot_positional_encoding(path: Path, max_len: int = 128, d_model: int = 256)
     plt.close(figure)
 
 
-def main():
-    """Write the positional-encoding figure."""
+def main(argv=None):
+    """Write the positional-encoding figure into the folder --out names."""
     parser = argparse.ArgumentParser(description="Draw the sinusoidal positional encoding.")
-    parser.add_argument("--out", default="transformer/assets/positional_encoding.png", help="PNG to write")
-    parser.add_argument("--d-model", type=int, default=256, help="width of the encoding")
-    args = parser.parse_args()
-    plot_positional_encoding(Path(args.out), d_model=args.d_model)
-    print(f"wrote {args.out}")
+    parser.add_argument("--out", default="runs/transformer",
+                        help="folder to write positional_encoding.png into (transformer/assets: the README's copy)")
+    parser.add_argument("--d-model", type=int_in_range(2, 8192), default=256, help="width of the encoding (even)")
+    args = parser.parse_args(argv)
+    folder = Path(args.out)
+    if args.d_model % 2:
+        sys.exit(f"error: --d-model must be even, got {args.d_model}")
+    if folder.suffix.lower() == ".png" or (folder.exists() and not folder.is_dir()):
+        sys.exit(f"error: --out names a folder (the figure is written as DIR/positional_encoding.png), not {folder}")
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    if not existing.is_dir():
+        sys.exit(f"error: --out {folder} cannot be created: {existing} is a file")
+    path = folder / "positional_encoding.png"
+    plot_positional_encoding(path, d_model=args.d_model)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

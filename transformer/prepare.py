@@ -12,6 +12,7 @@ import sentencepiece as spm
 import torch
 
 from data import DataError, fetch
+from transformer.runs import int_in_range, seed_int
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -51,19 +52,23 @@ def train_tokenizer(pairs, vocab_size: int, seed: int = 0) -> bytes:
     sentences = [sentence for pair in pairs for sentence in pair]
     random.Random(seed).shuffle(sentences)
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        character_coverage=1.0,
-        pad_id=PAD_ID,
-        unk_id=UNK_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        num_threads=1,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type="bpe",
+            character_coverage=1.0,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            num_threads=1,
+            minloglevel=2,
+        )
+    except RuntimeError as error:  # e.g. more pieces asked for than these sentences can give
+        reason = str(error).split("] ", 1)[-1].split(" Increase vocab_size")[0].strip()
+        raise ValueError(f"--vocab-size {vocab_size}: SentencePiece cannot build this vocabulary ({reason})") from None
     return model.getvalue()
 
 
@@ -116,19 +121,20 @@ def collate(encoded, indices, device="cpu"):
     return source.to(device), target[:, :-1].to(device), target[:, 1:].to(device)
 
 
-def main():
+def main(argv=None):
     """Show the split sizes and one tokenized pair."""
     parser = argparse.ArgumentParser(description="Show the Tatoeba English-Spanish split and the tokenizer.")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split")
-    parser.add_argument("--vocab-size", type=int, default=8000, help="size of the shared BPE vocabulary")
-    args = parser.parse_args()
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed of the split, in [0, 2**32)")
+    parser.add_argument("--vocab-size", type=int_in_range(100, 1_000_000), default=8000,
+                        help="size of the shared BPE vocabulary")
+    args = parser.parse_args(argv)
     try:
         splits = split_pairs(load_pairs(), args.seed)
-    except DataError as error:
+        processor = load_tokenizer(train_tokenizer(splits["train"], args.vocab_size, args.seed))
+    except (DataError, ValueError) as error:
         sys.exit(f"error: {error}")
     for name, split in splits.items():
         print(f"{name:5s}: {len(split):6d} pairs, {len({s for s, _ in split}):6d} distinct English sentences")
-    processor = load_tokenizer(train_tokenizer(splits["train"], args.vocab_size, args.seed))
     english, spanish = splits["train"][12345]
     print(english, "->", processor.encode(english, out_type=str))
     print(spanish, "->", processor.encode(spanish, out_type=str))

@@ -6,6 +6,7 @@
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -29,30 +30,38 @@ from transformer.prepare import (
     token_batches,
     train_tokenizer,
 )
+from transformer.runs import (
+    CheckpointError,
+    StopFlag,
+    UserError,
+    changed_setting,
+    int_in_range,
+    load_checkpoint,
+    non_negative_int,
+    pick_device,
+    positive_float,
+    positive_int,
+    prepare_run_folder,
+    probability,
+    restore_rng_states,
+    rng_states,
+    save_checkpoint,
+    seed_int,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 CHECKPOINT_KIND = "transformer-translation"
 
-
-class UserError(Exception):
-    """A problem the user can fix (bad flag, missing or foreign checkpoint); reported as one line."""
-
-
-def pick_device(name: str) -> torch.device:
-    """--device auto picks CUDA, then MPS, then CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but CUDA is not available")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps asked for, but MPS is not available")
-    return torch.device(name)
+# The settings that define a run: a resume refuses a change of any of them (--seed would re-split the data, so old
+# test pairs would become training pairs). --epochs, --max-steps and --valid-every may change: the learning-rate
+# schedule does not depend on them, so a finished run can be resumed with a larger --epochs.
+FIXED_ON_RESUME = (
+    "max_tokens", "max_len", "vocab_size", "d_model", "num_heads", "encoder_layers", "decoder_layers", "d_ff",
+    "dropout", "pre_norm", "attention", "average_decay", "label_smoothing", "schedule", "warmup_steps", "lr_factor",
+    "lr", "train_fraction", "valid_pairs", "valid_bleu_sentences", "seed",
+)
 
 
 def label_smoothed_cross_entropy(logits, target, smoothing: float, pad_id: int = PAD_ID) -> torch.Tensor:
@@ -104,24 +113,12 @@ class WeightAverage:
         return raw
 
 
-def save_atomically(payload: dict, path: Path):
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a checkpoint."""
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
-
-
-def load_checkpoint(path, device="cpu") -> dict:
-    """Load and check a checkpoint written by this script; raise UserError with a readable reason otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # a truncated or foreign file
-        raise UserError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("kind") != CHECKPOINT_KIND:
-        raise UserError(f"{path} is not a checkpoint of transformer/train.py")
+def load_run_checkpoint(path, required=()) -> dict:
+    """A checkpoint written by this script (on the CPU), or one line saying why the file is not one."""
+    checkpoint = load_checkpoint(path, "transformer", ("kind", "config", "model", "tokenizer", "split", "step",
+                                                       *required))
+    if checkpoint["kind"] != CHECKPOINT_KIND:
+        raise CheckpointError(f"{path} is not a readable transformer checkpoint (it lacks the transformer fields)")
     return checkpoint
 
 
@@ -133,57 +130,69 @@ def model_from_checkpoint(checkpoint: dict, device="cpu", attention: str | None 
     try:
         model = Transformer(TransformerConfig(**config))
         model.load_state_dict(checkpoint["model"])
-    except (TypeError, RuntimeError) as error:
-        raise UserError(f"checkpoint does not match this model: {str(error).splitlines()[0]}") from None
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"checkpoint does not match this model: {str(error).splitlines()[0]}") from None
     return model.to(device)
 
 
-def parse_args(argv=None):
-    """Every flag, with the defaults of the README's results table."""
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag, with the defaults of the README's results table and the range each one accepts."""
     parser = argparse.ArgumentParser(description="Train an English->Spanish Transformer on Tatoeba.")
-    parser.add_argument("--epochs", type=int, default=4, help="number of passes over the training pairs")
-    parser.add_argument("--max-tokens", type=int, default=1500, help="padded tokens per batch (per side)")
-    parser.add_argument("--max-len", type=int, default=64, help="drop training pairs longer than this many tokens")
-    parser.add_argument("--vocab-size", type=int, default=8000, help="shared SentencePiece BPE vocabulary size")
-    parser.add_argument("--d-model", type=int, default=256, help="model width")
-    parser.add_argument("--num-heads", type=int, default=4, help="attention heads")
-    parser.add_argument("--encoder-layers", type=int, default=2, help="encoder layers")
-    parser.add_argument("--decoder-layers", type=int, default=2, help="decoder layers")
-    parser.add_argument("--d-ff", type=int, default=1024, help="feed-forward inner width")
-    parser.add_argument("--dropout", type=float, default=0.1, help="dropout probability")
+    parser.add_argument("--epochs", type=positive_int, default=4,
+                        help="number of passes over the training pairs (may grow on --resume)")
+    parser.add_argument("--max-tokens", type=int_in_range(16, 1_000_000), default=1500,
+                        help="padded tokens per batch (per side)")
+    parser.add_argument("--max-len", type=int_in_range(4, 256), default=64,
+                        help="drop training pairs longer than this many tokens (the model reads at most 256)")
+    parser.add_argument("--vocab-size", type=int_in_range(100, 1_000_000), default=8000,
+                        help="shared SentencePiece BPE vocabulary size")
+    parser.add_argument("--d-model", type=int_in_range(2, 8192), default=256, help="model width (even)")
+    parser.add_argument("--num-heads", type=int_in_range(1, 256), default=4, help="attention heads (divide --d-model)")
+    parser.add_argument("--encoder-layers", type=int_in_range(1, 64), default=2, help="encoder layers")
+    parser.add_argument("--decoder-layers", type=int_in_range(1, 64), default=2, help="decoder layers")
+    parser.add_argument("--d-ff", type=int_in_range(1, 65536), default=1024, help="feed-forward inner width")
+    parser.add_argument("--dropout", type=probability, default=0.1, help="dropout probability, in [0, 1)")
     parser.add_argument("--pre-norm", action="store_true", help="LayerNorm before each sublayer (default: post-norm)")
     parser.add_argument(
         "--attention", choices=["handwritten", "fused"], default="handwritten",
         help="eq. 1 written out, or torch's fused scaled_dot_product_attention",
     )
-    parser.add_argument("--average-decay", type=float, default=0.998,
-                        help="decay of the moving average of the weights that validation and best.pt use (0: off)")
-    parser.add_argument("--label-smoothing", type=float, default=0.1, help="epsilon of label smoothing (0: off)")
+    parser.add_argument("--average-decay", type=probability, default=0.998,
+                        help="decay of the moving average of the weights that validation and best.pt use, in [0, 1) "
+                             "(0: off)")
+    parser.add_argument("--label-smoothing", type=probability, default=0.1,
+                        help="epsilon of label smoothing, in [0, 1) (0: off)")
     parser.add_argument("--schedule", choices=["noam", "constant"], default="noam", help="learning-rate schedule")
-    parser.add_argument("--warmup-steps", type=int, default=400, help="Noam warmup steps")
-    parser.add_argument("--lr-factor", type=float, default=0.7, help="Noam multiplier")
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of --schedule constant")
-    parser.add_argument("--train-fraction", type=float, default=1.0, help="use only this share of training pairs")
-    parser.add_argument("--valid-pairs", type=int, default=0, help="validation pairs for the loss (0: all)")
-    parser.add_argument("--valid-bleu-sentences", type=int, default=500, help="validation pairs decoded for BLEU")
-    parser.add_argument("--valid-every", type=int, default=0, help="also validate every N steps (0: per epoch)")
-    parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in total (0: no cap)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split, tokenizer and initialisation")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--warmup-steps", type=positive_int, default=400, help="Noam warmup steps (>= 1)")
+    parser.add_argument("--lr-factor", type=positive_float, default=0.7, help="Noam multiplier (> 0)")
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate of --schedule constant (> 0)")
+    parser.add_argument("--train-fraction", type=positive_float, default=1.0,
+                        help="use only this share of training pairs, in (0, 1]")
+    parser.add_argument("--valid-pairs", type=non_negative_int, default=0,
+                        help="validation pairs for the loss (0: all)")
+    parser.add_argument("--valid-bleu-sentences", type=positive_int, default=500,
+                        help="validation pairs decoded for BLEU")
+    parser.add_argument("--valid-every", type=non_negative_int, default=0,
+                        help="also validate every N steps (0: per epoch)")
+    parser.add_argument("--max-steps", type=non_negative_int, default=0,
+                        help="stop after this many steps in total (0: no cap)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed of the split, tokenizer and initialisation")
+    parser.add_argument("--threads", type=int_in_range(0, 1024), default=0,
+                        help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--out-dir", default="runs/transformer", help="checkpoints, metrics.jsonl and plots")
     parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run already in OUT_DIR")
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
-    args = parser.parse_args(argv)
-    if args.epochs < 1 or args.max_tokens < 16 or args.vocab_size < 100 or args.max_len < 4:
-        raise UserError("--epochs >= 1, --max-tokens >= 16, --vocab-size >= 100 and --max-len >= 4 are required")
+    return parser
+
+
+def parse_args(argv=None):
+    """The command line, checked: each flag's own range, then the rules that tie two flags together."""
+    args = build_parser().parse_args(argv)
     if args.d_model % args.num_heads or args.d_model % 2:
         raise UserError("--d-model must be even and divisible by --num-heads")
-    if not 0.0 <= args.label_smoothing < 1.0 or not 0.0 <= args.dropout < 1.0:
-        raise UserError("--label-smoothing and --dropout must lie in [0, 1)")
-    if not 0.0 <= args.average_decay < 1.0:
-        raise UserError("--average-decay must lie in [0, 1)")
-    if not 0.0 < args.train_fraction <= 1.0:
+    if args.train_fraction > 1.0:
         raise UserError("--train-fraction must lie in (0, 1]")
     return args
 
@@ -235,16 +244,29 @@ def plot_curves(records: list[dict], path: Path):
     plt.close(figure)
 
 
+def write_records(records: list[dict], path: Path):
+    """Rewrite metrics.jsonl from the records a checkpoint holds (a resumed run continues exactly this log)."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(json.dumps(record) + "\n" for record in records))
+    os.replace(temporary, path)
+
+
 def train(args):
     """The whole run: data, tokenizer, model, epochs of training, validation and checkpoints."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    prepare_run_folder(out_dir, args.resume, args.overwrite)
+    last_path, best_path, metrics_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "metrics.jsonl"
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_run_checkpoint(last_path, ("optimizer", "epoch", "batch_in_epoch", "best_bleu", "records",
+                                                     "train_args"))
+        changed = changed_setting(json.loads(checkpoint["train_args"]), vars(args), FIXED_ON_RESUME)
+        if changed:
+            raise UserError(changed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    checkpoint = load_checkpoint(last_path, device) if args.resume else None
     splits = split_pairs(load_pairs(), args.seed)
     train_pairs = splits["train"]
     if args.train_fraction < 1.0:
@@ -256,6 +278,8 @@ def train(args):
         tokenizer_bytes = train_tokenizer(train_pairs, args.vocab_size, args.seed)
     processor = load_tokenizer(tokenizer_bytes)
     train_encoded = encode_pairs(processor, train_pairs, args.max_len)
+    if not train_encoded:
+        raise UserError("no training pair is left: raise --train-fraction or --max-len")
     valid_pairs = splits["valid"][: args.valid_pairs] if args.valid_pairs else splits["valid"]
     valid_encoded = encode_pairs(processor, valid_pairs, 256)
     print(f"pairs: train {len(splits['train'])}, valid {len(splits['valid'])}, test {len(splits['test'])} "
@@ -266,28 +290,39 @@ def train(args):
     model = Transformer(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9)
     epoch, batch_in_epoch, step, best_bleu, records = 0, 0, 0, -1.0, []
+    # the training loss summed over the steps since the last validation: its mean is the record's train_loss
+    window = {"loss": 0.0, "tokens": 0, "seconds": 0.0}
+    elapsed_before, saved_step = 0.0, None
     average = WeightAverage(model, args.average_decay) if args.average_decay else None
     if checkpoint is not None:
         if checkpoint["config"] != config.to_dict():
             raise UserError(f"{last_path} was trained with another config; use the same flags or another --out-dir")
         if average is not None:
-            if "raw_model" not in checkpoint:
-                raise UserError(f"{last_path} was trained without --average-decay; resume it with --average-decay 0")
-            average.weights, average.updates = checkpoint["model"], checkpoint["average_updates"]
+            average.weights = {name: tensor.to(device) for name, tensor in checkpoint["model"].items()}
+            average.updates = checkpoint["average_updates"]
         model.load_state_dict(checkpoint.get("raw_model", checkpoint["model"]))
         optimizer.load_state_dict(checkpoint["optimizer"])
         epoch, batch_in_epoch = checkpoint["epoch"], checkpoint["batch_in_epoch"]
         step, best_bleu = checkpoint["step"], checkpoint["best_bleu"]
         records = [json.loads(line) for line in checkpoint["records"]]
-        torch.set_rng_state(checkpoint["rng_state"])
+        window.update(checkpoint.get("window", {}))
+        elapsed_before = checkpoint.get("elapsed_seconds", records[-1]["elapsed_seconds"] if records else 0.0)
+        saved_step = step
+        restore_rng_states(checkpoint.get("rng_states") or {"cpu": checkpoint["rng_state"]})
+        write_records(records, metrics_path)  # drops any line logged after this checkpoint was saved
         print(f"resumed from {last_path} after epoch {epoch}, step {step}")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path.write_text("")  # a fresh run starts a fresh log
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {config}")
+    started = time.time()
 
     def payload():
         """Everything --resume and eval.py need, as tensors, dicts, lists, numbers and strings only.
 
         "model" holds the weights eval.py translates with: the moving average when it is on ("raw_model" then
-        keeps the training weights for --resume).
+        keeps the training weights for --resume). The counters, the loss window and the random state are those
+        of the same finished step as the weights.
         """
         weights = {"model": model.state_dict()}
         if average is not None:
@@ -295,82 +330,99 @@ def train(args):
         return {
             "kind": CHECKPOINT_KIND, "config": config.to_dict(), **weights,
             "optimizer": optimizer.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step,
-            "best_bleu": best_bleu,
-            "records": [json.dumps(r) for r in records], "rng_state": torch.get_rng_state(),
+            "best_bleu": best_bleu, "window": dict(window),
+            "elapsed_seconds": round(elapsed_before + time.time() - started, 1),
+            "records": [json.dumps(r) for r in records], "rng_states": rng_states(),
             "tokenizer": torch.tensor(list(tokenizer_bytes), dtype=torch.uint8),
             "split": {"seed": args.seed, "valid_fraction": 0.03, "test_fraction": 0.03},
             "train_args": json.dumps(vars(args)),
         }
 
-    if checkpoint is None:
-        (out_dir / "metrics.jsonl").write_text("")  # a fresh run starts a fresh log
-    model.train()
-    started, elapsed_before = time.time(), (records[-1]["elapsed_seconds"] if records else 0.0)
+    def last_good() -> str:
+        """Which checkpoint a run that diverged leaves as its last good state."""
+        if saved_step is None:
+            return "no checkpoint was written yet"
+        return f"{last_path} (step {saved_step}) holds the last good state"
 
-    def evaluate_and_save():
-        """Validate, log a record, write best/last checkpoints and the curves."""
-        record = {"epoch": round(epoch + batch_in_epoch / len(batches), 3), "step": step,
-                  "train_loss": window_loss / max(window_tokens, 1),
-                  "train_target_tokens_per_s": window_tokens / max(window_seconds, 1e-9)}
+    def evaluate_and_save(batches_in_epoch: int):
+        """Validate, log a record, write best/last checkpoints and the curves; nothing at all if a loss diverged."""
+        nonlocal best_bleu, saved_step
+        record = {"epoch": round(epoch + batch_in_epoch / batches_in_epoch, 3), "step": step,
+                  "train_loss": window["loss"] / max(window["tokens"], 1),
+                  "train_target_tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9)}
         raw = average.swapped_into(model) if average is not None else None
-        record.update(validate(model, valid_encoded, processor, valid_pairs, args, device))
-        if raw is not None:
-            model.load_state_dict(raw)
+        try:
+            record.update(validate(model, valid_encoded, processor, valid_pairs, args, device))
+        finally:
+            if raw is not None:
+                model.load_state_dict(raw)
+        if not math.isfinite(record["valid_loss"]):
+            raise UserError(f"the validation loss is not finite at step {step}; stopped without saving: "
+                            f"{last_good()}")
         record["elapsed_seconds"] = round(elapsed_before + time.time() - started, 1)  # resumed runs add up
         records.append(record)
+        window.update(loss=0.0, tokens=0, seconds=0.0)
         tqdm.write(json.dumps(record))
-        with open(out_dir / "metrics.jsonl", "a") as file:
+        with open(metrics_path, "a") as file:
             file.write(json.dumps(record) + "\n")
-        nonlocal best_bleu
         if record["valid_bleu"] > best_bleu:
             best_bleu = record["valid_bleu"]
-            save_atomically(payload(), best_path)
-        save_atomically(payload(), last_path)
+            save_checkpoint(best_path, payload())
+        save_checkpoint(last_path, payload())
+        saved_step = step
         plot_curves(records, out_dir / "curves.png")
 
+    model.train()
+    stop = StopFlag()
     try:
         while epoch < args.epochs and not (args.max_steps and step >= args.max_steps):
             # the batch order of epoch e depends only on (seed, e), so --resume replays it exactly
             batches = token_batches(train_encoded, args.max_tokens, torch.Generator().manual_seed(args.seed + epoch))
-            window_loss, window_tokens, window_seconds = 0.0, 0, 0.0
             progress = tqdm(total=len(batches), initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
                             disable=args.no_progress)
-            for indices in batches[batch_in_epoch:]:
+            while True:
                 step_start = time.time()
-                source, decoder_input, decoder_target = collate(train_encoded, indices, device)
-                step += 1
+                source, decoder_input, decoder_target = collate(train_encoded, batches[batch_in_epoch], device)
                 for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(step, args)
+                    group["lr"] = learning_rate(step + 1, args)
                 logits = model(source, decoder_input)  # (B, Tt, vocab)
                 loss = label_smoothed_cross_entropy(
                     logits.flatten(0, 1), decoder_target.flatten(), args.label_smoothing
                 )
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise UserError(f"the training loss is not finite at step {step + 1}; stopped without saving: "
+                                    f"{last_good()}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 if average is not None:
                     average.update(model)
                 tokens = int((decoder_target != PAD_ID).sum())
-                window_loss += loss.item() * tokens
-                window_tokens += tokens
-                window_seconds += time.time() - step_start
-                batch_in_epoch += 1
+                window["loss"] += loss_value * tokens
+                window["tokens"] += tokens
+                window["seconds"] += time.time() - step_start
+                step, batch_in_epoch = step + 1, batch_in_epoch + 1  # together: the step is done
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{learning_rate(step, args):.2e}")
-                at_end = batch_in_epoch == len(batches) or (args.max_steps and step >= args.max_steps)
+                progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{learning_rate(step, args):.2e}")
+                if batch_in_epoch == len(batches):
+                    epoch, batch_in_epoch = epoch + 1, 0
+                at_end = batch_in_epoch == 0 or (args.max_steps and step >= args.max_steps)
                 if at_end or (args.valid_every and step % args.valid_every == 0):
-                    if batch_in_epoch == len(batches):
-                        epoch, batch_in_epoch = epoch + 1, 0
-                    evaluate_and_save()
-                    window_loss, window_tokens, window_seconds = 0.0, 0, 0.0
+                    evaluate_and_save(len(batches))
+                # a step boundary: this step is complete and nothing random of the next one is drawn yet
+                if stop.requested:
+                    progress.close()
+                    if saved_step != step:
+                        save_checkpoint(last_path, payload())
+                    print(f"stopped at step {step}; resume with: python transformer/train.py --out-dir {out_dir} "
+                          f"--resume")
+                    return
                 if at_end:
                     break
             progress.close()
-    except KeyboardInterrupt:
-        # --resume skips the batches already trained on: the batch order of an epoch is fixed by (seed, epoch)
-        save_atomically(payload(), last_path)
-        print(f"\ninterrupted: saved {last_path}; continue with --resume", file=sys.stderr)
-        sys.exit(130)
+    finally:
+        stop.close()
     minutes = (time.time() - started) / 60
     print(f"done in {minutes:.1f} min this session; best valid BLEU {best_bleu:.2f}; checkpoints in {out_dir}")
 
@@ -381,6 +433,8 @@ def main(argv=None):
         train(parse_args(argv))
     except (UserError, DataError, ValueError) as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted before the end of a step: nothing was saved since the last checkpoint")
 
 
 if __name__ == "__main__":
