@@ -15,7 +15,7 @@ from data import DataError  # noqa: E402
 from rnn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint  # noqa: E402
 from rnn.metrics import classification_metrics, predict_probabilities  # noqa: E402
 from rnn.names import Alphabet, encode_split, load_pairs, make_batch, stratified_split  # noqa: E402
-from rnn.train import pick_device  # noqa: E402
+from rnn.runs import pick_device  # noqa: E402
 
 
 def parse_arguments(argv=None):
@@ -64,7 +64,10 @@ def plot_confusion(confusion, languages, path):
 def evaluate(arguments):
     """Load the checkpoint, then either predict the given names or score the whole test split."""
     device = pick_device(arguments.device)
-    state = load_checkpoint(arguments.checkpoint, device)
+    out_dir = Path(arguments.out_dir) if arguments.out_dir else Path(arguments.checkpoint).parent
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {out_dir} is a file, not a folder")
+    state = load_checkpoint(arguments.checkpoint)
     model = model_from_checkpoint(state, device, arguments.impl)
     alphabet, languages = Alphabet(state["alphabet"]), state["languages"]
     if arguments.predict:
@@ -74,7 +77,6 @@ def evaluate(arguments):
     test_pairs = stratified_split(load_pairs(), split_seed)["test"]
     character_ids, lengths, labels = encode_split(test_pairs, alphabet, languages)
     scores = classification_metrics(labels, predict_probabilities(model, character_ids, lengths, device))
-    out_dir = Path(arguments.out_dir) if arguments.out_dir else Path(arguments.checkpoint).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_confusion(scores["confusion"], languages, out_dir / "confusion.png")
     majority = labels.bincount().max().item() / len(labels)
@@ -102,8 +104,7 @@ def main(argv=None):
         with torch.no_grad():
             evaluate(arguments)
     except (DataError, CheckpointError, ValueError, OSError) as exception:
-        print(f"error: {exception}", file=sys.stderr)
-        raise SystemExit(1) from None
+        sys.exit(f"error: {exception}")
 
 
 if __name__ == "__main__":
