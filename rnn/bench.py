@@ -1,11 +1,13 @@
 """Forward+backward time of the hand-written RNN (its own BPTT) against torch.nn.RNN, side by side, as ratios."""
 
 import argparse
+import sys
 import time
 
 import torch
 
 from rnn.model import HandwrittenRNN, TorchRNN
+from rnn.runs import pick_device, positive_int
 
 # (batch, length, input size, hidden size, layers, bidirectional); the third row is the issue's target size.
 SIZES = [(64, 20, 64, 64, 1, False), (16, 50, 64, 128, 1, False), (64, 20, 64, 256, 1, False),
@@ -29,12 +31,14 @@ def time_forward_backward(rnn, inputs, lengths, repeats):
 def main(argv=None):
     """Time both implementations on every size, with and without padding, and print the ratios."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=20, help="timed passes per size (the median is reported)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    parser.add_argument("--repeats", type=positive_int, default=20,
+                        help="timed passes per size (the median is reported)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (cuda, then mps, then cpu)")
     arguments = parser.parse_args(argv)
-    if arguments.repeats <= 0:
-        parser.error("--repeats must be positive")
-    device = torch.device(arguments.device)
+    try:
+        device = pick_device(arguments.device)
+    except ValueError as exception:
+        sys.exit(f"error: {exception}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device {device}")
     print(f"{'batch':>5} {'len':>4} {'hidden':>6} {'layers':>6} {'bidir':>5} {'lengths':>8} "
           f"{'hand ms':>8} {'torch ms':>9} {'ratio':>6}")

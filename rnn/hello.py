@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from rnn.model import HandwrittenRNN, TorchRNN
+from rnn.runs import int_in_range, non_negative_int
 
 
 def main(argv=None):
@@ -18,9 +19,9 @@ def main(argv=None):
     parser.add_argument("--source", default="hello", help="input string, read one character per step")
     parser.add_argument("--target", default="elloh", help="output string, same length as --source")
     parser.add_argument("--impl", choices=["handwritten", "torch"], default="handwritten", help="which RNN to use")
-    parser.add_argument("--hidden-size", type=int, default=8, help="size of the hidden state")
-    parser.add_argument("--steps", type=int, default=30, help="optimisation steps")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--hidden-size", type=int_in_range(1, 4096), default=8, help="size of the hidden state")
+    parser.add_argument("--steps", type=int_in_range(1, 100_000), default=30, help="optimisation steps")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
     arguments = parser.parse_args(argv)
     if not arguments.source or len(arguments.source) != len(arguments.target):
         parser.error("--source and --target must be non-empty and of the same length")

@@ -6,6 +6,8 @@ roughly geometrically with the distance. The hand-written BPTT computes every dL
 """
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from rnn.model import HandwrittenRNN  # noqa: E402
+from rnn.runs import int_in_range  # noqa: E402
 
 
 def input_gradient_norms(hidden_size, steps, batch_size, recurrent_gain=None, seed=0):
@@ -34,12 +37,20 @@ def input_gradient_norms(hidden_size, steps, batch_size, recurrent_gain=None, se
 def main(argv=None):
     """Measure both families of curves, print the per-step decay, and draw the PNG."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=60, help="sequence length T")
-    parser.add_argument("--batch-size", type=int, default=64, help="sequences averaged per curve")
-    parser.add_argument("--out", default="rnn/assets/vanishing.png", help="where to write the PNG")
+    parser.add_argument("--steps", type=int_in_range(11, 500), default=60, help="sequence length T, in [11, 500]")
+    parser.add_argument("--batch-size", type=int_in_range(1, 128), default=64,
+                        help="sequences averaged per curve, in [1, 128]")
+    parser.add_argument("--out-dir", default="runs/rnn", help="folder for vanishing.png")
+    parser.add_argument("--out", default=None,
+                        help="write the PNG to this path instead (rnn/assets/vanishing.png is the README's figure)")
     arguments = parser.parse_args(argv)
-    if arguments.steps < 2 or arguments.batch_size < 1:
-        parser.error("--steps must be at least 2 and --batch-size at least 1")
+    out = Path(arguments.out) if arguments.out else Path(arguments.out_dir) / "vanishing.png"
+    if out.suffix.lower() != ".png":
+        parser.error(f"--out {out} must name a .png file")
+    existing = next(parent for parent in (out.parent, *out.parent.parents) if parent.exists())
+    if out.is_dir() or not existing.is_dir():
+        sys.exit(f"error: cannot write {out}: {out if out.is_dir() else existing} is a "
+                 f"{'folder' if out.is_dir() else 'file'}")
     figure, (size_axis, gain_axis) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     print("curve                              |dL/dx| at distance 0, 10, 30   mean factor per step (first 10)")
     curves = [(size_axis, f"hidden {size}, torch default init", size, None) for size in (32, 128, 512)]
@@ -57,9 +68,11 @@ def main(argv=None):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.tight_layout()
-    Path(arguments.out).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(arguments.out, dpi=80)
-    print(f"wrote {arguments.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(out.name + ".tmp")
+    figure.savefig(temporary, dpi=80, format="png")
+    os.replace(temporary, out)  # a reader never sees half a picture
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
