@@ -1,7 +1,11 @@
-"""Time the hand-written GRU against torch.nn.GRU (forward + backward), and the tagger's throughput in characters/s.
+"""Time one GRU layer three ways (forward + backward), and the tagger's throughput in characters/s.
 
-    python gru/bench.py                 # the README's table
+    python gru/bench.py                 # the README's tables
     python gru/bench.py --repeats 3     # quicker, noisier
+    python gru/bench.py --skip-tagging  # only the GRU layer
+
+The three GRUs share their weights: the hand-written GRU with its hand-written backward (GRULayerFunction),
+the same hand-written forward differentiated by autograd, and torch.nn.GRU.
 """
 
 import argparse
@@ -14,22 +18,24 @@ import torch
 from data import DataError
 from gru.corpus import TAGS, build_vocab, load_file
 from gru.model import HandwrittenGRU, Tagger, TaggerConfig, TorchGRU
-from gru.tagging import UserError, pick_device, predict
+from gru.runs import UserError, positive_int
+from gru.tagging import pick_device, predict
 
-# (batch, length, input size, hidden size, bidirectional); the first row is the issue's target size
-GRU_SIZES = [(64, 100, 256, 256, False), (64, 100, 256, 256, True), (32, 45, 128, 128, True), (128, 45, 128, 128, True)]
+# (batch, length, input size, hidden size, bidirectional); the first row is the default tagger's shape: batch 32,
+# MSRA sentences of 45 characters on average, embedding 128, hidden 128 per direction, both directions
+GRU_SIZES = [(32, 45, 128, 128, True), (128, 45, 128, 128, True), (64, 100, 256, 256, False), (64, 100, 256, 256, True)]
+GRUS = ("handwritten", "autograd", "torch")  # GRULayerFunction, autograd through the same forward, torch.nn.GRU
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is kept)")
-    parser.add_argument("--tag-sentences", type=int, default=2000, help="test sentences tagged for throughput")
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="timed runs per measurement (median and range are reported)")
+    parser.add_argument("--tag-sentences", type=positive_int, default=2000, help="test sentences tagged for throughput")
     parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps")
-    args = parser.parse_args(argv)
-    if args.repeats < 1 or args.tag_sentences < 1:
-        raise UserError("--repeats and --tag-sentences must be at least 1")
-    return args
+    parser.add_argument("--skip-tagging", action="store_true", help="time only the GRU layer")
+    return parser
 
 
 def synchronize(device: torch.device) -> None:
@@ -40,17 +46,19 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def seconds_of(device, work, *arguments) -> float:
+    """Wall-clock seconds of one call of work(*arguments)."""
+    synchronize(device)
+    started = time.perf_counter()
+    work(*arguments)
+    synchronize(device)
+    return time.perf_counter() - started
+
+
 def median_seconds(device, repeats: int, work, *arguments) -> float:
     """Median wall-clock seconds of work(*arguments) after one warm-up run."""
     work(*arguments)
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        started = time.perf_counter()
-        work(*arguments)
-        synchronize(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return statistics.median([seconds_of(device, work, *arguments) for _ in range(repeats)])
 
 
 def forward_backward(module, inputs, lengths) -> None:
@@ -59,22 +67,40 @@ def forward_backward(module, inputs, lengths) -> None:
     outputs.sum().backward()
 
 
+def spread(values) -> str:
+    """median [min-max] of a few measurements."""
+    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+
 def bench_gru(device, repeats):
-    """Forward + backward of both GRUs with the same weights, at each size."""
-    print("GRU forward + backward (median of repeats)")
-    print(f"{'batch':>5} {'length':>6} {'input':>5} {'hidden':>6} {'bidir':>5} {'handwritten ms':>14} "
-          f"{'torch ms':>9} {'hand / torch':>12}")
+    """Forward + backward of one GRU layer, three ways with the same weights, at each size.
+
+    Each repeat times the three one after another, in a rotating order, so that a slow moment of the machine
+    hits all three alike; the ratios are taken within a repeat and reported as median [min-max] over repeats.
+    """
+    print(f"GRU layer forward + backward, ms: median [min-max] of {repeats} repeats")
+    print(f"{'batch':>5} {'length':>6} {'input':>5} {'hidden':>6} {'bidir':>5} {'handwritten ms':>24} "
+          f"{'autograd ms':>24} {'torch.nn.GRU ms':>24} {'hand / autograd':>18} {'hand / torch':>18}")
     for batch, length, input_size, hidden_size, bidirectional in GRU_SIZES:
         reference = TorchGRU(input_size, hidden_size, 1, bidirectional).to(device)
-        handwritten = HandwrittenGRU(input_size, hidden_size, 1, bidirectional).to(device)
-        handwritten.load_state_dict(reference.state_dict())
+        modules = {"torch": reference}
+        for backward in ("handwritten", "autograd"):
+            modules[backward] = HandwrittenGRU(input_size, hidden_size, 1, bidirectional, backward=backward).to(device)
+            modules[backward].load_state_dict(reference.state_dict())
         inputs = torch.randn(batch, length, input_size, device=device, requires_grad=True)  # (B, T, I)
         lengths = torch.full((batch,), length)
-
-        hand = median_seconds(device, repeats, forward_backward, handwritten, inputs, lengths)
-        torch_time = median_seconds(device, repeats, forward_backward, reference, inputs, lengths)
-        print(f"{batch:>5} {length:>6} {input_size:>5} {hidden_size:>6} {bidirectional!s:>5} {hand * 1e3:>14.1f} "
-              f"{torch_time * 1e3:>9.1f} {hand / torch_time:>12.2f}")
+        times = {name: [] for name in GRUS}
+        for name in GRUS:  # one warm-up each
+            forward_backward(modules[name], inputs, lengths)
+        for repeat in range(repeats):
+            for name in GRUS[repeat % 3 :] + GRUS[: repeat % 3]:
+                times[name].append(seconds_of(device, forward_backward, modules[name], inputs, lengths))
+        hand_autograd = [hand / other for hand, other in zip(times["handwritten"], times["autograd"])]
+        hand_torch = [hand / other for hand, other in zip(times["handwritten"], times["torch"])]
+        milliseconds = {name: spread([1e3 * value for value in times[name]]) for name in GRUS}
+        print(f"{batch:>5} {length:>6} {input_size:>5} {hidden_size:>6} {bidirectional!s:>5} "
+              f"{milliseconds['handwritten']:>24} {milliseconds['autograd']:>24} {milliseconds['torch']:>24} "
+              f"{spread(hand_autograd):>18} {spread(hand_torch):>18}")
 
 
 def bench_tagging(device, repeats, sentence_count):
@@ -96,11 +122,12 @@ def bench_tagging(device, repeats, sentence_count):
 def main(argv=None) -> int:
     """Run both benchmarks; user errors become one line on stderr."""
     try:
-        args = parse_args(argv)
+        args = build_parser().parse_args(argv)
         device = pick_device(args.device)
         print(f"device {device}, {torch.get_num_threads()} thread(s)")
         bench_gru(device, args.repeats)
-        bench_tagging(device, args.repeats, args.tag_sentences)
+        if not args.skip_tagging:
+            bench_tagging(device, args.repeats, args.tag_sentences)
     except (UserError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -1,6 +1,6 @@
 """Score a trained tagger on the MSRA test set (entity-level, strict), or tag a sentence of your own.
 
-    python gru/eval.py                                   # per-type P/R/F1, confusion table of tags
+    python gru/eval.py                                   # per-type P/R/F1, confusion table and picture of tags
     python gru/eval.py --json                            # the metrics as one JSON object
     python gru/eval.py --tag "中国人民银行行长在北京发表讲话"   # the entities found, as spans with types
 """
@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from data import DataError  # noqa: E402
 from gru.corpus import load_file  # noqa: E402
+from gru.runs import non_negative_int, positive_int  # noqa: E402
 from gru.tagging import (  # noqa: E402
     UserError,
     entity_scores,
@@ -29,20 +30,19 @@ from gru.tagging import (  # noqa: E402
 )
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="runs/gru/best.pt", help="checkpoint written by train.py")
     parser.add_argument("--tag", default=None, help="tag this text instead of scoring the test set")
     parser.add_argument("--json", action="store_true", help="print the test metrics as one JSON object")
-    parser.add_argument("--max-length", type=int, default=100, help="longer texts are cut at punctuation")
-    parser.add_argument("--confusion-png", default=None, help="also draw the tag confusion matrix to this PNG")
-    parser.add_argument("--limit", type=int, default=0, help="score only the first N test sentences (0: all)")
+    parser.add_argument("--max-length", type=positive_int, default=100, help="longer texts are cut at punctuation")
+    parser.add_argument("--confusion-png", default=None,
+                        help="where to draw the tag confusion matrix (default: confusion.png beside the checkpoint)")
+    parser.add_argument("--limit", type=non_negative_int, default=0,
+                        help="score only the first N test sentences (0: all)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    args = parser.parse_args(argv)
-    if args.max_length < 1 or args.limit < 0:
-        raise UserError("--max-length must be at least 1 and --limit not negative")
-    return args
+    return parser
 
 
 def confusion_table(gold, predicted, tags) -> list[list[int]]:
@@ -82,9 +82,9 @@ def draw_confusion(counts, tags, path: Path) -> None:
 def main(argv=None) -> int:
     """Tag a text or score the test set; user errors become one line on stderr."""
     try:
-        args = parse_args(argv)
+        args = build_parser().parse_args(argv)
         device = pick_device(args.device)
-        checkpoint = load_checkpoint(Path(args.checkpoint), device)
+        checkpoint = load_checkpoint(Path(args.checkpoint), "gru")
         model = tagger_from_checkpoint(checkpoint, device)
         vocab, tags = checkpoint["vocab"], checkpoint["tags"]
         char_to_id = {char: i for i, char in enumerate(vocab)}
@@ -120,8 +120,9 @@ def main(argv=None) -> int:
         print(f"token accuracy {scores['token_accuracy']:.4f} (high even for a tagger that finds no entity)")
         counts = confusion_table(gold, predicted, tags)
         print_confusion(counts, tags)
-        if args.confusion_png:
-            draw_confusion(counts, tags, Path(args.confusion_png))
+        picture = Path(args.confusion_png) if args.confusion_png else Path(args.checkpoint).parent / "confusion.png"
+        draw_confusion(counts, tags, picture)
+        print(f"confusion matrix drawn to {picture}")
     except (UserError, DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -1,58 +1,35 @@
 """What train.py and eval.py share: the device, checkpoints, tagging sentences, entity-level scores."""
 
-import os
-from pathlib import Path
-
 import torch
 from seqeval.metrics import classification_report
 from seqeval.scheme import IOBES
 
 from gru.corpus import collate, make_batches, split_points, tags_to_spans
 from gru.model import Tagger, TaggerConfig
-
-
-class UserError(Exception):
-    """A mistake the user can fix (bad flag, missing file); the CLI prints it as one line."""
+from gru.runs import UserError, load_checkpoint  # noqa: F401 (eval.py and bench.py import them from here)
 
 
 def pick_device(name: str) -> torch.device:
-    """--device auto picks CUDA, then MPS, then the CPU."""
+    """--device auto picks CUDA, then MPS, then the CPU; a device that is not there is a UserError."""
+    mps_available = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available else "cpu")
     if name not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device must be auto, cpu, cuda or mps, not {name!r}")
+    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not mps_available):
+        raise UserError(f"--device {name} is not available on this machine")
     return torch.device(name)
 
 
-def save_atomically(payload: dict, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a checkpoint."""
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
-
-
-def load_checkpoint(path: Path, device: torch.device) -> dict:
-    """A checkpoint dict loaded with weights_only=True, or a UserError saying why it cannot be."""
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found (train one with: python gru/train.py)")
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # a truncated or foreign file: say so in one line
-        raise UserError(f"checkpoint {path} could not be read ({type(error).__name__})") from error
-    if not isinstance(checkpoint, dict) or not {"model", "config", "vocab", "tags"} <= checkpoint.keys():
-        raise UserError(f"{path} is not a gru/train.py checkpoint")
-    return checkpoint
-
-
 def tagger_from_checkpoint(checkpoint: dict, device: torch.device) -> Tagger:
-    """Rebuild the tagger saved in a checkpoint, in eval mode."""
-    model = Tagger(TaggerConfig(**checkpoint["config"])).to(device)
-    model.load_state_dict(checkpoint["model"])
-    return model.eval()
+    """Rebuild the tagger saved in a checkpoint (loaded on the CPU), in eval mode, on `device`."""
+    try:
+        model = Tagger(TaggerConfig(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError) as error:
+        reason = str(error).splitlines()[0][:100]
+        raise UserError(f"the checkpoint's weights do not fit its config ({reason})") from None
+    return model.to(device).eval()
 
 
 def predict(model, sentences, char_to_id, tags, device, batch_size=256) -> list[list[str]]:
