@@ -249,16 +249,17 @@ BAD_FLAGS = {
 }
 
 
-@pytest.mark.parametrize("entry", BAD_FLAGS, ids=lambda entry: entry.__module__)
-def test_every_numeric_flag_refuses_values_out_of_its_range(entry, tmp_path, capsys):
-    writes_a_folder = entry in (rnn_train.parse_arguments, vanishing.main)
-    for flag, values in BAD_FLAGS[entry].items():
-        for value in values:
-            with pytest.raises(SystemExit) as exit_status:
-                entry([flag, value, *(["--out-dir", str(tmp_path / "run")] if writes_a_folder else [])])
-            assert exit_status.value.code == 2, (flag, value)
-            errors = capsys.readouterr().err
-            assert flag in errors and "Traceback" not in errors, (flag, value)
+def test_every_numeric_flag_of_every_cli_refuses_values_out_of_its_range(tmp_path, capsys):
+    where = {rnn_train.parse_arguments: ["--out-dir", str(tmp_path / "run")],
+             vanishing.main: ["--out", str(tmp_path / "run" / "vanishing.png")]}
+    for entry, flags in BAD_FLAGS.items():
+        for flag, values in flags.items():
+            for value in values:
+                with pytest.raises(SystemExit) as exit_status:
+                    entry([flag, value, *where.get(entry, [])])
+                assert exit_status.value.code == 2, (entry.__module__, flag, value)
+                errors = capsys.readouterr().err
+                assert flag in errors and "Traceback" not in errors, (entry.__module__, flag, value)
     assert not (tmp_path / "run").exists()
 
 
