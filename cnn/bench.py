@@ -16,20 +16,21 @@ import torch.nn.functional as F
 from cnn import layers
 from cnn.mnist import MnistError, load_split
 from cnn.model import CNNConfig, build_model, manual_forward_backward, sgd_momentum_update
+from cnn.runs import int_in_range, positive_int
 from data import DataError
 
 
 def parse_arguments(argv=None):
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=128, help="batch size of the layer timings and the epoch")
-    parser.add_argument("--repeats", type=int, default=20, help="timed repetitions per layer (the median is shown)")
-    parser.add_argument("--epoch-images", type=int, default=55000, help="training images in the timed epoch (0: skip)")
+    parser.add_argument("--batch-size", type=int_in_range(1, 55000), default=128,
+                        help="batch size of the layer timings and the epoch")
+    parser.add_argument("--repeats", type=positive_int, default=20,
+                        help="timed repetitions per layer (the median is shown)")
+    parser.add_argument("--epoch-images", type=int_in_range(0, 55000), default=55000,
+                        help="training images in the timed epoch (0: skip)")
     parser.add_argument("--json", action="store_true", help="also print all timings as one JSON object")
-    arguments = parser.parse_args(argv)
-    if arguments.batch_size < 1 or arguments.repeats < 1 or arguments.epoch_images < 0:
-        parser.error("--batch-size and --repeats must be at least 1, --epoch-images not negative")
-    return arguments
+    return parser.parse_args(argv)
 
 
 def median_milliseconds(function, repeats):

@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from cnn.mnist import PIXEL_MEAN, PIXEL_STD, MnistError, load_split  # noqa: E402
 from cnn.model import CNNConfig, build_model  # noqa: E402
-from cnn.train import evaluate, load_checkpoint, pick_device  # noqa: E402
+from cnn.runs import UserError, non_negative_int, pick_device  # noqa: E402
+from cnn.train import evaluate, load_run_checkpoint  # noqa: E402
 from data import DataError  # noqa: E402
 
 
@@ -22,27 +23,27 @@ def parse_arguments(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", default="runs/cnn/best.pt", help="checkpoint written by train.py")
     parser.add_argument("--figures-dir", default=None, help="where the PNGs go (default: the checkpoint's folder)")
-    parser.add_argument("--test-images", type=int, default=0, help="use only the first N test images (0: all 10,000)")
+    parser.add_argument("--test-images", type=non_negative_int, default=0,
+                        help="use only the first N test images (0: all 10,000)")
     parser.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files (default: data helper)")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     arguments = parser.parse_args(argv)
-    if arguments.test_images < 0:
-        parser.error("--test-images must not be negative")
+    figures = arguments.figures_dir
+    if figures is not None and Path(figures).exists() and not Path(figures).is_dir():
+        parser.error(f"--figures-dir {figures} is a file, not a folder")
     return arguments
 
 
 def load_model(path, device):
     """Rebuild the network a checkpoint describes and load its weights."""
-    checkpoint = load_checkpoint(Path(path), device)
-    settings = checkpoint.get("run_settings") if isinstance(checkpoint, dict) else None
-    if not settings or "model" not in checkpoint:
-        raise ValueError(f"{path} is not a checkpoint written by cnn/train.py")
-    model = build_model(CNNConfig(**settings["config"]), settings["impl"]).to(device)
+    checkpoint = load_run_checkpoint(Path(path))
+    settings = checkpoint["run_settings"]
     try:
+        model = build_model(CNNConfig(**settings["config"]), settings["impl"]).to(device)
         model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        raise ValueError(f"{path} does not fit the network it describes: {str(error).splitlines()[0]}") from None
+    except (TypeError, KeyError, ValueError, RuntimeError) as error:
+        raise UserError(f"{path} does not fit the network it describes: {str(error).splitlines()[0]}") from None
     return model.eval(), settings
 
 
@@ -100,9 +101,8 @@ def main(argv=None):
         device = pick_device(arguments.device)
         model, settings = load_model(arguments.checkpoint, device)
         images, labels = load_split("test", arguments.data_dir, arguments.test_images)
-    except (DataError, MnistError, FileNotFoundError, ValueError) as error:
-        print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
-        sys.exit(1)
+    except (UserError, DataError, MnistError, ValueError) as error:
+        sys.exit(f"error: {str(error).strip().splitlines()[0]}")
     images, labels = images.to(device), labels.to(device)
     test_loss, test_accuracy = evaluate(model, images, labels)
     with torch.no_grad():

@@ -17,11 +17,35 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from cnn.mnist import MnistError, load_split, random_shift  # noqa: E402
 from cnn.model import CNNConfig, build_model, manual_forward_backward, sgd_momentum_update  # noqa: E402
+from cnn.runs import (  # noqa: E402
+    StopFlag,
+    UserError,
+    changed_setting,
+    int_in_range,
+    load_checkpoint,
+    non_negative_float,
+    non_negative_int,
+    pick_device,
+    positive_float,
+    positive_int,
+    prepare_run_folder,
+    probability,
+    restore_rng_states,
+    rng_states,
+    save_checkpoint,
+    seed_int,
+)
 from data import DataError  # noqa: E402
 
+# The settings that define a run: a resume refuses a change of any of them (--epochs too: the cosine schedule ends
+# at the last step of the last epoch). --device and --data-dir may change.
+FIXED_ON_RESUME = ("impl", "backprop", "conv_backward", "epochs", "batch_size", "lr", "warmup_steps", "momentum",
+                   "weight_decay", "dropout", "pooling", "augment_shift", "train_images", "validation_images",
+                   "log_every", "seed")
 
-def parse_arguments(argv=None):
-    """The command line; the defaults reproduce the README's results table."""
+
+def build_parser():
+    """Every flag, with the range each one accepts; the defaults reproduce the README's results table."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--impl", default="handwritten", choices=["handwritten", "torch"],
                         help="hand-written layers (layers.py) or the torch.nn reference")
@@ -30,54 +54,40 @@ def parse_arguments(argv=None):
                              "the hand-written backward chained by model.manual_forward_backward (handwritten only)")
     parser.add_argument("--conv-backward", default="col2im", choices=["col2im", "rot180"],
                         help="how the hand-written conv computes dJ/da: im2col order or the literal rot180 form")
-    parser.add_argument("--epochs", type=int, default=5, help="passes over the 55,000 training images")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per SGD step")
-    parser.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine decay to 0)")
-    parser.add_argument("--warmup-steps", type=int, default=100, help="steps of linear learning-rate warm-up")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum mu")
-    parser.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay lambda")
-    parser.add_argument("--dropout", type=float, default=0.5, help="dropout probability before the last layer")
+    parser.add_argument("--epochs", type=positive_int, default=5, help="passes over the 55,000 training images")
+    parser.add_argument("--batch-size", type=int_in_range(1, 55000), default=128, help="images per SGD step")
+    parser.add_argument("--lr", type=positive_float, default=0.05, help="peak learning rate (cosine decay to 0)")
+    parser.add_argument("--warmup-steps", type=non_negative_int, default=100,
+                        help="steps of linear learning-rate warm-up")
+    parser.add_argument("--momentum", type=probability, default=0.9, help="SGD momentum mu, in [0, 1)")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=5e-4, help="L2 weight decay lambda")
+    parser.add_argument("--dropout", type=probability, default=0.5,
+                        help="dropout probability before the last layer, in [0, 1)")
     parser.add_argument("--pooling", default="max", choices=["max", "avg"], help="max or average pooling")
-    parser.add_argument("--augment-shift", type=int, default=2, help="random shift of up to this many pixels (0: off)")
-    parser.add_argument("--train-images", type=int, default=0, help="use only the first N training images (0: all)")
-    parser.add_argument("--validation-images", type=int, default=0, help="use only N validation images (0: all 5,000)")
-    parser.add_argument("--log-every", type=int, default=50, help="steps between training-loss records")
+    parser.add_argument("--augment-shift", type=int_in_range(0, 14), default=2,
+                        help="random shift of up to this many pixels (0: off)")
+    parser.add_argument("--train-images", type=non_negative_int, default=0,
+                        help="use only the first N training images (0: all)")
+    parser.add_argument("--validation-images", type=non_negative_int, default=0,
+                        help="use only N validation images (0: all 5,000)")
+    parser.add_argument("--log-every", type=positive_int, default=50, help="steps between training-loss records")
     parser.add_argument("--data-dir", default=None,
                         help="folder with the four MNIST IDX files (default: fetched by the data helper)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation, shuffling and dropout")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed of the initialisation, shuffling and dropout")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     parser.add_argument("--out-dir", default="runs/cnn", help="folder for checkpoints, metrics.jsonl and plots")
-    parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/last.pt")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run already in OUT_DIR")
+    return parser
+
+
+def parse_arguments(argv=None):
+    """The command line, checked: each flag's own range, then the rules that tie two flags together."""
+    parser = build_parser()
     arguments = parser.parse_args(argv)
-    for name in ["epochs", "batch_size", "log_every"]:
-        if getattr(arguments, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ["lr", "momentum", "weight_decay", "augment_shift", "train_images", "validation_images",
-                 "warmup_steps"]:
-        if getattr(arguments, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must not be negative")
-    if not 0 <= arguments.dropout < 1:
-        parser.error("--dropout must be in [0, 1)")
     if arguments.backprop == "manual" and arguments.impl != "handwritten":
         parser.error("--backprop manual needs --impl handwritten")
     return arguments
-
-
-def pick_device(name):
-    """Resolve --device auto to cuda, then mps, then cpu."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
-        raise ValueError(f"unknown device {name!r} (choose auto, cpu, cuda or mps)")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("--device mps: no MPS device is available")
-    return torch.device(name)
 
 
 def learning_rate_at(step, total_steps, peak, warmup_steps):
@@ -103,21 +113,9 @@ def evaluate(model, images, labels, batch_size=1000):
     return total_loss / images.shape[0], correct / images.shape[0]
 
 
-def save_checkpoint(path, state):
-    """torch.save to a temporary file beside `path`, then rename: an interrupted save never corrupts `path`."""
-    temporary = path.with_suffix(".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
-
-
-def load_checkpoint(path, device):
-    """torch.load with weights_only=True; an unreadable file becomes a ValueError with one clear line."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # a truncated or foreign file: pickle, zip and torch errors alike
-        raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__})") from None
+def load_run_checkpoint(path, required=()) -> dict:
+    """A checkpoint written by this script (on the CPU), or one line saying why the file is not one."""
+    return load_checkpoint(path, "cnn", ("model", "run_settings", *required))
 
 
 def momentum_buffers(optimizer):
@@ -151,11 +149,27 @@ def plot_curves(records, path):
     plt.close(figure)
 
 
+def write_records(records, path):
+    """Rewrite metrics.jsonl from the records a checkpoint holds (a resumed run continues exactly this log)."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(json.dumps(record) + "\n" for record in records))
+    os.replace(temporary, path)
+
+
 def train(arguments):
-    """The training loop; returns the final metrics record."""
+    """The training loop; returns the last epoch's metrics record."""
     device = pick_device(arguments.device)
     out_dir = Path(arguments.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_run_folder(out_dir, arguments.resume, arguments.overwrite)
+    last_path, best_path, metrics_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "metrics.jsonl"
+    checkpoint = None
+    if arguments.resume:
+        checkpoint = load_run_checkpoint(last_path, ("optimizer", "epoch", "batch_in_epoch", "arguments",
+                                                     "best_validation_accuracy", "torch_rng_state",
+                                                     "augment_rng_state"))
+        changed = changed_setting(checkpoint["arguments"], vars(arguments), FIXED_ON_RESUME)
+        if changed:
+            raise UserError(changed)
     config = CNNConfig(dropout=arguments.dropout, pooling=arguments.pooling)
     train_images, train_labels = load_split("train", arguments.data_dir, arguments.train_images)
     validation_images, validation_labels = load_split("validation", arguments.data_dir, arguments.validation_images)
@@ -168,58 +182,80 @@ def train(arguments):
     steps_per_epoch = math.ceil(train_images.shape[0] / arguments.batch_size)
     total_steps = steps_per_epoch * arguments.epochs
     run_settings = {"impl": arguments.impl, "config": config.to_dict()}
-    start_epoch, start_batch, best_accuracy = 0, 0, -1.0
+    epoch, batch_in_epoch, best_accuracy, records, saved_step = 0, 0, -1.0, [], None
+    # what the records sum up: the running training loss (logged every --log-every steps) and the epoch's accuracy
+    # and seconds (logged every epoch); saved with the weights, so that a resumed run logs the same numbers
+    sums = {"loss": 0.0, "loss_images": 0, "correct": 0, "seen": 0, "epoch_seconds": 0.0}
     torch.manual_seed(arguments.seed)
     augment_generator = torch.Generator().manual_seed(arguments.seed + 1)
-
-    last_path = out_dir / "last.pt"
-    if arguments.resume:
-        if not last_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {last_path}")
-        checkpoint = load_checkpoint(last_path, device)
-        if checkpoint.get("run_settings") != run_settings:
-            raise ValueError(f"--resume: {last_path} was trained with {checkpoint.get('run_settings')}, "
-                             f"not {run_settings}")
+    if checkpoint is not None:
+        if checkpoint["run_settings"] != run_settings:
+            raise UserError(f"--resume: {last_path} was trained with {checkpoint['run_settings']}, not {run_settings}")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        start_epoch, start_batch = checkpoint["epoch"], checkpoint["batch_in_epoch"]
+        epoch, batch_in_epoch = checkpoint["epoch"], checkpoint["batch_in_epoch"]
         best_accuracy = checkpoint["best_validation_accuracy"]
-        torch.set_rng_state(checkpoint["torch_rng_state"])
+        saved_step = epoch * steps_per_epoch + batch_in_epoch
+        if "records" in checkpoint:
+            records = checkpoint["records"]
+        elif metrics_path.exists():  # a checkpoint from before records were kept in it: the log up to its step
+            lines = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+            records = [record for record in lines if record["step"] <= saved_step]
+        sums.update(checkpoint.get("sums", {}))
+        saved_rng = checkpoint["torch_rng_state"]
+        restore_rng_states(saved_rng if isinstance(saved_rng, dict) else {"cpu": saved_rng})
         augment_generator.set_state(checkpoint["augment_rng_state"])
-        print(f"resumed from {last_path} at epoch {start_epoch + 1}, batch {start_batch}")
-    elif (out_dir / "metrics.jsonl").exists():
-        (out_dir / "metrics.jsonl").unlink()
+        write_records(records, metrics_path)  # drops any line logged after this checkpoint was saved
+        print(f"resumed from {last_path} at epoch {epoch + 1}, batch {batch_in_epoch}")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path.write_text("")  # a fresh run starts a fresh log
 
-    def state(epoch, batch_in_epoch):
-        """Everything a checkpoint holds (tensors, dicts, numbers, strings only)."""
+    def state():
+        """Everything a checkpoint holds (tensors, dicts, lists, numbers, strings only), all of one finished step."""
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "run_settings": run_settings,
                 "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_validation_accuracy": best_accuracy,
-                "torch_rng_state": torch.get_rng_state(), "augment_rng_state": augment_generator.get_state(),
+                "records": list(records), "sums": dict(sums, epoch_seconds=epoch_seconds()),
+                "torch_rng_state": rng_states(), "augment_rng_state": augment_generator.get_state(),
                 "arguments": vars(arguments)}
 
-    records = []
-    metrics_path = out_dir / "metrics.jsonl"
-    if arguments.resume and metrics_path.exists():
-        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    def epoch_seconds():
+        return sums["epoch_seconds"] + time.time() - session_start
+
+    def last_good():
+        """Which checkpoint a run that diverged leaves as its last good state."""
+        if saved_step is None:
+            return "no checkpoint was written yet"
+        return f"{last_path} (step {saved_step}) holds the last good state"
+
+    def log(record):
+        records.append(record)
+        with metrics_path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+
+    def stop_here():
+        nonlocal saved_step
+        step = epoch * steps_per_epoch + batch_in_epoch
+        if saved_step != step:
+            save_checkpoint(last_path, state())
+        print(f"stopped at step {step}; resume with: python cnn/train.py --out-dir {out_dir} --resume")
+
+    record = next((r for r in reversed(records) if r["kind"] == "epoch"), {})
+    if epoch >= arguments.epochs:
+        print(f"{last_path} has already trained {epoch} of {arguments.epochs} epochs; nothing to do")
     model.train()
-    epoch_records = [r for r in records if r["kind"] == "epoch"]
-    epoch, completed_batches, record = start_epoch, start_batch, epoch_records[-1] if epoch_records else {}
-    if start_epoch >= arguments.epochs:
-        print(f"{last_path} has already trained {start_epoch} of {arguments.epochs} epochs; nothing to do")
+    stop = StopFlag()
     try:
-        for epoch in range(start_epoch, arguments.epochs):
-            epoch_start = time.time()
+        while epoch < arguments.epochs:
+            session_start = time.time()
             # the order of an epoch depends only on (seed, epoch), so a resumed run sees the same batches
             order = torch.randperm(train_images.shape[0], generator=torch.Generator().manual_seed(
                 arguments.seed * 1000 + epoch)).to(device)
-            first_batch = start_batch if epoch == start_epoch else 0
-            completed_batches = first_batch
-            running_loss, running_count, correct, seen = 0.0, 0, 0, 0
-            progress = tqdm(range(first_batch, steps_per_epoch), desc=f"epoch {epoch + 1}/{arguments.epochs}",
-                            initial=first_batch, total=steps_per_epoch, leave=False)
-            for batch_index in progress:
-                step = epoch * steps_per_epoch + batch_index
-                indices = order[batch_index * arguments.batch_size : (batch_index + 1) * arguments.batch_size]
+            progress = tqdm(total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{arguments.epochs}",
+                            leave=False)
+            while batch_in_epoch < steps_per_epoch:
+                step = epoch * steps_per_epoch + batch_in_epoch
+                indices = order[batch_in_epoch * arguments.batch_size : (batch_in_epoch + 1) * arguments.batch_size]
                 images = random_shift(train_images[indices], arguments.augment_shift, augment_generator)
                 labels = train_labels[indices]
                 for group in optimizer.param_groups:
@@ -227,6 +263,7 @@ def train(arguments):
                 if arguments.backprop == "manual":
                     # no autograd: hand-written backward, hand-written SGD update on torch.optim.SGD's buffers
                     loss, logits, gradients = manual_forward_backward(model, images, labels)
+                    check_finite(loss.item(), "training", step + 1, last_good)
                     parameters = dict(model.named_parameters())
                     velocities = momentum_buffers(optimizer)
                     sgd_momentum_update(parameters, gradients, {n: velocities[p] for n, p in parameters.items()},
@@ -234,42 +271,56 @@ def train(arguments):
                 else:
                     logits = model(images)  # (B, 10)
                     loss = model.loss(logits, labels)
+                    check_finite(loss.item(), "training", step + 1, last_good)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                completed_batches = batch_index + 1  # for the checkpoint on Ctrl-C
-                running_loss += loss.item() * labels.shape[0]
-                running_count += labels.shape[0]
-                correct += (logits.argmax(dim=1) == labels).sum().item()
-                seen += labels.shape[0]
+                sums["loss"] += loss.item() * labels.shape[0]
+                sums["loss_images"] += labels.shape[0]
+                sums["correct"] += (logits.argmax(dim=1) == labels).sum().item()
+                sums["seen"] += labels.shape[0]
+                batch_in_epoch += 1
+                progress.update(1)
                 if (step + 1) % arguments.log_every == 0:
-                    records.append({"kind": "step", "step": step + 1, "train_loss": running_loss / running_count})
-                    with metrics_path.open("a") as file:
-                        file.write(json.dumps(records[-1]) + "\n")
-                    progress.set_postfix(loss=f"{running_loss / running_count:.4f}")
-                    running_loss, running_count = 0.0, 0
+                    log({"kind": "step", "step": step + 1, "train_loss": sums["loss"] / sums["loss_images"]})
+                    progress.set_postfix(loss=f"{records[-1]['train_loss']:.4f}")
+                    sums.update(loss=0.0, loss_images=0)
+                # a step boundary: this step is complete and nothing random of the next one is drawn yet (the
+                # epoch's last step goes on to its validation, which draws nothing, and stops after it)
+                if stop.requested and batch_in_epoch < steps_per_epoch:
+                    progress.close()
+                    stop_here()
+                    return record
+            progress.close()
             validation_loss, validation_accuracy = evaluate(model, validation_images, validation_labels)
+            check_finite(validation_loss, "validation", (epoch + 1) * steps_per_epoch, last_good)
             record = {"kind": "epoch", "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
-                      "train_accuracy": correct / max(1, seen), "validation_loss": validation_loss,
-                      "validation_accuracy": validation_accuracy, "seconds": time.time() - epoch_start}
-            records.append(record)
-            with metrics_path.open("a") as file:
-                file.write(json.dumps(record) + "\n")
+                      "train_accuracy": sums["correct"] / max(1, sums["seen"]), "validation_loss": validation_loss,
+                      "validation_accuracy": validation_accuracy, "seconds": epoch_seconds()}
+            log(record)
             print(f"epoch {epoch + 1}: train acc {100 * record['train_accuracy']:.2f}%  validation loss "
                   f"{validation_loss:.4f} acc {100 * validation_accuracy:.2f}%  ({record['seconds']:.0f} s)")
+            epoch, batch_in_epoch = epoch + 1, 0
+            sums.update(loss=0.0, loss_images=0, correct=0, seen=0, epoch_seconds=0.0)  # each epoch starts afresh
+            session_start = time.time()
             if validation_accuracy > best_accuracy:
                 best_accuracy = validation_accuracy
-                save_checkpoint(out_dir / "best.pt", state(epoch + 1, 0))
-            save_checkpoint(last_path, state(epoch + 1, 0))
+                save_checkpoint(best_path, state())
+            save_checkpoint(last_path, state())
+            saved_step = epoch * steps_per_epoch
             plot_curves(records, out_dir / "curves.png")
-    except KeyboardInterrupt:
-        if completed_batches < steps_per_epoch:
-            save_checkpoint(last_path, state(epoch, completed_batches))
-        else:
-            save_checkpoint(last_path, state(epoch + 1, 0))
-        print(f"\ninterrupted: saved {last_path}; continue with --resume", file=sys.stderr)
-        sys.exit(130)
+            if stop.requested and epoch < arguments.epochs:
+                stop_here()
+                return record
+    finally:
+        stop.close()
     return record
+
+
+def check_finite(loss, which, step, last_good):
+    """A diverged run stops here, before anything is written: one line naming the step and the good checkpoint."""
+    if not math.isfinite(loss):
+        raise UserError(f"the {which} loss is not finite at step {step}; stopped without saving: {last_good()}")
 
 
 def main(argv=None):
@@ -277,10 +328,11 @@ def main(argv=None):
     arguments = parse_arguments(argv)
     try:
         record = train(arguments)
-    except (DataError, MnistError, FileNotFoundError, ValueError) as error:
+    except (UserError, DataError, MnistError, ValueError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(f"error: {message}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted before the end of a step: nothing was saved since the last checkpoint")
     print(json.dumps(record))
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 # The files a training run writes into its --out-dir (--overwrite removes exactly these; eval.py's heat-map too).
-RUN_FILES = ("last.pt", "best.pt", "last.pt.tmp", "best.pt.tmp", "metrics.jsonl", "curves.png", "attention.png")
+RUN_FILES = ("last.pt", "best.pt", "last.pt.tmp", "best.pt.tmp", "metrics.jsonl", "metrics.jsonl.tmp", "curves.png",
+             "attention.png")
 
 
 class UserError(Exception):
