@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from data.download import DataError, cache_dir, fetch, is_cached, log
+from data.download import DataError, cache_dir, fetch, file_lock, is_cached, log
 from data.registry import DATASETS
 
 
@@ -38,12 +38,15 @@ def main(argv: list[str] | None = None) -> int:
                     path = cache_dir() / data_file.name
                     if not path.exists():
                         continue
-                    if is_cached(data_file):
-                        print(f"ok   {data_file.name}")
-                    else:
-                        bad += 1
-                        path.unlink()
-                        log(f"BAD  {data_file.name}: sha256 mismatch, deleted (fetch it again)")
+                    with file_lock(path):  # never while another process is fetching this very file
+                        if not path.exists():
+                            continue
+                        if is_cached(data_file):
+                            print(f"ok   {data_file.name}")
+                        else:
+                            bad += 1
+                            path.unlink()
+                            log(f"BAD  {data_file.name}: sha256 mismatch, deleted (fetch it again)")
             return 1 if bad else 0
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)

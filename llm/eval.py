@@ -2,6 +2,7 @@
 
     python llm/eval.py --checkpoint runs/llm/best.pt
     python llm/eval.py --checkpoint runs/llm/best.pt --json
+    python llm/eval.py --hf HuggingFaceTB/SmolLM2-135M     # a real Llama on the same WikiText-2 test split
 
 Every token is scored with a sliding window (by default each window moves half the context, so every scored
 token sees at least half a context of text before it). Word-level perplexity = exp(total negative log-likelihood
@@ -20,7 +21,9 @@ import numpy as np
 import torch
 
 from llm.generate import load_model, pick_device
-from llm.prepare import PrepareError, prepare, read_token_file
+from llm.prepare import PrepareError, prepare, read_token_file, saved_hf_source
+
+HF_DEFAULT_CONTEXT = 1024  # --hf: windows of the model's context, at most this many tokens (CPU time grows with it)
 
 
 def half_context_stride(context_length: int) -> int:
@@ -73,6 +76,11 @@ def split_metrics(model, token_path: Path, text_path: Path, context_length: int,
     """Loss per token, perplexity per token, bits per byte and word perplexity of one split."""
     tokens = read_token_file(token_path)
     text = Path(text_path).read_text(encoding="utf-8")
+    return text_metrics(model, tokens, text, context_length, batch_size, device, stride)
+
+
+def text_metrics(model, tokens, text: str, context_length: int, batch_size: int, device, stride=None) -> dict:
+    """split_metrics for tokens already in memory: `text` gives the bytes and words the totals are divided by."""
     total, count = total_negative_log_likelihood(model, tokens, context_length, batch_size, device, stride)
     num_bytes, num_words = len(text.encode("utf-8")), len(text.split())
     loss = total / count
@@ -90,7 +98,7 @@ def evaluate_checkpoint(checkpoint_path: str, device, context_length=None, batch
     train_args = checkpoint.get("args", {})
     prepared = prepare(train_args.get("dataset", "wikitext-2"), checkpoint["config"]["vocab_size"],
                        Path(train_args.get("data_dir", "runs/llm/data")), train_args.get("text_file"),
-                       log=lambda *a: None)
+                       log=lambda *a: None, hf=saved_hf_source(train_args))
     length = context_length or model.config.context_length
     if length > model.rope_cos.size(0):
         model.set_rope_table(length)
@@ -102,9 +110,35 @@ def evaluate_checkpoint(checkpoint_path: str, device, context_length=None, batch
     return results, checkpoint
 
 
+def evaluate_hf(name_or_path: str, device, context_length=None, batch_size=16, splits=("test",), stride=None):
+    """A Hugging Face Llama (folder or hub name) on WikiText-2, tokenized by its own tokenizer, scored as ours."""
+    from data import DataError, fetch
+    from llm.hf import load_hf_model
+
+    model, tokenizer = load_hf_model(name_or_path, device)
+    try:
+        folder = fetch("wikitext-2")
+    except DataError as error:
+        raise PrepareError(str(error)) from None
+    length = context_length or min(model.config.context_length, HF_DEFAULT_CONTEXT)
+    if length > model.rope_cos.size(0):
+        model.set_rope_table(length)
+    stride = stride if stride is not None else half_context_stride(length)
+    results = {}
+    for split in splits:
+        text = (folder / f"{split}.raw").read_text(encoding="utf-8")
+        tokens = np.asarray(tokenizer.encode(text), dtype=np.int64)
+        results[split] = text_metrics(model, tokens, text, length, batch_size, device, stride)
+        results[split]["context_length"] = length
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="runs/llm/best.pt", help="checkpoint written by llm/train.py")
+    parser.add_argument("--hf", default=None, metavar="PATH_OR_NAME",
+                        help="score a Hugging Face Llama (local folder or hub name) on WikiText-2 test instead, "
+                             f"with windows of its context up to {HF_DEFAULT_CONTEXT} tokens")
     parser.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
     parser.add_argument("--context-length", type=int, default=None, help="evaluation window (default: training's)")
     parser.add_argument("--stride", type=int, default=None,
@@ -116,26 +150,44 @@ def main():
     try:
         if args.batch_size < 1 or any(value is not None and value < 1 for value in (args.context_length, args.stride)):
             raise ValueError("--batch-size, --context-length and --stride must be positive")
-        results, checkpoint = evaluate_checkpoint(args.checkpoint, pick_device(args.device), args.context_length,
-                                                  args.batch_size, stride=args.stride)
+        if args.hf:
+            results = evaluate_hf(args.hf, pick_device(args.device), args.context_length, args.batch_size,
+                                  stride=args.stride)
+        else:
+            results, checkpoint = evaluate_checkpoint(args.checkpoint, pick_device(args.device), args.context_length,
+                                                      args.batch_size, stride=args.stride)
     except (ValueError, PrepareError) as error:
         sys.exit(f"error: {error}")
-    valid, test = results["valid"], results["test"]
-    summary = {
-        "val_loss": valid["loss"], "test_loss": test["loss"], "val_bits_per_byte": valid["bits_per_byte"],
-        "bits_per_byte": test["bits_per_byte"], "word_perplexity": test["word_perplexity"],
-        "val_word_perplexity": valid["word_perplexity"], "token_perplexity": test["token_perplexity"],
-        "bytes_per_token": test["bytes_per_token"], "step": checkpoint.get("step"),
-    }
-    if args.json:
-        print(json.dumps(summary))
+    if args.hf:
+        test = results["test"]
+        if args.json:
+            print(json.dumps({"model": args.hf, "test_loss": test["loss"], "bits_per_byte": test["bits_per_byte"],
+                              "word_perplexity": test["word_perplexity"], "token_perplexity": test["token_perplexity"],
+                              "bytes_per_token": test["bytes_per_token"], "tokens": test["tokens"],
+                              "context_length": test["context_length"]}))
+            return
+        print(f"{args.hf} (windows of {test['context_length']} tokens)")
+    elif args.json:
+        print(json.dumps(checkpoint_summary(results, checkpoint)))
         return
-    print(f"checkpoint {args.checkpoint} (step {checkpoint.get('step')})")
+    else:
+        print(f"checkpoint {args.checkpoint} (step {checkpoint.get('step')})")
     for name, metrics in results.items():
         print(f"{name:5s}: loss {metrics['loss']:.4f} nats/token | token perplexity {metrics['token_perplexity']:.1f} "
               f"| {metrics['bits_per_byte']:.4f} bits/byte | word perplexity {metrics['word_perplexity']:.1f} "
               f"| {metrics['tokens']:,} tokens, {metrics['words']:,} words, "
               f"{metrics['bytes_per_token']:.2f} bytes/token")
+
+
+def checkpoint_summary(results: dict, checkpoint: dict) -> dict:
+    """The --json line of a checkpoint: validation and test metrics."""
+    valid, test = results["valid"], results["test"]
+    return {
+        "val_loss": valid["loss"], "test_loss": test["loss"], "val_bits_per_byte": valid["bits_per_byte"],
+        "bits_per_byte": test["bits_per_byte"], "word_perplexity": test["word_perplexity"],
+        "val_word_perplexity": valid["word_perplexity"], "token_perplexity": test["token_perplexity"],
+        "bytes_per_token": test["bytes_per_token"], "step": checkpoint.get("step"),
+    }
 
 
 if __name__ == "__main__":

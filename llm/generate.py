@@ -1,6 +1,7 @@
 """Sample text from a trained checkpoint, token by token, with or without the KV cache.
 
     python llm/generate.py --prompt "The history of" --num-samples 2 --max-new-tokens 100
+    python llm/generate.py --hf HuggingFaceTB/SmolLM2-135M --prompt "The history of"   # a real Llama, in our code
 """
 
 import argparse
@@ -124,6 +125,8 @@ class StreamPrinter:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="runs/llm/best.pt", help="checkpoint written by llm/train.py")
+    parser.add_argument("--hf", default=None, metavar="PATH_OR_NAME",
+                        help="run a Hugging Face Llama checkpoint instead: a local folder or a hub name (owner/model)")
     parser.add_argument("--prompt", default=None, help="text to continue (default: a WikiText-style heading)")
     parser.add_argument("--prompt-file", default=None, help="read the prompt from this UTF-8 file")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="stop after this many new tokens")
@@ -152,15 +155,22 @@ def main():
         if not prompt.strip():
             raise ValueError("the prompt is empty")
         device = pick_device(args.device)
-        model, checkpoint = load_model(args.checkpoint, device)
-        tokenizer_path = checkpoint.get("tokenizer_path", "")
-        if not Path(tokenizer_path).is_file():
-            raise ValueError(f"the tokenizer {tokenizer_path!r} of this checkpoint is missing; rerun llm/train.py")
+        if args.hf:
+            from llm.hf import describe, load_hf_model
+
+            model, processor = load_hf_model(args.hf, device)
+            print(f"{args.hf}: {describe(model)}", file=sys.stderr)
+        else:
+            model, checkpoint = load_model(args.checkpoint, device)
+            tokenizer_path = checkpoint.get("tokenizer_path", "")
+            if not Path(tokenizer_path).is_file():
+                raise ValueError(f"the tokenizer {tokenizer_path!r} of this checkpoint is missing; rerun llm/train.py")
     except ValueError as error:
         sys.exit(f"error: {error}")
-    import sentencepiece as spm
+    if not args.hf:
+        import sentencepiece as spm
 
-    processor = spm.SentencePieceProcessor(model_file=tokenizer_path)
+        processor = spm.SentencePieceProcessor(model_file=tokenizer_path)
     prompt_ids = processor.encode(prompt.rstrip("\n"))
     generator = torch.Generator().manual_seed(args.seed)
     for sample in range(args.num_samples):

@@ -17,7 +17,7 @@ import torch
 
 from llm.generate import load_model, pick_device
 from llm.model import Llama, LlamaConfig
-from llm.prepare import PrepareError, prepare, read_token_file
+from llm.prepare import PrepareError, prepare, read_token_file, saved_hf_source
 
 
 @torch.no_grad()
@@ -53,7 +53,7 @@ def main():
         train_args = checkpoint.get("args", {})
         prepared = prepare(train_args.get("dataset", "wikitext-2"), checkpoint["config"]["vocab_size"],
                            Path(train_args.get("data_dir", "runs/llm/data")), train_args.get("text_file"),
-                           log=lambda *a: None)
+                           log=lambda *a: None, hf=saved_hf_source(train_args))
     except (ValueError, PrepareError) as error:
         sys.exit(f"error: {error}")
     tokens = read_token_file(prepared.token_files["valid"])

@@ -23,8 +23,14 @@ class LlamaConfig:
     d_model: int = 256
     ffn_multiple_of: int = 32  # the SwiGLU hidden size is rounded up to a multiple of this
     rope_theta: float = 10000.0
-    rope_scaling: str = "none"  # none | interpolation | ntk: how positions beyond context_length are handled
-    rope_scale: float = 1.0  # the context extension factor used by interpolation / ntk
+    rope_scaling: str = "none"  # none | interpolation | ntk | llama3: how positions past the trained length work
+    rope_scale: float = 1.0  # the context extension factor used by interpolation / ntk / llama3
+    rope_low_frequency_factor: float = 1.0  # llama3: pairs slower than original_context / this are interpolated
+    rope_high_frequency_factor: float = 4.0  # llama3: pairs faster than original_context / this keep their speed
+    rope_original_context: int = 8192  # llama3: the context length the model was first trained at
+    norm_eps: float = 1e-5  # the epsilon of every RMSNorm (Eq. 1)
+    ffn_hidden_size: int = 0  # the SwiGLU hidden size; 0 = derived from d_model (see ffn_hidden)
+    tie_embeddings: bool = True  # logits through the embedding matrix (True) or a separate output projection
     dropout: float = 0.0
     attention_impl: str = "torch"  # handwritten | torch (fused scaled_dot_product_attention)
 
@@ -37,8 +43,8 @@ class LlamaConfig:
             raise ValueError("the head size d_model / n_heads must be even for rotary embeddings")
         if self.attention_impl not in ("handwritten", "torch"):
             raise ValueError(f"attention_impl must be handwritten or torch, not {self.attention_impl!r}")
-        if self.rope_scaling not in ("none", "interpolation", "ntk"):
-            raise ValueError(f"rope_scaling must be none, interpolation or ntk, not {self.rope_scaling!r}")
+        if self.rope_scaling not in ("none", "interpolation", "ntk", "llama3"):
+            raise ValueError(f"rope_scaling must be none, interpolation, ntk or llama3, not {self.rope_scaling!r}")
 
     @property
     def head_dim(self) -> int:
@@ -47,6 +53,8 @@ class LlamaConfig:
     @property
     def ffn_hidden(self) -> int:
         """SwiGLU hidden size: 2/3 of 4*d_model (so its 3 matrices cost what a 4*d_model MLP's 2 do), rounded up."""
+        if self.ffn_hidden_size:  # an imported checkpoint brings its own
+            return self.ffn_hidden_size
         hidden = int(2 * 4 * self.d_model / 3)
         return self.ffn_multiple_of * math.ceil(hidden / self.ffn_multiple_of)
 
@@ -78,6 +86,14 @@ def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
     if config.rope_scaling == "interpolation":
         # position interpolation: squeeze positions 0..scale*T back into 0..T
         frequencies = frequencies / config.rope_scale
+    if config.rope_scaling == "llama3":
+        # Llama 3.1: pairs whose wavelength exceeds original/low are interpolated (divided by the scale), pairs
+        # whose wavelength is below original/high keep their speed, and the band between blends the two smoothly
+        wavelengths = 2 * math.pi / frequencies  # (head_dim/2,) tokens per full turn of each pair
+        original = config.rope_original_context
+        low, high = config.rope_low_frequency_factor, config.rope_high_frequency_factor
+        blend = ((original / wavelengths - low) / (high - low)).clamp(0, 1)  # 0 = interpolate, 1 = keep
+        frequencies = (1 - blend) * frequencies / config.rope_scale + blend * frequencies
     return frequencies
 
 
@@ -193,9 +209,9 @@ class Block(nn.Module):
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.attention_norm = RMSNorm(config.d_model)
+        self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
         self.attention = Attention(config)
-        self.ffn_norm = RMSNorm(config.d_model)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.ffn = SwiGLU(config)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -212,7 +228,9 @@ class Llama(nn.Module):
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.final_norm = RMSNorm(config.d_model)
+        self.final_norm = RMSNorm(config.d_model, config.norm_eps)
+        # most small models reuse the embedding as the output projection; larger ones (Llama 2, 3 8B) learn a second
+        self.output_proj = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.dropout = nn.Dropout(config.dropout)
         self.set_rope_table(config.context_length)
         self.apply(self._init_weights)
@@ -257,7 +275,8 @@ class Llama(nn.Module):
         if cache is not None:
             cache.length += length
         x = self.final_norm(x)
-        logits = x @ self.embedding.weight.t()  # (B, T, vocab): output projection tied to the embedding
+        output_weight = self.embedding.weight if self.output_proj is None else self.output_proj.weight  # (vocab, d)
+        logits = x @ output_weight.t()  # (B, T, vocab)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))

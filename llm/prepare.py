@@ -2,6 +2,7 @@
 
     python llm/prepare.py tokenizer   --vocab-size 4096     # train (or reuse) the SentencePiece BPE model
     python llm/prepare.py pretokenize --vocab-size 4096     # encode train/valid/test into .bin token files
+    python llm/prepare.py pretokenize --hf-dataset roneneldan/TinyStories   # any dataset `datasets` can open
 
 Each stage writes a small stamp (JSON) of its inputs beside its output; when a later call finds the same
 stamp, the stage is reused instead of recomputed.
@@ -11,8 +12,8 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,13 +22,29 @@ import numpy as np
 SPLITS = ("train", "valid", "test")
 TOKEN_MAGIC = b"HCLTOKv1"  # 8 bytes, then the item size (int64): 2 for uint16, 4 for uint32
 HEADER_BYTES = 16
-TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
-TINYSTORIES_FILES = {"train": "TinyStories-train.txt", "valid": "TinyStories-valid.txt"}
 STORY_SEPARATOR = "<|endoftext|>"
+TINYSTORIES = "roneneldan/TinyStories"  # --dataset tinystories is this Hugging Face dataset
+# A dataset's own split names for ours, in order of preference
+HF_SPLIT_NAMES = {"train": ("train",), "valid": ("validation", "valid", "dev"), "test": ("test",)}
+LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".text": "text", ".parquet": "parquet",
+                  ".csv": "csv"}
+TOKENIZER_SAMPLE_BYTES = 200_000_000  # the tokenizer learns from at most this much of a dataset's training text
+TOKEN_WRITE_ROWS = 10_000  # documents per chunk written into a token file
 
 
 class PrepareError(Exception):
     """A problem the user can fix (bad text file, unreachable corpus); printed as one line."""
+
+
+@dataclass
+class HFSource:
+    """A text dataset opened through `datasets`: a hub name, local json/jsonl/txt/parquet/csv files or a folder of
+    them, or a folder written by save_to_disk. `split` picks the splits (see hf_splits); `text_column` the text."""
+
+    name: str
+    config: str | None = None
+    split: str | None = None
+    text_column: str = "text"
 
 
 @dataclass
@@ -52,17 +69,41 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
 
 
+class TokenFileWriter:
+    """Write a token file chunk by chunk: the header, then each chunk of ids as it comes, then an atomic rename.
+
+    Memory holds one chunk at a time, so a corpus of any size is written in flat memory.
+    """
+
+    def __init__(self, path: Path, vocab_size: int):
+        self.path, self.vocab_size, self.dtype = Path(path), vocab_size, token_dtype(vocab_size)
+        self.temporary = Path(str(path) + ".tmp")
+        self.handle = open(self.temporary, "wb")
+        self.handle.write(TOKEN_MAGIC + np.int64(self.dtype.itemsize).tobytes())
+        self.count = 0
+
+    def write(self, token_ids) -> None:
+        array = np.asarray(token_ids, dtype=np.int64)
+        if array.size and (array.min() < 0 or array.max() >= self.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size})")
+        self.handle.write(array.astype(self.dtype).tobytes())
+        self.count += array.size
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, error_type, error, traceback):
+        self.handle.close()
+        if error_type is None:
+            os.replace(self.temporary, self.path)
+        else:
+            self.temporary.unlink(missing_ok=True)
+
+
 def write_token_file(path: Path, token_ids, vocab_size: int) -> None:
     """Write ids as a header + flat array of uint16/uint32, atomically (temp file then rename)."""
-    dtype = token_dtype(vocab_size)
-    array = np.asarray(token_ids, dtype=np.int64)
-    if array.size and (array.min() < 0 or array.max() >= vocab_size):
-        raise ValueError(f"token ids must lie in [0, {vocab_size})")
-    temporary = Path(str(path) + ".tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(TOKEN_MAGIC + np.int64(dtype.itemsize).tobytes())
-        handle.write(array.astype(dtype).tobytes())
-    os.replace(temporary, path)
+    with TokenFileWriter(path, vocab_size) as writer:
+        writer.write(token_ids)
 
 
 def read_token_file(path: Path) -> np.ndarray:
@@ -113,32 +154,16 @@ def split_text_file(text_path: Path, folder: Path) -> dict:
     paths = {}
     for split, part in zip(SPLITS, parts):
         paths[split] = folder / f"{split}.txt"
-        paths[split].write_text(part, encoding="utf-8")
-    return paths
-
-
-def fetch_tinystories(folder: Path, base_url: str) -> dict:
-    """Download TinyStories train/valid (valid doubles as test); stories are separated by <|endoftext|>."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for split, name in TINYSTORIES_FILES.items():
-        target = folder / name
-        if not target.exists():
-            temporary = Path(str(target) + ".tmp")
-            try:
-                with urllib.request.urlopen(base_url + name, timeout=60) as response, open(temporary, "wb") as handle:
-                    while chunk := response.read(1 << 20):
-                        handle.write(chunk)
-            except OSError as error:
-                raise PrepareError(f"cannot download TinyStories from {base_url}: {error}") from None
-            os.replace(temporary, target)
-        paths[split] = target
-    paths["test"] = paths["valid"]
+        data = part.encode("utf-8")
+        if not paths[split].is_file() or paths[split].read_bytes() != data:  # never rewrite a file others may read
+            temporary = Path(str(paths[split]) + ".tmp")
+            temporary.write_bytes(data)
+            os.replace(temporary, paths[split])
     return paths
 
 
 def corpus_text_files(dataset: str, text_file: str | None, data_root: Path) -> tuple[str, dict]:
-    """Return (corpus name, split -> raw text path) for wikitext-2, tinystories or a user's --text-file."""
+    """Return (corpus name, split -> raw text path) for wikitext-2 or a user's --text-file."""
     if text_file:
         name = "text-" + file_sha256(Path(text_file))[:12] if Path(text_file).is_file() else "text"
         if not Path(text_file).is_file():
@@ -152,20 +177,247 @@ def corpus_text_files(dataset: str, text_file: str | None, data_root: Path) -> t
         except DataError as error:
             raise PrepareError(str(error)) from None
         return dataset, {split: folder / f"{split}.raw" for split in SPLITS}
-    if dataset == "tinystories":
-        base_url = os.environ.get("HCL_TINYSTORIES_URL", TINYSTORIES_URL)
-        return dataset, fetch_tinystories(data_root / "tinystories" / "text", base_url)
-    raise PrepareError(f"unknown dataset {dataset!r} (choose wikitext-2 or tinystories, or give --text-file)")
+    raise PrepareError(f"unknown dataset {dataset!r} (choose wikitext-2 or tinystories, or give --text-file "
+                       "or --hf-dataset)")
 
 
 def stage_is_current(stamp_path: Path, stamp: dict, outputs) -> bool:
-    """A stage is reused when its outputs exist and its recorded inputs equal the current ones."""
+    """A stage is reused when its outputs exist, its recorded inputs equal the current ones, and each output
+    still has the size and sha256 recorded when it was written (a truncated or damaged file is made again)."""
     if not stamp_path.exists() or not all(Path(output).exists() for output in outputs):
         return False
     try:
-        return json.loads(stamp_path.read_text()) == stamp
+        recorded = json.loads(stamp_path.read_text())
     except (OSError, json.JSONDecodeError):
         return False
+    if not isinstance(recorded, dict):
+        return False
+    written = recorded.pop("outputs", {})
+    for output in outputs:
+        expected = written.get(Path(output).name)
+        if expected is not None and expected != output_record(Path(output), expected["bytes"]):
+            return False
+    return recorded == stamp
+
+
+def output_record(path: Path, expected_bytes: int | None = None) -> dict:
+    """Size and sha256 of a stage's output (the hash is skipped when the size already differs)."""
+    size = path.stat().st_size
+    return {"bytes": size, "sha256": file_sha256(path) if expected_bytes in (None, size) else None}
+
+
+def write_stamp(stamp_path: Path, stamp: dict, outputs) -> None:
+    """Record a finished stage: its inputs, and the size and sha256 of each output it wrote."""
+    record = {**stamp, "outputs": {Path(output).name: output_record(Path(output)) for output in outputs}}
+    stamp_path.write_text(json.dumps(record))
+
+
+# ------------------------------------------------------------------------------ any text dataset via `datasets`
+
+
+def open_hf_dataset(source: HFSource, data_root: Path) -> dict:
+    """Open the dataset and return our split name -> datasets.Dataset (see hf_splits for the choice of splits)."""
+    import datasets
+
+    path = Path(source.name).expanduser()
+    cache_dir = str(Path(data_root) / "hf-cache")  # Arrow copies of local files stay beside our other data
+    try:
+        if path.is_dir() and any((path / name).is_file() for name in ("dataset_dict.json", "state.json")):
+            opened = datasets.load_from_disk(str(path))  # a folder written by Dataset(Dict).save_to_disk
+        elif path.is_file():
+            builder = LOCAL_BUILDERS.get("".join(path.suffixes[-1:]).lower())
+            if builder is None:
+                raise PrepareError(f"{path}: unknown file type (use {', '.join(sorted(LOCAL_BUILDERS))})")
+            if path.stat().st_size == 0:
+                raise PrepareError(f"{path} is empty")
+            opened = datasets.load_dataset(builder, data_files=str(path), cache_dir=cache_dir)
+        elif path.is_dir():
+            opened = datasets.load_dataset(str(path), cache_dir=cache_dir)  # a folder of data files
+        else:
+            opened = datasets.load_dataset(source.name, source.config)  # a hub name: the usual Hugging Face cache
+    except PrepareError:
+        raise
+    except Exception as error:  # noqa: BLE001 - unreachable hub, unknown name, unreadable files: one line each
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        hint = "" if path.exists() else ("; a hub name needs the network: download the dataset elsewhere, or pass "
+                                         "local json/jsonl/txt/parquet files or a save_to_disk folder")
+        raise PrepareError(f"cannot open dataset {source.name!r} ({type(error).__name__}: {reason}){hint}") from None
+    if isinstance(opened, datasets.Dataset):
+        opened = {"train": opened}
+    return hf_splits(dict(opened), source)
+
+
+def hf_splits(available: dict, source: HFSource) -> dict:
+    """train/valid/test from the dataset's splits.
+
+    --hf-split train=train,valid=validation,test=test names them; --hf-split NAME uses that one split alone.
+    By default: the dataset's train, validation and test splits; without a test split the validation split
+    doubles as test; with neither, the last 10% of the training rows become validation and test (5% each).
+    """
+    spec = source.split
+    chosen = {}
+    if spec and "=" in spec:
+        for part in spec.split(","):
+            ours, _, theirs = part.partition("=")
+            if ours.strip() not in SPLITS:
+                raise PrepareError(f"--hf-split: {ours.strip()!r} is not one of {', '.join(SPLITS)}")
+            chosen[ours.strip()] = theirs.strip()
+    elif spec:
+        chosen["train"] = spec
+    else:
+        for ours, names in HF_SPLIT_NAMES.items():
+            found = [name for name in names if name in available]
+            if found:
+                chosen[ours] = found[0]
+    for theirs in chosen.values():
+        if theirs not in available:
+            raise PrepareError(f"{source.name}: no split {theirs!r} (it has {', '.join(sorted(available))})")
+    if "train" not in chosen:
+        raise PrepareError(f"{source.name}: no training split (it has {', '.join(sorted(available))}); "
+                           "name one with --hf-split")
+    splits = {ours: available[theirs] for ours, theirs in chosen.items()}
+    for ours, split in splits.items():
+        if source.text_column not in split.column_names:
+            raise PrepareError(f"{source.name}: no column {source.text_column!r} (columns: "
+                               f"{', '.join(split.column_names)}); choose one with --text-column")
+        if len(split) == 0:
+            raise PrepareError(f"{source.name}: the {chosen[ours]!r} split is empty")
+    if "valid" not in splits and "test" in splits:
+        splits["valid"] = splits["test"]
+    if "valid" not in splits:
+        train = splits["train"]
+        held_out = max(1, len(train) // 20)
+        if len(train) < 3 * held_out or len(train) < 3:
+            raise PrepareError(f"{source.name}: {len(train)} rows are too few to hold out validation and test rows")
+        splits["train"] = train.select(range(len(train) - 2 * held_out))
+        splits["valid"] = train.select(range(len(train) - 2 * held_out, len(train) - held_out))
+        splits["test"] = train.select(range(len(train) - held_out, len(train)))
+    splits.setdefault("test", splits["valid"])
+    return splits
+
+
+def hf_corpus_name(source: HFSource) -> str:
+    """A folder name that says which dataset this is and changes with anything that changes the text."""
+    identity = json.dumps([str(Path(source.name).expanduser().resolve()) if Path(source.name).expanduser().exists()
+                           else source.name, source.config, source.split, source.text_column])
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(source.name).name if Path(source.name).exists() else source.name)
+    return f"hf-{readable.strip('-')[:40]}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
+
+
+def write_split_texts(splits: dict, source: HFSource, folder: Path) -> dict:
+    """The raw text of each split on disk, one row after another, for the byte and word counts of bits per byte
+    and word perplexity (training split: the first TOKENIZER_SAMPLE_BYTES, what the tokenizer learns from).
+
+    Rows are written as they are read, so memory stays flat. Reused while the dataset's fingerprints are unchanged.
+    """
+    stamp = {"source": vars(source), "fingerprints": {split: dataset._fingerprint for split, dataset in splits.items()}}
+    paths = {split: folder / f"{split}.txt" for split in SPLITS}
+    stamp_path = folder / "text.stamp.json"
+    if stage_is_current(stamp_path, stamp, paths.values()):
+        return paths
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp_path.unlink(missing_ok=True)
+    for split, path in paths.items():
+        limit = TOKENIZER_SAMPLE_BYTES if split == "train" else None
+        written, has_text = 0, False
+        temporary = Path(str(path) + ".tmp")
+        with open(temporary, "w", encoding="utf-8") as handle:
+            for batch in splits[split].select_columns([source.text_column]).iter(batch_size=1000):
+                for row in batch[source.text_column]:
+                    if not isinstance(row, str | None):
+                        raise PrepareError(f"{source.name}: column {source.text_column!r} holds "
+                                           f"{type(row).__name__}, not text; choose another with --text-column")
+                    row = (row or "").replace(STORY_SEPARATOR, "")
+                    handle.write(row + "\n")
+                    written += len(row) + 1
+                    has_text = has_text or bool(row.strip())
+                if limit is not None and written >= limit:
+                    break
+        if not has_text:
+            temporary.unlink()
+            raise PrepareError(f"{source.name}: the {split} rows hold no text in column {source.text_column!r}")
+        os.replace(temporary, path)
+    stamp_path.write_text(json.dumps(stamp))
+    return paths
+
+
+class DocumentEncoder:
+    """The Dataset.map function: each row (a document) -> its ids followed by end-of-sequence.
+
+    It holds only the tokenizer's path, so it pickles into the worker processes of num_proc, where each worker
+    loads the tokenizer once.
+    """
+
+    def __init__(self, tokenizer_path: str):
+        self.tokenizer_path = tokenizer_path
+        self.processor = None
+
+    def __getstate__(self):
+        return {"tokenizer_path": self.tokenizer_path, "processor": None}
+
+    def __call__(self, texts: list) -> dict:
+        if self.processor is None:
+            import sentencepiece as spm
+
+            self.processor = spm.SentencePieceProcessor(model_file=self.tokenizer_path)
+        eos_id = self.processor.eos_id()
+        return {"ids": [np.append(encode_text(self.processor, text or ""), eos_id).astype(np.int32)
+                        for text in texts]}
+
+
+def map_workers(rows: int) -> int | None:
+    """Worker processes for Dataset.map: one per core on large splits, none (this process) on small ones."""
+    return min(os.cpu_count() or 1, 8) if rows >= 50_000 else None
+
+
+def pretokenize_hf(splits: dict, source: HFSource, tokenizer_path: Path, folder: Path, vocab_size: int) -> dict:
+    """Tokenize every split with Dataset.map(batched=True, num_proc=...), then stream the ids into token files.
+
+    map writes its output as Arrow files on disk; TokenFileWriter copies them batch by batch into the token file.
+    Neither step holds the corpus in memory. A split is reused while its fingerprint and the tokenizer match.
+    """
+    import datasets
+
+    token_files = {}
+    for split, dataset in splits.items():
+        token_path = folder / f"{split}.bin"
+        stamp = {"source": vars(source), "fingerprint": dataset._fingerprint,
+                 "tokenizer_sha256": file_sha256(tokenizer_path), "vocab_size": vocab_size}
+        stamp_path = folder / f"{split}.stamp.json"
+        if not stage_is_current(stamp_path, stamp, [token_path]):
+            stamp_path.unlink(missing_ok=True)
+            cache_file = folder / f"{split}.ids.arrow"
+            mapped = dataset.map(DocumentEncoder(str(tokenizer_path)), batched=True, input_columns=[source.text_column],
+                                 remove_columns=dataset.column_names, num_proc=map_workers(len(dataset)),
+                                 features=datasets.Features({"ids": datasets.Sequence(datasets.Value("int32"))}),
+                                 cache_file_name=str(cache_file), load_from_cache_file=False,
+                                 desc=f"tokenizing {split}")
+            with TokenFileWriter(token_path, vocab_size) as writer:
+                for batch in mapped.with_format("arrow").iter(batch_size=TOKEN_WRITE_ROWS):
+                    writer.write(batch.column("ids").combine_chunks().flatten().to_numpy())
+            del mapped
+            for leftover in folder.glob(f"{split}.ids*.arrow"):
+                leftover.unlink()
+            write_stamp(stamp_path, stamp, [token_path])
+        token_files[split] = token_path
+    return token_files
+
+
+def source_from_args(dataset: str, hf_dataset: str | None = None, hf_config: str | None = None,
+                     hf_split: str | None = None, text_column: str = "text") -> HFSource | None:
+    """The HFSource that train.py's flags (or a checkpoint's saved args) describe, or None for our own corpora."""
+    if hf_dataset:
+        return HFSource(hf_dataset, hf_config, hf_split, text_column)
+    if dataset == "tinystories":
+        return HFSource(TINYSTORIES, hf_config, hf_split, text_column)
+    return None
+
+
+def saved_hf_source(train_args: dict) -> HFSource | None:
+    """source_from_args for the training arguments a checkpoint saved (older checkpoints lack the hf_* keys)."""
+    return source_from_args(train_args.get("dataset", "wikitext-2"), train_args.get("hf_dataset"),
+                            train_args.get("hf_config"), train_args.get("hf_split"),
+                            train_args.get("text_column") or "text")
 
 
 def iter_training_sentences(path: Path, max_sentences: int):
@@ -269,48 +521,80 @@ def pretokenize(text_files: dict, tokenizer_path: Path, folder: Path, vocab_size
             stamp_path.unlink(missing_ok=True)
             text = Path(text_path).read_text(encoding="utf-8")
             write_token_file(token_path, encode_text(processor, text), vocab_size)
-            stamp_path.write_text(json.dumps(stamp))
+            write_stamp(stamp_path, stamp, [token_path])
         token_files[split] = token_path
     return token_files
 
 
-def prepare(dataset: str, vocab_size: int, data_root: Path, text_file: str | None = None, log=print) -> PreparedData:
-    """Run (or reuse) every stage and return where the tokenizer and token files are."""
+def prepare(dataset: str, vocab_size: int, data_root: Path, text_file: str | None = None, log=print,
+            hf: HFSource | None = None) -> PreparedData:
+    """Run (or reuse) every stage and return where the tokenizer and token files are.
+
+    `hf` (or --dataset tinystories) reads the corpus through `datasets` instead of the data helper.
+    """
     if vocab_size < 300:
         raise PrepareError(f"--vocab-size must be at least 300 (256 byte tokens + specials), got {vocab_size}")
-    corpus, text_files = corpus_text_files(dataset, text_file, Path(data_root))
+    corpus, text_files, encode = corpus_stages(dataset, text_file, Path(data_root), hf, log)
     folder = Path(data_root) / f"{corpus}-bpe{vocab_size}"
     folder.mkdir(parents=True, exist_ok=True)
     log(f"tokenizer: {folder / 'tokenizer.model'}")
     tokenizer_path = train_tokenizer(text_files["train"], folder / "tokenizer", vocab_size)
     log(f"token files: {folder}/{{train,valid,test}}.bin")
-    token_files = pretokenize(text_files, tokenizer_path, folder, vocab_size)
+    token_files = encode(tokenizer_path, folder, vocab_size)
     return PreparedData(folder, tokenizer_path, token_files, text_files, vocab_size)
+
+
+def corpus_stages(dataset: str, text_file: str | None, data_root: Path, hf: HFSource | None = None, log=print):
+    """(corpus name, split -> raw text path, the function that writes the token files) for any corpus."""
+    hf = hf or source_from_args(dataset)
+    if hf is None or text_file:
+        corpus, text_files = corpus_text_files(dataset, text_file, data_root)
+        return corpus, text_files, lambda tokenizer, folder, vocab: pretokenize(text_files, tokenizer, folder, vocab)
+    corpus = hf_corpus_name(hf)
+    log(f"dataset: {hf.name} (through datasets)")
+    splits = open_hf_dataset(hf, data_root)
+    text_files = write_split_texts(splits, hf, data_root / corpus / "text")
+    return corpus, text_files, lambda tokenizer, folder, vocab: pretokenize_hf(splits, hf, tokenizer, folder, vocab)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=["tokenizer", "pretokenize"], help="which stage to run (or reuse)")
-    parser.add_argument("--dataset", default="wikitext-2", help="wikitext-2 or tinystories")
+    parser.add_argument("--dataset", default="wikitext-2", help=f"wikitext-2 or tinystories ({TINYSTORIES})")
     parser.add_argument("--text-file", default=None, help="train on your own UTF-8 text file instead")
     parser.add_argument("--vocab-size", type=int, default=4096, help="number of BPE tokens")
     parser.add_argument("--data-dir", default="runs/llm/data", help="where tokenizers and token files are kept")
+    add_hf_dataset_arguments(parser)
     args = parser.parse_args()
     try:
         if args.vocab_size < 300:
             raise PrepareError(f"--vocab-size must be at least 300, got {args.vocab_size}")
-        corpus, text_files = corpus_text_files(args.dataset, args.text_file, Path(args.data_dir))
+        hf = source_from_args(args.dataset, args.hf_dataset, args.hf_config, args.hf_split, args.text_column)
+        corpus, text_files, encode = corpus_stages(args.dataset, args.text_file, Path(args.data_dir), hf)
         folder = Path(args.data_dir) / f"{corpus}-bpe{args.vocab_size}"
         tokenizer_path = train_tokenizer(text_files["train"], folder / "tokenizer", args.vocab_size)
         show_tokenizer(tokenizer_path)
         if args.stage == "pretokenize":
-            token_files = pretokenize(text_files, tokenizer_path, folder, args.vocab_size)
+            token_files = encode(tokenizer_path, folder, args.vocab_size)
             for split, path in token_files.items():
                 tokens = read_token_file(path)
                 size = Path(text_files[split]).stat().st_size
                 print(f"{split}: {len(tokens):,} tokens ({tokens.dtype}), {size / max(1, len(tokens)):.2f} bytes/token")
     except PrepareError as error:
         sys.exit(f"error: {error}")
+
+
+def add_hf_dataset_arguments(parser: argparse.ArgumentParser):
+    """The flags that pick a corpus through `datasets` (shared by prepare.py and train.py)."""
+    group = parser.add_argument_group("any text dataset through `datasets`")
+    group.add_argument("--hf-dataset", default=None, metavar="NAME_OR_PATH",
+                       help="a hub name (owner/dataset), local json/jsonl/txt/parquet/csv files or a folder of them, "
+                            "or a folder written by save_to_disk")
+    group.add_argument("--hf-config", default=None, help="the dataset's configuration (its second load_dataset name)")
+    group.add_argument("--hf-split", default=None,
+                       help="train=NAME,valid=NAME,test=NAME, or one NAME to split 90/5/5 (default: the dataset's "
+                            "train/validation/test)")
+    group.add_argument("--text-column", default="text", help="the column that holds the text")
 
 
 def show_tokenizer(tokenizer_path: Path):

