@@ -122,15 +122,19 @@ class Conv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(context, images, weight, bias, stride, padding, input_gradient_method="col2im"):
-        output, context.cache = conv2d_forward(images, weight, bias, stride, padding)
+        output, (columns, weight, input_shape, stride, padding) = conv2d_forward(images, weight, bias, stride, padding)
+        context.save_for_backward(columns, weight)  # tensors through autograd's own store; sizes as attributes
+        context.input_shape, context.stride, context.padding = input_shape, stride, padding
         context.input_gradient_method = input_gradient_method
         return output
 
     @staticmethod
     def backward(context, output_gradient):
         need_input_gradient = context.needs_input_grad[0]
+        columns, weight = context.saved_tensors
+        cache = (columns, weight, context.input_shape, context.stride, context.padding)
         input_gradient, weight_gradient, bias_gradient = conv2d_backward(
-            output_gradient, context.cache, need_input_gradient, context.input_gradient_method
+            output_gradient, cache, need_input_gradient, context.input_gradient_method
         )
         return input_gradient, weight_gradient, bias_gradient, None, None, None
 
@@ -211,12 +215,16 @@ class MaxPool2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(context, images, kernel_size, stride):
-        output, context.cache = max_pool2d_forward(images, kernel_size, stride)
+        output, (winner, input_shape, kernel_size, stride) = max_pool2d_forward(images, kernel_size, stride)
+        context.save_for_backward(winner)
+        context.input_shape, context.kernel_size, context.stride = input_shape, kernel_size, stride
         return output
 
     @staticmethod
     def backward(context, output_gradient):
-        return max_pool2d_backward(output_gradient, context.cache), None, None
+        (winner,) = context.saved_tensors
+        cache = (winner, context.input_shape, context.kernel_size, context.stride)
+        return max_pool2d_backward(output_gradient, cache), None, None
 
 
 class AvgPool2dFunction(torch.autograd.Function):
@@ -224,12 +232,14 @@ class AvgPool2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(context, images, kernel_size, stride):
-        output, context.cache = avg_pool2d_forward(images, kernel_size, stride)
+        output, (input_shape, kernel_size, stride) = avg_pool2d_forward(images, kernel_size, stride)
+        context.input_shape, context.kernel_size, context.stride = input_shape, kernel_size, stride  # no tensors
         return output
 
     @staticmethod
     def backward(context, output_gradient):
-        return avg_pool2d_backward(output_gradient, context.cache), None, None
+        cache = (context.input_shape, context.kernel_size, context.stride)
+        return avg_pool2d_backward(output_gradient, cache), None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -320,12 +330,13 @@ class LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(context, inputs, weight, bias):
-        output, context.cache = linear_forward(inputs, weight, bias)
+        output, (inputs, weight) = linear_forward(inputs, weight, bias)
+        context.save_for_backward(inputs, weight)
         return output
 
     @staticmethod
     def backward(context, output_gradient):
-        return linear_backward(output_gradient, context.cache)
+        return linear_backward(output_gradient, context.saved_tensors)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -333,9 +344,10 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(context, logits, labels):
-        loss, context.cache = cross_entropy_forward(logits, labels)
+        loss, (log_probabilities, labels) = cross_entropy_forward(logits, labels)
+        context.save_for_backward(log_probabilities, labels)
         return loss
 
     @staticmethod
     def backward(context, loss_gradient):
-        return loss_gradient * cross_entropy_backward(context.cache), None
+        return loss_gradient * cross_entropy_backward(context.saved_tensors), None
