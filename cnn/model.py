@@ -212,9 +212,14 @@ def sgd_momentum_update(parameters, gradients, velocities, learning_rate, moment
             parameter.sub_(learning_rate * velocities[name])
 
 
-def manual_training_step(model, images, labels, velocities, learning_rate, momentum, weight_decay=0.0):
-    """One SGD-with-momentum step computed by hand: forward, backward, update. Returns the loss."""
-    loss, _, gradients = manual_forward_backward(model, images, labels)
-    parameters = dict(model.named_parameters())
-    sgd_momentum_update(parameters, gradients, velocities, learning_rate, momentum, weight_decay)
-    return loss
+def manual_training_step(model, images, labels, velocities, learning_rate, momentum, weight_decay=0.0,
+                         return_logits=False):
+    """One SGD-with-momentum step computed by hand: forward, backward, update. Returns the loss (and the logits).
+
+    A loss that is not finite leaves the weights as they were: the caller decides what a diverged run does.
+    """
+    loss, logits, gradients = manual_forward_backward(model, images, labels)
+    if torch.isfinite(loss):
+        parameters = dict(model.named_parameters())
+        sgd_momentum_update(parameters, gradients, velocities, learning_rate, momentum, weight_decay)
+    return (loss, logits) if return_logits else loss

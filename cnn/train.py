@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cnn.mnist import MnistError, load_split, random_shift  # noqa: E402
-from cnn.model import CNNConfig, build_model, manual_forward_backward, sgd_momentum_update  # noqa: E402
+from cnn.model import CNNConfig, build_model, manual_training_step  # noqa: E402
 from cnn.runs import (  # noqa: E402
     StopFlag,
     UserError,
@@ -243,6 +243,10 @@ def train(arguments):
     record = next((r for r in reversed(records) if r["kind"] == "epoch"), {})
     if epoch >= arguments.epochs:
         print(f"{last_path} has already trained {epoch} of {arguments.epochs} epochs; nothing to do")
+    velocities = None
+    if arguments.backprop == "manual":  # the no-autograd step updates torch.optim.SGD's own buffers, by name
+        buffers = momentum_buffers(optimizer)
+        velocities = {name: buffers[parameter] for name, parameter in model.named_parameters()}
     model.train()
     stop = StopFlag()
     try:
@@ -262,12 +266,10 @@ def train(arguments):
                     group["lr"] = learning_rate_at(step, total_steps, arguments.lr, arguments.warmup_steps)
                 if arguments.backprop == "manual":
                     # no autograd: hand-written backward, hand-written SGD update on torch.optim.SGD's buffers
-                    loss, logits, gradients = manual_forward_backward(model, images, labels)
-                    check_finite(loss.item(), "training", step + 1, last_good)
-                    parameters = dict(model.named_parameters())
-                    velocities = momentum_buffers(optimizer)
-                    sgd_momentum_update(parameters, gradients, {n: velocities[p] for n, p in parameters.items()},
-                                        optimizer.param_groups[0]["lr"], arguments.momentum, arguments.weight_decay)
+                    loss, logits = manual_training_step(model, images, labels, velocities,
+                                                        optimizer.param_groups[0]["lr"], arguments.momentum,
+                                                        arguments.weight_decay, return_logits=True)
+                    check_finite(loss.item(), "training", step + 1, last_good)  # a non-finite loss updated nothing
                 else:
                     logits = model(images)  # (B, 10)
                     loss = model.loss(logits, labels)

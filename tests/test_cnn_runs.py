@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import cnn.eval as eval_module
+import cnn.model as model_module
 import cnn.train as train_module
 from cnn import bench
 from cnn.mnist import load_split
@@ -146,7 +147,7 @@ def test_ctrl_c_after_the_no_autograd_backward_and_inside_validation_resumes_exa
 ):
     out = ["--out-dir", str(tmp_path / "run")]
     with monkeypatch.context() as patch:  # step 5: dropout drawn and gradients computed, the update not yet made
-        sigint_on_call(patch, train_module, "manual_forward_backward", 5, after=True)
+        sigint_on_call(patch, model_module, "manual_forward_backward", 5, after=True)
         train_module.main([*MANUAL_RUN, *out])
     assert stopped_at(capsys) == 5
     with monkeypatch.context() as patch:  # inside epoch 1's validation
