@@ -41,8 +41,9 @@ from rnn.runs import (  # noqa: E402
     probability,
 )
 
-# The arguments that change the run; a resume with any of them changed is refused (--epochs may grow, to train
-# longer: the cosine schedule then stretches over the new total; --device, --no-progress may change freely).
+# The arguments that change the run. --resume takes them from the saved run; naming one with another value is
+# refused. (--epochs, also taken from the saved run, may be raised to train longer: the cosine schedule then
+# stretches over the new total; --device and --no-progress may change freely.)
 FIXED_ON_RESUME = ("impl", "hidden_size", "embedding_size", "num_layers", "bidirectional", "seed", "split_seed",
                    "limit", "batch_size", "learning_rate", "weight_decay", "dropout", "label_smoothing", "clip")
 MAX_PARAMETERS = 50_000_000  # a CPU-sized model; far above the README's 180 thousand
@@ -50,7 +51,7 @@ MAX_PARAMETERS = 50_000_000  # a CPU-sized model; far above the README's 180 tho
 
 def build_parser():
     """The command line; every default is the configuration of the README's results table."""
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("--impl", choices=["handwritten", "torch"], default="handwritten",
                         help="the hand-written RNN with its own BPTT, or torch.nn.RNN")
     parser.add_argument("--epochs", type=positive_int, default=20, help="passes over the training names")
@@ -139,6 +140,14 @@ def plot_curves(history, path):
     plt.close(figure)
 
 
+def flags_given(argv=None):
+    """The names of the arguments that the command line sets (the others hold their defaults)."""
+    parser, unset = build_parser(), object()
+    names = vars(parser.parse_args([]))
+    given = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(names, unset)))
+    return {name for name, value in vars(given).items() if value is not unset}
+
+
 def refuse_changed_settings(saved_arguments, arguments):
     """A resumed run keeps the settings that shape it: one line naming the first flag that changed."""
     for name in FIXED_ON_RESUME:
@@ -178,14 +187,19 @@ def restore_random_states(state, device):
         torch.mps.set_rng_state(state["mps_rng_state"].cpu())
 
 
-def train(arguments):
-    """The whole run: data, model, epochs with validation-based model selection, final test score."""
+def train(arguments, given=()):
+    """The whole run: data, model, epochs with validation-based model selection, final test score.
+
+    `given`: the arguments named on the command line; on --resume the others come from the saved run."""
     device = pick_device(arguments.device)
     out_dir = Path(arguments.out_dir)
     prepare_run_folder(out_dir, arguments.resume, arguments.overwrite)
     saved = None
     if arguments.resume:
         saved = load_checkpoint(out_dir / "last.pt", required=CHECKPOINT_KEYS + RESUME_KEYS)
+        for name in (*FIXED_ON_RESUME, "epochs"):
+            if name not in given and name in saved["train_arguments"]:
+                setattr(arguments, name, saved["train_arguments"][name])
         refuse_changed_settings(saved["train_arguments"], arguments)
     splits, alphabet, languages = prepare_data(arguments.split_seed, arguments.limit)
     print_class_counts(splits, languages)
@@ -324,7 +338,7 @@ def main(argv=None):
     """Entry point: user errors end as one `error:` line on stderr."""
     arguments = parse_arguments(argv)
     try:
-        train(arguments)
+        train(arguments, flags_given(argv))
     except (DataError, CheckpointError, RunError, ValueError, OSError) as exception:
         sys.exit(f"error: {exception}")
     except KeyboardInterrupt:

@@ -133,9 +133,12 @@ def test_sigint_to_the_cli_at_a_random_point_then_resume_is_bit_identical(refere
             break
     output, errors = process.communicate(timeout=300)
     assert process.returncode == 0, errors
-    assert "stopped at step" in output and "Traceback" not in errors
-    resumed = subprocess.run([*command, "--resume"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-                             env=environment)
+    assert "Traceback" not in errors
+    printed = output.strip().splitlines()[-1]  # the command it prints, run as printed (on the CPU)
+    assert printed.startswith("stopped at step ")
+    assert printed.endswith(f"resume with: python rnn/train.py --out-dir {out_dir} --resume")
+    resume = [sys.executable, *printed.split("resume with: python ")[1].split(), "--device", "cpu"]
+    resumed = subprocess.run(resume, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=environment)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(out_dir, reference)
 
