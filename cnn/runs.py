@@ -209,8 +209,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def load_checkpoint(path: Path, what: str = "cnn", required=("model", "run_settings")) -> dict:
     """Load tensors only (weights_only=True), on the CPU; anything else becomes one readable line."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a readable {what} checkpoint (it is not a file)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

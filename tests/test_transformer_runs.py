@@ -273,6 +273,8 @@ def test_every_cli_refuses_out_of_range_flags_and_unreadable_checkpoints_with_on
             message = refused(main, ["--checkpoint", path], capsys)
             assert message.startswith(f"error: {path} is not a readable transformer checkpoint ("), message
     (run / "last.pt").write_bytes(real)
+    message = refused(eval_module.main, ["--checkpoint", str(run)], capsys)
+    assert message == f"error: {run} is not a readable transformer checkpoint (it is not a file)"
     assert folder_bytes(run) == before
 
 

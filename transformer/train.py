@@ -272,6 +272,8 @@ def train(args):
     if args.train_fraction < 1.0:
         keep = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(args.seed))
         train_pairs = [train_pairs[i] for i in keep[: int(len(train_pairs) * args.train_fraction)].tolist()]
+    if not train_pairs:
+        raise UserError(f"--train-fraction {args.train_fraction} keeps no training pair")
     if checkpoint is not None:
         tokenizer_bytes = bytes(checkpoint["tokenizer"].tolist())
     else:
