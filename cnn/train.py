@@ -220,6 +220,7 @@ def train(arguments):
                 "arguments": vars(arguments)}
 
     def epoch_seconds():
+        """Seconds spent on the current epoch, in this session and the ones it resumed."""
         return sums["epoch_seconds"] + time.time() - session_start
 
     def last_good():
@@ -229,12 +230,13 @@ def train(arguments):
         return f"{last_path} (step {saved_step}) holds the last good state"
 
     def log(record):
+        """Keep a record and append it to metrics.jsonl."""
         records.append(record)
         with metrics_path.open("a") as file:
             file.write(json.dumps(record) + "\n")
 
     def stop_here():
-        nonlocal saved_step
+        """Ctrl-C was pressed: save the finished step (unless the epoch's end just did) and say how to go on."""
         step = epoch * steps_per_epoch + batch_in_epoch
         if saved_step != step:
             save_checkpoint(last_path, state())
