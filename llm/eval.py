@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llm.generate import load_model, pick_device
+from llm.generate import check_tokenizer, load_model, pick_device
 from llm.prepare import PrepareError, prepare, read_token_file, saved_hf_source
 
 HF_DEFAULT_CONTEXT = 1024  # --hf: windows of the model's context, at most this many tokens (CPU time grows with it)
@@ -99,6 +99,7 @@ def evaluate_checkpoint(checkpoint_path: str, device, context_length=None, batch
     prepared = prepare(train_args.get("dataset", "wikitext-2"), checkpoint["config"]["vocab_size"],
                        Path(train_args.get("data_dir", "runs/llm/data")), train_args.get("text_file"),
                        log=lambda *a: None, hf=saved_hf_source(train_args))
+    check_tokenizer(checkpoint, prepared.tokenizer_path, checkpoint_path)  # the same ids as in training
     length = context_length or model.config.context_length
     if length > model.rope_cos.size(0):
         model.set_rope_table(length)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from llm.model import KVCache, Llama, LlamaConfig
+from llm.prepare import file_sha256
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -28,6 +29,10 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def print_notice(message: str):
+    print(message, file=sys.stderr)
+
+
 @torch.no_grad()
 def generate(
     model: Llama,
@@ -41,22 +46,36 @@ def generate(
     generator: torch.Generator | None = None,
     on_token=None,
     return_logits: bool = False,
+    notice=print_notice,
 ):
-    """Extend prompt_ids; with the cache: one prefill pass over the prompt, then one position per step."""
+    """Extend prompt_ids by max_new_tokens tokens (fewer only when eos_id comes).
+
+    The model places at most `window` positions (its RoPE table: the trained context) and always sees the most
+    recent `window` tokens. With the cache: one prefill pass over the prompt, then one position per step; once the
+    window is full, each step prefills the latest `window` tokens again (a cache cannot simply slide: every key was
+    rotated for the position it had). Without the cache every step recomputes the latest window. A prompt longer
+    than the window is cut to its last `window` tokens, and `notice` says so in one line.
+    """
     model.eval()
     device = model.embedding.weight.device
-    limit = model.rope_cos.size(0)
-    if len(prompt_ids) + max_new_tokens > limit:
-        max_new_tokens = max(0, limit - len(prompt_ids))
-    tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, device) if use_cache else None
+    window = model.rope_cos.size(0)
+    if len(prompt_ids) > window:
+        notice(f"note: the prompt has {len(prompt_ids)} tokens, more than the model's context of {window}; "
+               f"it continues from the last {window}")
+    tokens = list(prompt_ids)
+    cache = None
+    if use_cache:  # keys and values are stored in the model's own precision
+        cache_length = min(window, len(prompt_ids) + max_new_tokens)
+        cache = KVCache(model.config, 1, cache_length, device, model.embedding.weight.dtype)
     generated, step_logits = [], []
-    next_input = tokens
-    for _ in range(max_new_tokens):
-        if use_cache:
-            logits, _ = model(next_input, cache=cache)  # prefill: (1, T, V); afterwards (1, 1, V)
+    for step in range(max_new_tokens):
+        if use_cache and step > 0 and cache.length < window:
+            feed = tokens[-1:]  # one new position; the cache holds the rest of the window
         else:
-            logits, _ = model(tokens)  # recompute the whole prefix: (1, T, V)
+            feed = tokens[-window:]  # no cache, the prefill, or a full window prefilled again
+            if use_cache:
+                cache.length = 0
+        logits, _ = model(torch.tensor([feed], dtype=torch.long, device=device), cache=cache)  # (1, len(feed), V)
         last_logits = logits[:, -1, :].float()  # (1, V)
         if return_logits:
             step_logits.append(last_logits.cpu())
@@ -64,15 +83,14 @@ def generate(
             next_token = last_logits.argmax(dim=-1, keepdim=True)  # greedy (1, 1)
         else:
             probabilities = filter_logits(last_logits / temperature, top_k, top_p).softmax(dim=-1)
-            next_token = torch.multinomial(probabilities.cpu(), 1, generator=generator).to(device)  # (1, 1)
+            next_token = torch.multinomial(probabilities.cpu(), 1, generator=generator)  # (1, 1)
         token_id = int(next_token.item())
         generated.append(token_id)
+        tokens.append(token_id)
         if on_token is not None:
             on_token(token_id)
         if eos_id is not None and token_id == eos_id:
             break
-        tokens = torch.cat([tokens, next_token], dim=1)
-        next_input = next_token
     if return_logits:
         return generated, torch.cat(step_logits) if step_logits else torch.empty(0)
     return generated
@@ -95,6 +113,15 @@ def load_model(checkpoint_path: str, device) -> tuple[Llama, dict]:
     except RuntimeError as error:
         raise ValueError(f"checkpoint {path} does not match its config: {str(error).splitlines()[0]}") from None
     return model, checkpoint
+
+
+def check_tokenizer(checkpoint: dict, tokenizer_path, checkpoint_path) -> None:
+    """Refuse, in one line (ValueError), a tokenizer other than the one the checkpoint recorded (by sha256)."""
+    recorded = checkpoint.get("tokenizer_sha256")
+    if recorded and file_sha256(Path(tokenizer_path)) != recorded:
+        raise ValueError(f"the tokenizer {tokenizer_path} is not the one {checkpoint_path} was trained with "
+                         f"(its sha256 differs: the text or the vocabulary changed since); refusing to score or "
+                         f"generate with ids that mean other pieces")
 
 
 def pick_device(name: str) -> torch.device:
@@ -165,6 +192,7 @@ def main():
             tokenizer_path = checkpoint.get("tokenizer_path", "")
             if not Path(tokenizer_path).is_file():
                 raise ValueError(f"the tokenizer {tokenizer_path!r} of this checkpoint is missing; rerun llm/train.py")
+            check_tokenizer(checkpoint, tokenizer_path, args.checkpoint)
     except ValueError as error:
         sys.exit(f"error: {error}")
     if not args.hf:
@@ -174,12 +202,13 @@ def main():
     prompt_ids = processor.encode(prompt.rstrip("\n"))
     generator = torch.Generator().manual_seed(args.seed)
     for sample in range(args.num_samples):
-        print(f"--- sample {sample + 1} ---")
+        print(f"--- sample {sample + 1} ---", flush=True)
         sys.stdout.write(prompt.rstrip("\n"))
         generate(
             model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
             use_cache=not args.no_kv_cache, eos_id=processor.eos_id(), generator=generator,
             on_token=StreamPrinter(processor, prompt_ids),
+            notice=print_notice if sample == 0 else (lambda message: None),  # a shortened prompt is said once
         )
         print()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llm.generate import load_model, pick_device
+from llm.generate import check_tokenizer, load_model, pick_device
 from llm.model import Llama, LlamaConfig
 from llm.prepare import PrepareError, prepare, read_token_file, saved_hf_source
 
@@ -54,6 +54,7 @@ def main():
         prepared = prepare(train_args.get("dataset", "wikitext-2"), checkpoint["config"]["vocab_size"],
                            Path(train_args.get("data_dir", "runs/llm/data")), train_args.get("text_file"),
                            log=lambda *a: None, hf=saved_hf_source(train_args))
+        check_tokenizer(checkpoint, prepared.tokenizer_path, args.checkpoint)  # the same ids as in training
     except (ValueError, PrepareError) as error:
         sys.exit(f"error: {error}")
     tokens = read_token_file(prepared.token_files["valid"])

@@ -71,8 +71,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        root_mean_square = torch.rsqrt(x.float().pow(2).mean(dim=-1, keepdim=True) + self.eps)  # (..., 1)
-        return (x.float() * root_mean_square).type_as(x) * self.weight
+        x_float = x.float()  # the mean of squares in fp32 even under bf16 autocast (a no-op when x is fp32)
+        root_mean_square = torch.rsqrt(x_float.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # (..., 1)
+        return (x_float * root_mean_square).type_as(x) * self.weight
 
 
 def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
@@ -106,8 +107,8 @@ def rope_cos_sin(config: LlamaConfig, length: int) -> tuple[torch.Tensor, torch.
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Eq. 5: rotate each channel pair (x_i, x_{i+d/2}) of x (B, heads, T, head_dim) by the angle m * theta_i."""
-    first, second = x.float().chunk(2, dim=-1)  # each (B, heads, T, head_dim/2)
-    rotated_first = first * cos - second * sin
+    first, second = x.chunk(2, dim=-1)  # each (B, heads, T, head_dim/2): views, no copy
+    rotated_first = first * cos - second * sin  # under bf16 autocast: bf16 x times the fp32 table gives fp32
     rotated_second = first * sin + second * cos
     return torch.cat([rotated_first, rotated_second], dim=-1).type_as(x)  # (B, heads, T, head_dim)
 
@@ -276,7 +277,7 @@ class Llama(nn.Module):
             cache.length += length
         x = self.final_norm(x)
         output_weight = self.embedding.weight if self.output_proj is None else self.output_proj.weight  # (vocab, d)
-        logits = x @ output_weight.t()  # (B, T, vocab)
+        logits = F.linear(x, output_weight)  # (B, T, vocab): x W^T in one call, without a transposed copy
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))

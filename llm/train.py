@@ -7,6 +7,7 @@ Every finished stage of the data pipeline is reused while its inputs are unchang
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -73,8 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=1337, help="random seed")
     train.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     train.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="autocast dtype; auto = bf16 on GPUs that support it, fp16 on others, fp32 on CPU")
-    train.add_argument("--compile", action="store_true", help="torch.compile the model")
+                       help="autocast dtype; auto = bf16 on GPUs that support it (else fp16), on a CPU bf16 "
+                            "where a timed bf16 matmul is clearly faster than fp32 (else fp32)")
+    train.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                       help="torch.compile the model; auto = when a compiler works here and the run is long enough "
+                            "to repay compiling (--compile alone = on)")
     train.add_argument("--out-dir", default="runs/llm", help="checkpoints, metrics.jsonl and plots")
     train.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt")
     train.add_argument("--num-samples", type=int, default=3, help="samples printed at the end")
@@ -186,15 +190,10 @@ def evaluate_loss(model, tokens, context_length, batch_size, device, autocast, m
 
 
 def autocast_context(device: torch.device, dtype_name: str):
-    """bf16 autocast where the device is fast at it (fp16 + GradScaler on older GPUs); fp32 on CPU by default."""
-    if dtype_name == "auto":
-        if device.type == "cuda":
-            dtype_name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype_name = "float32"  # measured: this CPU has no bf16 matmul units, bf16 runs ~80x slower
+    """Matrix products in dtype_name under torch.autocast (weights and optimizer stay fp32); fp32 = no autocast."""
     if dtype_name == "float32":
-        return nullcontext(), "float32"
-    return torch.autocast(device.type, dtype=getattr(torch, dtype_name)), dtype_name
+        return nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype_name))
 
 
 def measure_matmul_peak(device: torch.device, dtype=torch.float32, size: int = 1024, repeats: int = 8) -> float:
@@ -218,6 +217,74 @@ def save_checkpoint(path: Path, state: dict):
     temporary = path.with_suffix(".tmp")
     torch.save(state, temporary)
     os.replace(temporary, path)
+
+
+BF16_SPEEDUP_NEEDED = 1.3  # on a CPU, bf16 autocast only where its matmul is at least this much faster than fp32
+
+
+def choose_dtype(device: torch.device, measure=None) -> tuple[str, str]:
+    """--dtype auto: the precision to train in, and the measurement behind the choice (one line for the header).
+
+    CUDA: bf16 where the GPU supports it, else fp16 (with a GradScaler). CPU: time a bf16 and an fp32 matmul and
+    take bf16 only where it is clearly faster (AVX-512 BF16 or AMX units); without them bf16 is a slow emulation.
+    """
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "this GPU supports bf16"
+        return "float16", "this GPU has no bf16; fp16 with loss scaling"
+    if device.type != "cpu":
+        return "float32", f"no bf16 measurement on {device.type}"
+    measure = measure or measure_matmul_peak
+    with torch.random.fork_rng(devices=[]):  # the measurement never moves the training RNG
+        fp32 = measure(device, torch.float32, size=512, repeats=4)
+        bf16 = measure(device, torch.bfloat16, size=512, repeats=4)
+    choice = "bfloat16" if bf16 >= BF16_SPEEDUP_NEEDED * fp32 else "float32"
+    return choice, f"512x512 matmul: bf16 {bf16 / 1e9:.1f} GFLOP/s, fp32 {fp32 / 1e9:.1f} GFLOP/s"
+
+
+COMPILE_PAYS_OFF_S = 300  # compiling costs about a minute and saves a fraction of every step: worth it past ~5 min
+
+
+@functools.cache
+def compiler_problem(device_type: str) -> str:
+    """'' when torch.compile builds and runs a tiny function on this device type, else why not (asked once)."""
+    try:
+        x = torch.linspace(-1.0, 1.0, 16, device=device_type)
+        compiled = torch.compile(lambda t: torch.sin(t) * 2 + 1)
+        if not torch.allclose(compiled(x), torch.sin(x) * 2 + 1):
+            return "torch.compile computed a test function wrongly"
+    except Exception as error:  # noqa: BLE001 - no C++ compiler, a broken toolchain, an unsupported platform
+        first_line = (str(error).strip().splitlines() or [""])[0][:100]
+        return f"torch.compile cannot build a test function ({type(error).__name__}: {first_line})"
+    return ""
+
+
+@torch.no_grad()
+def eager_step_seconds(model, batch_size: int, context_length: int, grad_accum: int, device, autocast) -> float:
+    """One training step's seconds without compiling, from a timed forward pass (its backward costs about two)."""
+    tokens = torch.zeros(batch_size, context_length, dtype=torch.long, device=device)  # (B, T)
+    model.eval()  # no dropout: the estimate draws nothing from the training RNG
+    for _ in range(2):  # a warm-up, then the timed pass
+        start = time.perf_counter()
+        with autocast:
+            model(tokens)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    model.train()
+    return 3 * grad_accum * (time.perf_counter() - start)
+
+
+def decide_compile(mode: str, device, estimated_seconds: float | None) -> tuple[bool, str]:
+    """--compile on/off as given; auto compiles when the compiler works and the run is long enough to repay it."""
+    if mode != "auto":
+        return mode == "on", f"--compile {mode}"
+    if estimated_seconds < COMPILE_PAYS_OFF_S:
+        return False, (f"runs eager: about {estimated_seconds / 60:.1f} min of training is too short to repay "
+                       f"compiling (auto compiles runs over {COMPILE_PAYS_OFF_S // 60} min)")
+    problem = compiler_problem(device.type)
+    if problem:
+        return False, f"runs eager: {problem}"
+    return True, f"compiles: about {estimated_seconds / 60:.0f} min of eager training repay the compile time"
 
 
 def plot_curves(metrics_path: Path, png_path: Path):
@@ -306,7 +373,12 @@ def main(argv=None):
         sys.exit(f"error: {error}")
     model = Llama(config).to(device)
     optimizer = make_optimizer(model, args)
-    autocast, dtype_name = autocast_context(device, args.dtype)
+    dtype_name, dtype_reason = (args.dtype, "--dtype") if args.dtype != "auto" else choose_dtype(device)
+    if distributed:  # every rank must train in the precision rank 0 measured
+        decision = [dtype_name, dtype_reason]
+        dist.broadcast_object_list(decision, src=0)
+        dtype_name, dtype_reason = decision
+    autocast = autocast_context(device, dtype_name)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype_name == "float16")
     log(f"model: {model.num_parameters():,} parameters ({model.num_parameters(False):,} without the embedding)")
 
@@ -337,9 +409,17 @@ def main(argv=None):
     elif is_main and metrics_path.exists():
         metrics_path.unlink()
 
-    train_model = model
-    if args.compile:
-        train_model = torch.compile(model)
+    estimated_seconds = None
+    if args.compile == "auto":
+        remaining_steps = max(0, args.max_steps - start_step)
+        estimated_seconds = remaining_steps * eager_step_seconds(model, args.batch_size, args.context_length,
+                                                                 args.grad_accum, device, autocast)
+    compiled, compile_reason = decide_compile(args.compile, device, estimated_seconds)
+    if distributed:  # every rank runs the same way as rank 0
+        decision = [compiled, compile_reason]
+        dist.broadcast_object_list(decision, src=0)
+        compiled, compile_reason = decision
+    train_model = torch.compile(model) if compiled else model
     if distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(train_model)
 
@@ -356,11 +436,13 @@ def main(argv=None):
 
     global_batch = args.batch_size * args.grad_accum * world_size
     tokens_per_step = global_batch * args.context_length
-    peak_flops = measure_matmul_peak(device) if is_main else 1.0
+    peak_flops = measure_matmul_peak(device, getattr(torch, dtype_name)) if is_main else 1.0  # MFU's reference
     flops_per_token = model.flops_per_token()
     log(f"global batch {global_batch} x {args.context_length} = {tokens_per_step:,} tokens/step; "
         f"{args.max_steps} steps = {args.max_steps * tokens_per_step / max(1, len(train_tokens)):.2f} epochs; "
-        f"dtype {dtype_name}; matmul peak {peak_flops / 1e9:.1f} GFLOP/s")
+        f"matmul peak {peak_flops / 1e9:.1f} GFLOP/s in {dtype_name}")
+    log(f"dtype {dtype_name} ({dtype_reason})")
+    log(f"compile: {compile_reason}")
 
     stop = StopFlag()
     metrics_file = open(metrics_path, "a") if is_main else None
@@ -403,6 +485,11 @@ def main(argv=None):
         mfu = tokens_per_second * flops_per_token / peak_flops / world_size
         record = {"step": completed, "train_loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
                   "tokens_per_s": tokens_per_second, "mfu": mfu}
+        if step == start_step:  # the first step compiles (or warms up): its time is not training throughput
+            record["first_step_s"] = elapsed
+            if compiled:
+                progress.write(f"compiled in {elapsed:.0f} s (the first step; tokens/s counts from the second)")
+            interval_start, interval_tokens = time.perf_counter(), 0
         progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_second:,.0f}",
                              mfu=f"{mfu:.0%}")
         if completed % args.eval_every == 0 or completed == args.max_steps:

@@ -22,7 +22,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 TINY = ["--d-model", "32", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2", "--context-length", "32",
         "--batch-size", "4", "--vocab-size", "400", "--num-samples", "1", "--sample-tokens", "8", "--lr", "3e-3",
-        "--warmup-steps", "2", "--eval-batches", "2"]
+        "--warmup-steps", "2", "--eval-batches", "2", "--dtype", "float32"]  # exact comparisons: no bf16 autocast
 
 
 @pytest.fixture(scope="module")

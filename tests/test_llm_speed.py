@@ -1,0 +1,187 @@
+"""Tests of the llm chapter's speed paths: the precision and compile choices, the fused projections, and
+generation at the edges of the context. They check results, never timings (llm/bench.py measures speed)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data import fetch
+from llm.generate import check_tokenizer, generate
+from llm.model import Llama, LlamaConfig, apply_rope
+from llm.prepare import file_sha256, prepare
+from llm.train import COMPILE_PAYS_OFF_S, choose_dtype, compiler_problem, decide_compile
+
+# One thread: tiny tensors gain nothing from more, and on a busy machine extra threads only wait for cores.
+torch.set_num_threads(1)
+CPU = torch.device("cpu")
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    settings = dict(vocab_size=97, context_length=24, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32)
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+def stubbed_matmul(figures: dict):
+    """A stand-in for measure_matmul_peak that returns the given FLOP/s for each dtype (and draws from the RNG)."""
+
+    def measure(device, dtype, size, repeats):
+        torch.randn(4)  # a real measurement draws random matrices: the choice must not move the training RNG
+        return figures[dtype]
+
+    return measure
+
+
+def test_auto_dtype_takes_bf16_on_a_cpu_only_where_its_matmul_is_clearly_faster():
+    fast_bf16 = stubbed_matmul({torch.float32: 100e9, torch.bfloat16: 400e9})  # AMX / AVX-512 BF16
+    emulated_bf16 = stubbed_matmul({torch.float32: 100e9, torch.bfloat16: 1e9})  # no bf16 units: 100x slower
+    marginal_bf16 = stubbed_matmul({torch.float32: 100e9, torch.bfloat16: 110e9})  # not worth the precision
+    choice, reason = choose_dtype(CPU, fast_bf16)
+    assert choice == "bfloat16"
+    assert "400.0" in reason and "100.0" in reason  # the header shows both figures
+    assert choose_dtype(CPU, emulated_bf16)[0] == "float32"
+    assert choose_dtype(CPU, marginal_bf16)[0] == "float32"
+
+
+def test_auto_dtype_measurement_leaves_the_training_rng_where_it_was():
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    choose_dtype(CPU, stubbed_matmul({torch.float32: 1.0, torch.bfloat16: 2.0}))
+    choose_dtype(CPU)  # the real measurement too
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_compile_auto_runs_eager_when_the_run_is_too_short_and_on_off_are_obeyed():
+    compiled, reason = decide_compile("auto", CPU, COMPILE_PAYS_OFF_S / 10)
+    assert not compiled and reason.startswith("runs eager: about") and "too short" in reason
+    assert decide_compile("off", CPU, 10 * COMPILE_PAYS_OFF_S) == (False, "--compile off")
+    assert decide_compile("on", CPU, 1.0) == (True, "--compile on")
+    compiled, reason = decide_compile("auto", CPU, 10 * COMPILE_PAYS_OFF_S)
+    assert compiled == (compiler_problem("cpu") == "")  # a long run compiles exactly where a compiler works
+    assert reason.startswith("compiles:" if compiled else "runs eager: torch.compile")
+
+
+def test_compiled_model_gives_the_eager_loss():
+    problem = compiler_problem("cpu")
+    if problem:
+        pytest.skip(problem)
+    model = Llama(tiny_config())
+    tokens = torch.randint(0, 97, (2, 25))  # (B, T+1)
+    with torch.no_grad():
+        eager_logits, eager_loss = model(tokens[:, :-1], tokens[:, 1:])
+        compiled_logits, compiled_loss = torch.compile(model)(tokens[:, :-1], tokens[:, 1:])
+    assert compiled_loss.item() == pytest.approx(eager_loss.item(), abs=1e-5)
+    torch.testing.assert_close(compiled_logits, eager_logits, atol=1e-5, rtol=1e-4)
+
+
+def unfused_logits(model: Llama, tokens: torch.Tensor) -> torch.Tensor:
+    """The model's forward pass with separate W_q, W_k, W_v and W_gate, W_up matmuls, written out."""
+    config = model.config
+    batch, length = tokens.shape
+    heads, kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+    cos, sin = model.rope_cos[:length], model.rope_sin[:length]
+    x = model.embedding(tokens)  # (B, T, d)
+    for block in model.blocks:
+        attention, ffn = block.attention, block.ffn
+        w_query, w_key, w_value = attention.qkv_proj.weight.split(attention.qkv_sizes)  # rows [W_q; W_k; W_v]
+        h = block.attention_norm(x)
+        query = (h @ w_query.T).view(batch, length, heads, head_dim).transpose(1, 2)  # (B, H, T, hd)
+        key = (h @ w_key.T).view(batch, length, kv_heads, head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        value = (h @ w_value.T).view(batch, length, kv_heads, head_dim).transpose(1, 2)
+        query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+        key = key.repeat_interleave(heads // kv_heads, dim=1)  # (B, H, T, hd)
+        value = value.repeat_interleave(heads // kv_heads, dim=1)
+        attended = F.scaled_dot_product_attention(query, key, value, is_causal=True)  # (B, H, T, hd)
+        x = x + attended.transpose(1, 2).reshape(batch, length, -1) @ attention.out_proj.weight.T
+        w_gate, w_up = ffn.gate_up_proj.weight.split(config.ffn_hidden)  # rows [W_gate; W_up]
+        h = block.ffn_norm(x)
+        x = x + (F.silu(h @ w_gate.T) * (h @ w_up.T)) @ ffn.down_proj.weight.T
+    return model.final_norm(x) @ model.embedding.weight.T  # (B, T, vocab)
+
+
+def test_fused_qkv_and_gate_up_projections_give_the_logits_of_separate_matmuls():
+    model = Llama(tiny_config(n_heads=4, n_kv_heads=2)).eval()
+    tokens = torch.randint(0, 97, (3, 24))
+    with torch.no_grad():
+        fused, _ = model(tokens)
+        torch.testing.assert_close(fused, unfused_logits(model, tokens), atol=1e-5, rtol=1e-4)
+
+
+def uncached_window_reference(model: Llama, prompt: list[int], new_tokens: int):
+    """Greedy decoding written plainly: every step runs the whole latest window of the context's length."""
+    window = model.config.context_length
+    tokens, step_logits = list(prompt), []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits, _ = model(torch.tensor([tokens[-window:]]))
+            step_logits.append(logits[0, -1])
+            tokens.append(int(logits[0, -1].argmax()))
+    return tokens[len(prompt):], torch.stack(step_logits)
+
+
+@pytest.mark.parametrize("prompt_length", [10, 24, 40])  # shorter than, as long as and longer than the context
+def test_generation_past_the_context_gives_every_token_and_equals_the_uncached_window(prompt_length, capsys):
+    model = Llama(tiny_config(context_length=24)).eval()
+    prompt = torch.randint(0, 97, (prompt_length,)).tolist()
+    expected_tokens, expected_logits = uncached_window_reference(model, prompt, 30)  # runs 16-46 past the context
+    for use_cache in (True, False):
+        tokens, logits = generate(model, prompt, 30, temperature=0.0, use_cache=use_cache, return_logits=True)
+        assert tokens == expected_tokens
+        torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-4)
+    notices = capsys.readouterr().err.splitlines()
+    if prompt_length > 24:  # said once per call, in one line
+        assert notices == [f"note: the prompt has {prompt_length} tokens, more than the model's context of 24; "
+                           "it continues from the last 24"] * 2
+    else:
+        assert notices == []
+
+
+def test_sampled_generation_past_the_context_is_the_same_with_and_without_the_cache():
+    model = Llama(tiny_config(context_length=16)).eval()
+    prompt = torch.randint(0, 97, (20,)).tolist()
+    runs = [generate(model, prompt, 40, temperature=1.0, top_p=0.9, use_cache=use_cache,
+                     generator=torch.Generator().manual_seed(5), notice=lambda message: None)
+            for use_cache in (True, False)]
+    assert len(runs[0]) == 40 and runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_models_in_bf16_and_float64_generate_with_a_cache_of_their_own_dtype(dtype):
+    model = Llama(tiny_config(context_length=16)).to(dtype).eval()
+    prompt = torch.randint(0, 97, (6,)).tolist()
+    cached, cached_logits = generate(model, prompt, 20, temperature=0.0, return_logits=True)
+    recomputed, recomputed_logits = generate(model, prompt, 20, temperature=0.0, use_cache=False, return_logits=True)
+    assert len(cached) == 20
+    if dtype == torch.float64:  # in float64 the cache changes nothing but the work done
+        assert cached == recomputed
+        torch.testing.assert_close(cached_logits, recomputed_logits, atol=1e-10, rtol=1e-10)
+    else:  # bf16 rounds the prefill and the one-position steps differently: close, not equal
+        assert (cached_logits - recomputed_logits).abs().max() < 0.05
+
+
+def test_a_tokenizer_other_than_the_checkpoints_is_refused_in_one_line(tmp_path, run_cli):
+    text_file = tmp_path / "wiki.txt"
+    text_file.write_text((fetch("wikitext-2") / "valid.raw").read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+    data_dir = tmp_path / "data"
+    prepared = prepare("wikitext-2", 400, data_dir, str(text_file), log=lambda *a: None)
+    config = tiny_config(vocab_size=400)
+    checkpoint = {"model": Llama(config).state_dict(), "config": config.to_dict(), "step": 1,
+                  "args": {"dataset": "wikitext-2", "text_file": str(text_file), "data_dir": str(data_dir)},
+                  "tokenizer_path": str(prepared.tokenizer_path),
+                  "tokenizer_sha256": file_sha256(prepared.tokenizer_path)}
+    check_tokenizer(checkpoint, prepared.tokenizer_path, "good.pt")  # the recorded tokenizer passes
+    checkpoint["tokenizer_sha256"] = "0" * 64  # as if the text had changed and the tokenizer been retrained since
+    path = tmp_path / "model.pt"
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match="sha256 differs"):
+        check_tokenizer(checkpoint, prepared.tokenizer_path, path)
+    for script in ("llm/generate.py", "llm/eval.py", "llm/long_context.py"):
+        extra = ["--out-dir", str(tmp_path)] if script == "llm/long_context.py" else []
+        result = run_cli(script, "--checkpoint", str(path), *extra, env={"OMP_NUM_THREADS": "1"})
+        assert result.returncode != 0, script
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: the tokenizer") and "sha256 differs" in lines[0], (
+            script, result.stderr[-500:])
+        assert Path(prepared.tokenizer_path).is_file()
