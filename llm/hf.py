@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import unittest.mock
 from pathlib import Path
 
 import torch
@@ -172,8 +173,12 @@ def halves_to_neighbour_pairs(weight: torch.Tensor, n_heads: int) -> torch.Tenso
 
 
 def model_from_state(config: LlamaConfig, state: dict, source: str) -> Llama:
-    """Build the model without initialising weights (on the meta device) and move the given tensors in."""
-    with torch.device("meta"):
+    """Build the model without initialising weights (on the meta device) and move the given tensors in.
+
+    Random initialisation would be thrown away at once; on the meta device normal_ would also load torch's slow
+    Python reference kernels (seconds), so it is switched off while the empty model is built.
+    """
+    with torch.device("meta"), unittest.mock.patch("torch.nn.init.normal_", lambda tensor, *args, **kwargs: tensor):
         model = Llama(config)
     try:
         model.load_state_dict(state, assign=True)
