@@ -1,6 +1,6 @@
 """Side-by-side speed measurements of the default model, all in one run so the ratios are fair.
 
-    python llm/bench.py     # matmul peak, training tokens/s + MFU (fp32, bf16), generation with/without KV cache
+    python llm/bench.py     # matmul peaks; training tokens/s + MFU, eager/compiled x fp32/bf16; KV-cache generation
 
 Numbers depend on the machine and its thread count (set OMP_NUM_THREADS to compare).
 """
@@ -10,14 +10,20 @@ import json
 import resource
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from llm.generate import generate, pick_device
 from llm.model import KVCache, Llama, LlamaConfig
-from llm.train import build_parser, make_optimizer, measure_matmul_peak
+from llm.train import (
+    autocast_context,
+    build_parser,
+    choose_dtype,
+    compiler_problem,
+    make_optimizer,
+    measure_matmul_peak,
+)
 
 
 def default_config(attention_impl: str = "torch") -> tuple[LlamaConfig, argparse.Namespace]:
@@ -31,24 +37,89 @@ def default_config(attention_impl: str = "torch") -> tuple[LlamaConfig, argparse
 
 def training_throughput(config, args, device, dtype: torch.dtype | None, steps: int, batch_size=None) -> float:
     """Tokens per second of full optimizer steps (forward, backward, AdamW) on random tokens."""
-    torch.manual_seed(0)
-    model = Llama(config).to(device)
-    optimizer = make_optimizer(model, args)
-    batch_size = batch_size or args.batch_size
-    inputs = torch.randint(0, config.vocab_size, (batch_size, config.context_length), device=device)
-    targets = torch.randint(0, config.vocab_size, (batch_size, config.context_length), device=device)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-    for step in range(steps + 1):  # one warm-up step
-        if step == 1:
-            synchronize(device)
-            start = time.perf_counter()
-        with autocast:
-            _, loss = model(inputs, targets)
+    run = TrainingRun(config, args, device, "float32" if dtype is None else str(dtype).removeprefix("torch."), False,
+                      batch_size)
+    return run.tokens_per_second(steps)
+
+
+class TrainingRun:
+    """One way of training the default model (a precision, eager or compiled): full optimizer steps on random tokens.
+
+    Built and warmed up once (for a compiled model the warm-up is the compile, timed separately), then timed
+    in rounds that alternate with the other ways, so that a busy moment of the machine hits all of them alike.
+    """
+
+    def __init__(self, config, args, device, dtype_name: str, compiled: bool, batch_size=None):
+        torch.manual_seed(0)
+        self.device = device
+        self.model = Llama(config).to(device)
+        self.optimizer = make_optimizer(self.model, args)
+        self.step_model = torch.compile(self.model) if compiled else self.model
+        batch_size = batch_size or args.batch_size
+        self.inputs = torch.randint(0, config.vocab_size, (batch_size, config.context_length), device=device)
+        self.targets = torch.randint(0, config.vocab_size, (batch_size, config.context_length), device=device)
+        self.autocast = autocast_context(device, dtype_name)
+        start = time.perf_counter()
+        self.step()  # the first step compiles (or warms up the allocator and kernels)
+        self.step()
+        synchronize(device)
+        self.warmup_seconds = time.perf_counter() - start
+
+    def step(self):
+        with self.autocast:
+            _, loss = self.step_model(self.inputs, self.targets)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    synchronize(device)
-    return steps * inputs.numel() / (time.perf_counter() - start)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def tokens_per_second(self, steps: int) -> float:
+        synchronize(self.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        synchronize(self.device)
+        return steps * self.inputs.numel() / (time.perf_counter() - start)
+
+
+def spread(values: list) -> dict:
+    """Median and range of repeated measurements."""
+    ordered = sorted(values)
+    return {"median": ordered[len(ordered) // 2], "min": ordered[0], "max": ordered[-1], "runs": values}
+
+
+def compare_training(config, train_args, device, steps: int, rounds: int, precisions, compile_too: bool) -> dict:
+    """Training tokens/s and MFU of eager/compiled x each precision, in alternating rounds; ratios to fp32 eager."""
+    peaks = {name: measure_matmul_peak(device, getattr(torch, name)) for name in precisions}
+    flops_per_token = Llama(config).flops_per_token()
+    ways = [(name, compiled) for compiled in ([False, True] if compile_too else [False]) for name in precisions]
+    runs = {}
+    for name, compiled in ways:
+        label = f"{'compiled' if compiled else 'eager'}_{name}"
+        runs[label] = TrainingRun(config, train_args, device, name, compiled)
+        print(f"{label:17s}: built{' and compiled' if compiled else ''} in {runs[label].warmup_seconds:.1f} s "
+              f"(two warm-up steps)", flush=True)
+    speeds = {label: [] for label in runs}
+    for _ in range(rounds):
+        for label, run in runs.items():
+            speeds[label].append(run.tokens_per_second(steps))
+    baseline = speeds["eager_float32"]
+    results = {"matmul_peak_gflops": {name: peak / 1e9 for name, peak in peaks.items()},
+               "flops_per_token": flops_per_token, "steps_per_round": steps, "rounds": rounds, "ways": {}}
+    print("matmul peak (1024x1024): " + ", ".join(f"{n} {p / 1e9:.1f} GFLOP/s" for n, p in peaks.items()))
+    print(f"{'training':17s}  tokens/s median [range]   vs eager fp32 [range]   MFU of fp32 peak, of own peak")
+    for (name, compiled), (label, values) in zip(ways, speeds.items()):
+        ratios = [value / base for value, base in zip(values, baseline)]  # same round, same moment of the machine
+        tokens = spread(values)
+        way = {"dtype": name, "compiled": compiled, "tokens_per_s": tokens, "ratio_to_eager_float32": spread(ratios),
+               "mfu_of_float32_peak": tokens["median"] * flops_per_token / peaks["float32"],
+               "mfu_of_own_peak": tokens["median"] * flops_per_token / peaks[name],
+               "warmup_seconds": runs[label].warmup_seconds}
+        results["ways"][label] = way
+        ratio = way["ratio_to_eager_float32"]
+        print(f"{label:17s}  {tokens['median']:7,.0f} [{tokens['min']:,.0f}-{tokens['max']:,.0f}]   "
+              f"{ratio['median']:.2f}x [{ratio['min']:.2f}-{ratio['max']:.2f}]   "
+              f"{way['mfu_of_float32_peak']:6.1%}, {way['mfu_of_own_peak']:6.1%}")
+    return results
 
 
 def synchronize(device):
@@ -78,37 +149,40 @@ def peak_memory_mb(device) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--train-steps", type=int, default=5, help="timed optimizer steps per precision")
+    parser.add_argument("--train-steps", type=int, default=5, help="timed optimizer steps per way and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of timing (ratios: median and range)")
+    parser.add_argument("--skip-compile", action="store_true", help="skip the torch.compile measurements")
     parser.add_argument("--gen-lengths", default="128,512,1024", help="comma-separated numbers of new tokens")
     parser.add_argument("--skip-bf16", action="store_true", help="skip the bf16 measurements")
     parser.add_argument("--out", default="runs/llm/bench.json", help="where to write the measurements as JSON")
     args = parser.parse_args()
     try:
         lengths = [int(n) for n in args.gen_lengths.split(",")]
-        if args.train_steps < 1 or min(lengths) < 1:
+        if args.train_steps < 1 or args.rounds < 1 or min(lengths) < 1:
             raise ValueError
     except ValueError:
-        sys.exit("error: --train-steps must be positive and --gen-lengths a list of positive integers")
+        sys.exit("error: --train-steps and --rounds must be positive and --gen-lengths a list of positive integers")
     device = pick_device(args.device)
     config, train_args = default_config()
     results = {"device": str(device), "threads": torch.get_num_threads(), "config": config.to_dict()}
     flops_per_token = Llama(config).flops_per_token()
     print(f"device {device}, {torch.get_num_threads()} threads; default model, {flops_per_token / 1e6:.1f} MFLOP/token")
 
-    precisions = [("float32", None)] + ([] if args.skip_bf16 else [("bfloat16", torch.bfloat16)])
-    for name, dtype in precisions:
-        peak = measure_matmul_peak(device, dtype or torch.float32, repeats=8 if dtype is None else 2)
-        slow = dtype is not None and device.type == "cpu"  # bf16 without bf16 hardware: one small step is enough
-        tokens_per_second = training_throughput(config, train_args, device, dtype, 1 if slow else args.train_steps,
-                                                batch_size=4 if slow else None)
-        mfu = tokens_per_second * flops_per_token / peak
-        results[f"matmul_peak_gflops_{name}"] = peak / 1e9
-        results[f"train_tokens_per_s_{name}"] = tokens_per_second
-        results[f"mfu_{name}"] = mfu
-        fp32_peak = results["matmul_peak_gflops_float32"] * 1e9
-        print(f"{name:8s}: matmul peak {peak / 1e9:7.1f} GFLOP/s | training {tokens_per_second:8,.0f} tokens/s "
-              f"| MFU {mfu:.1%} of this precision's peak, {tokens_per_second * flops_per_token / fp32_peak:.1%} "
-              f"of the fp32 peak")
+    precisions = ["float32"]
+    if not args.skip_bf16:
+        choice, reason = choose_dtype(device)  # on a CPU without bf16 units, bf16 is a slow emulation: skipped
+        results["auto_dtype"] = {"choice": choice, "measurement": reason}
+        if choice == "bfloat16" or device.type != "cpu":
+            precisions.append("bfloat16")
+        else:
+            print(f"bf16 skipped: --dtype auto picks {choice} here ({reason})")
+    problem = "" if args.skip_compile else compiler_problem(device.type)
+    if problem:
+        print(f"compiled runs skipped: {problem}")
+    results["compile_problem"] = problem
+    results["training"] = compare_training(config, train_args, device, args.train_steps, args.rounds, precisions,
+                                           compile_too=not (args.skip_compile or problem))
+    results["train_tokens_per_s_float32"] = results["training"]["ways"]["eager_float32"]["tokens_per_s"]["median"]
     handwritten_config, _ = default_config("handwritten")
     handwritten = training_throughput(handwritten_config, train_args, device, None, args.train_steps)
     results["train_tokens_per_s_float32_handwritten_attention"] = handwritten
