@@ -195,6 +195,15 @@ def test_exported_model_loads_in_transformers_with_our_logits_tokens_and_weights
         assert hf_tokenizer.encode(line, add_special_tokens=False) == ids, line
         assert hf_tokenizer.decode(ids) == processor.decode(ids)
     assert hf_tokenizer.eos_token_id == processor.eos_id()
+    # a folder with only the SentencePiece tokenizer.model (Llama 2 style) is read with sentencepiece
+    from llm.hf import HFTokenizer
+
+    only_sentencepiece = trained["root"] / "sentencepiece-only"
+    only_sentencepiece.mkdir()
+    for name in ("tokenizer.model", "tokenizer_config.json", "generation_config.json"):
+        (only_sentencepiece / name).write_bytes((out / name).read_bytes())
+    tokenizer = HFTokenizer(only_sentencepiece)
+    assert tokenizer.encode(lines[0]) == processor.encode(lines[0]) and tokenizer.eos_id() == processor.eos_id()
     # and back: importing the folder gives bit-identical weights
     imported = load_hf_folder(out)
     original = ours.state_dict()
