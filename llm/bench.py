@@ -162,7 +162,10 @@ def main():
             raise ValueError
     except ValueError:
         sys.exit("error: --train-steps and --rounds must be positive and --gen-lengths a list of positive integers")
-    device = pick_device(args.device)
+    try:
+        device = pick_device(args.device)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     config, train_args = default_config()
     results = {"device": str(device), "threads": torch.get_num_threads(), "config": config.to_dict()}
     flops_per_token = Llama(config).flops_per_token()

@@ -101,6 +101,11 @@ def evaluate_checkpoint(checkpoint_path: str, device, context_length=None, batch
                        log=lambda *a: None, hf=saved_hf_source(train_args))
     check_tokenizer(checkpoint, prepared.tokenizer_path, checkpoint_path)  # the same ids as in training
     length = context_length or model.config.context_length
+    shortest = min(len(read_token_file(prepared.token_files[split])) for split in splits)
+    if context_length and context_length >= shortest:  # checked before a position table of that length is built
+        raise ValueError(f"--context-length {context_length} is longer than the split it scores ({shortest} tokens)")
+    if stride is not None and stride > length:
+        raise ValueError(f"--stride {stride} is longer than the context ({length} tokens)")
     if length > model.rope_cos.size(0):
         model.set_rope_table(length)
     stride = stride if stride is not None else half_context_stride(length)

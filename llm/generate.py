@@ -12,6 +12,7 @@ import torch
 
 from llm.model import KVCache, Llama, LlamaConfig
 from llm.prepare import file_sha256
+from llm.runs import load_checkpoint, non_negative_float, non_negative_int, positive_float, positive_int, seed_int
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -99,18 +100,11 @@ def generate(
 def load_model(checkpoint_path: str, device) -> tuple[Llama, dict]:
     """Load a checkpoint written by llm/train.py; raise ValueError with a readable reason if it is not one."""
     path = Path(checkpoint_path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist")
+    checkpoint = load_checkpoint(path, "llm")  # on the CPU, tensors only; the model moves to the device below
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means a corrupt file
-        raise ValueError(f"checkpoint {path} is unreadable ({type(error).__name__})") from None
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
-        raise ValueError(f"{path} is not an llm checkpoint")
-    model = Llama(LlamaConfig(**checkpoint["config"])).to(device)
-    try:
+        model = Llama(LlamaConfig(**checkpoint["config"])).to(device)
         model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
+    except (RuntimeError, TypeError, ValueError) as error:
         raise ValueError(f"checkpoint {path} does not match its config: {str(error).splitlines()[0]}") from None
     return model, checkpoint
 
@@ -131,7 +125,17 @@ def pick_device(name: str) -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device (use auto, cpu, cuda or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available here")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {name}: MPS is not available here")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name!r}: use auto, cpu, cuda or mps")
+    return device
 
 
 class StreamPrinter:
@@ -156,12 +160,14 @@ def main():
                         help="run a Hugging Face Llama checkpoint instead: a local folder or a hub name (owner/model)")
     parser.add_argument("--prompt", default=None, help="text to continue (default: a WikiText-style heading)")
     parser.add_argument("--prompt-file", default=None, help="read the prompt from this UTF-8 file")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="stop after this many new tokens")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random")
-    parser.add_argument("--top-k", type=int, default=0, help="sample only among the k most likely tokens (0 = all)")
-    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: smallest set with this mass")
-    parser.add_argument("--num-samples", type=int, default=1, help="how many continuations to print")
-    parser.add_argument("--seed", type=int, default=1337, help="random seed of the sampler")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=200, help="stop after this many new tokens")
+    parser.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 = greedy; higher = more random")
+    parser.add_argument("--top-k", type=non_negative_int, default=0,
+                        help="sample only among the k most likely tokens (0 = all)")
+    parser.add_argument("--top-p", type=positive_float, default=0.95,
+                        help="nucleus sampling: smallest set with this mass, in (0, 1]")
+    parser.add_argument("--num-samples", type=positive_int, default=1, help="how many continuations to print")
+    parser.add_argument("--seed", type=seed_int, default=1337, help="random seed of the sampler")
     parser.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix each step")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     args = parser.parse_args()

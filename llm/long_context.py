@@ -59,6 +59,9 @@ def main():
         sys.exit(f"error: {error}")
     tokens = read_token_file(prepared.token_files["valid"])
     trained = base_model.config.context_length
+    if trained * max(factors) >= len(tokens):  # checked before a position table of that length is built
+        sys.exit(f"error: --factors {max(factors)} asks for windows of {trained * max(factors)} tokens; "
+                 f"the validation split has {len(tokens)}")
     results, curves = {}, {}
     for method in ("none", "interpolation", "ntk"):
         for factor in factors:

@@ -11,7 +11,6 @@ import functools
 import json
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -25,6 +24,22 @@ from tqdm import tqdm
 from llm.generate import StreamPrinter, generate, load_model, pick_device
 from llm.model import Llama, LlamaConfig
 from llm.prepare import PrepareError, add_hf_dataset_arguments, file_sha256, prepare, read_token_file, source_from_args
+from llm.runs import (
+    CheckpointError,
+    StopFlag,
+    changed_setting,
+    fraction,
+    load_checkpoint,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    prepare_run_folder,
+    probability,
+    remove_run_files,
+    save_checkpoint,
+    seed_int,
+)
 
 # Larger shapes for a GPU (not the default; see the README).
 PRESETS = {
@@ -39,39 +54,54 @@ PRESETS = {
     ),
 }
 
+# The settings that define a run: a resume takes them from the saved run, and refuses one given anew with
+# another value (world_size is the process count; corpus names the tokenized training data).
+FIXED_ON_RESUME = (
+    "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "context_length", "rope_theta", "dropout",
+    "attention_impl", "batch_size", "grad_accum", "world_size", "max_steps", "lr", "min_lr_ratio", "warmup_steps",
+    "weight_decay", "beta2", "grad_clip", "eval_every", "eval_batches", "seed", "corpus",
+)
+SETTING_LABELS = {"world_size": "the process count", "corpus": "the training data (--dataset, --text-file)"}
+# Where the data of a run lives: a resume without these flags finds its data where the saved run found it.
+DATA_SETTINGS = ("dataset", "text_file", "data_dir", "hf_dataset", "hf_config", "hf_split", "text_column")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="wikitext-2", help="wikitext-2 or tinystories (roneneldan/TinyStories)")
     data.add_argument("--text-file", default=None, help="train on your own UTF-8 text file (split 90/5/5 by lines)")
-    data.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    data.add_argument("--vocab-size", type=positive_int, default=4096, help="BPE vocabulary size")
     data.add_argument("--data-dir", default="runs/llm/data", help="where tokenizers and token files are kept")
     add_hf_dataset_arguments(parser)
     model = parser.add_argument_group("model")
-    model.add_argument("--d-model", type=int, default=192, help="width of the residual stream")
-    model.add_argument("--n-layers", type=int, default=4, help="number of transformer blocks")
-    model.add_argument("--n-heads", type=int, default=4, help="query heads per layer")
-    model.add_argument("--n-kv-heads", type=int, default=2, help="key/value heads (grouped-query attention)")
-    model.add_argument("--context-length", type=int, default=128, help="tokens per training sequence")
-    model.add_argument("--rope-theta", type=float, default=10000.0, help="RoPE base")
-    model.add_argument("--dropout", type=float, default=0.0, help="dropout on residual branches")
+    model.add_argument("--d-model", type=positive_int, default=192, help="width of the residual stream")
+    model.add_argument("--n-layers", type=positive_int, default=4, help="number of transformer blocks")
+    model.add_argument("--n-heads", type=positive_int, default=4, help="query heads per layer")
+    model.add_argument("--n-kv-heads", type=positive_int, default=2, help="key/value heads (grouped-query attention)")
+    model.add_argument("--context-length", type=positive_int, default=128, help="tokens per training sequence")
+    model.add_argument("--rope-theta", type=positive_float, default=10000.0, help="RoPE base")
+    model.add_argument("--dropout", type=probability, default=0.0, help="dropout on residual branches")
     model.add_argument("--attention-impl", default="torch", choices=["handwritten", "torch"],
                        help="hand-written masked softmax or fused scaled_dot_product_attention")
     train = parser.add_argument_group("training")
     train.add_argument("--preset", default=None, choices=sorted(PRESETS), help="a larger GPU configuration")
-    train.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch (per process)")
-    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step")
-    train.add_argument("--max-steps", type=int, default=3000, help="optimizer steps")
-    train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    train.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
-    train.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps")
-    train.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices (not norms)")
-    train.add_argument("--beta2", type=float, default=0.99, help="AdamW beta2")
-    train.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
-    train.add_argument("--eval-every", type=int, default=400, help="validation loss every N steps")
-    train.add_argument("--eval-batches", type=int, default=32, help="validation batches per periodic evaluation")
-    train.add_argument("--seed", type=int, default=1337, help="random seed")
+    train.add_argument("--batch-size", type=positive_int, default=8, help="sequences per micro-batch (per process)")
+    train.add_argument("--grad-accum", type=positive_int, default=1,
+                       help="micro-batches accumulated per optimizer step")
+    train.add_argument("--max-steps", type=positive_int, default=3000, help="optimizer steps")
+    train.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate")
+    train.add_argument("--min-lr-ratio", type=fraction, default=0.1, help="final learning rate as a fraction of --lr")
+    train.add_argument("--warmup-steps", type=non_negative_int, default=100, help="linear warmup steps")
+    train.add_argument("--weight-decay", type=non_negative_float, default=0.1,
+                       help="AdamW decay on matrices (not norms)")
+    train.add_argument("--beta2", type=probability, default=0.99, help="AdamW beta2")
+    train.add_argument("--grad-clip", type=non_negative_float, default=1.0,
+                       help="clip the global gradient norm (0 = off)")
+    train.add_argument("--eval-every", type=positive_int, default=400, help="validation loss every N steps")
+    train.add_argument("--eval-batches", type=positive_int, default=32,
+                       help="validation loss on this many global batches of windows")
+    train.add_argument("--seed", type=seed_int, default=1337, help="random seed")
     train.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     train.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="autocast dtype; auto = bf16 on GPUs that support it (else fp16), on a CPU bf16 "
@@ -80,10 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch.compile the model; auto = when a compiler works here and the run is long enough "
                             "to repay compiling (--compile alone = on)")
     train.add_argument("--out-dir", default="runs/llm", help="checkpoints, metrics.jsonl and plots")
-    train.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt")
-    train.add_argument("--num-samples", type=int, default=3, help="samples printed at the end")
-    train.add_argument("--sample-tokens", type=int, default=80, help="tokens per sample")
-    train.add_argument("--stop-at-step", type=int, default=0, help="stop after this step as if interrupted (tests)")
+    train.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
+    train.add_argument("--overwrite", action="store_true", help="replace the run already in OUT_DIR")
+    train.add_argument("--num-samples", type=non_negative_int, default=3, help="samples printed at the end")
+    train.add_argument("--sample-tokens", type=positive_int, default=80, help="tokens per sample")
+    train.add_argument("--stop-at-step", type=non_negative_int, default=0,
+                       help="stop after this step as if interrupted (tests)")
     train.add_argument("--no-final-eval", action="store_true", help="skip the full validation pass at the end")
     return parser
 
@@ -97,14 +129,23 @@ def parse_args(argv=None):
     return args
 
 
-def validate_args(args):
-    positive = ["vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "context_length", "batch_size",
-                "grad_accum", "max_steps", "eval_every", "eval_batches"]
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.lr <= 0 or not 0 <= args.dropout < 1 or args.warmup_steps < 0:
-        raise ValueError("--lr must be > 0, --dropout in [0, 1), --warmup-steps >= 0")
+def explicitly_given(argv) -> set:
+    """The settings written on the command line (as opposed to left at their defaults)."""
+    parser = build_parser()
+    for action in parser._actions:  # a flag left out then leaves no attribute at all
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def take_saved_settings(args, argv, saved: dict, world_size: int) -> None:
+    """A resumed run keeps the settings of the saved run; a setting given anew with another value is refused."""
+    given = explicitly_given(argv)
+    for name in FIXED_ON_RESUME + DATA_SETTINGS:
+        if name in saved and name not in given and hasattr(args, name):
+            setattr(args, name, saved[name])
+    changed = changed_setting(saved, {**vars(args), "world_size": world_size}, FIXED_ON_RESUME, SETTING_LABELS)
+    if changed:
+        raise CheckpointError(changed)
 
 
 def learning_rate(step: int, args) -> float:
@@ -165,8 +206,12 @@ def evaluation_windows(tokens: np.ndarray, context_length: int, max_windows: int
 
 
 @torch.no_grad()
-def evaluate_loss(model, tokens, context_length, batch_size, device, autocast, max_windows=None):
-    """Mean cross-entropy per token over windows of the split; also the token count."""
+def evaluate_loss(model, tokens, context_length, batch_size, device, autocast, max_windows=None, rank=0, world_size=1):
+    """Mean cross-entropy per token over windows of the split; also the token count.
+
+    Under DDP rank r scores windows r, r + world_size, ... and the sums are added across ranks, so every rank
+    gets the loss of the same windows a single process scores.
+    """
     model.eval()
     total_loss, total_tokens, pending = 0.0, 0, []
 
@@ -179,12 +224,18 @@ def evaluate_loss(model, tokens, context_length, batch_size, device, autocast, m
         total_tokens += block[:, 1:].numel()
         pending.clear()
 
-    for window in evaluation_windows(tokens, context_length, max_windows):
+    for index, window in enumerate(evaluation_windows(tokens, context_length, max_windows)):
+        if index % world_size != rank:
+            continue
         pending.append(window)
         if len(pending) == batch_size:
             flush()
     if pending:
         flush()
+    if world_size > 1:
+        sums = torch.tensor([total_loss, total_tokens], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        total_loss, total_tokens = float(sums[0]), int(sums[1])
     model.train()
     return total_loss / max(1, total_tokens), total_tokens
 
@@ -197,9 +248,13 @@ def autocast_context(device: torch.device, dtype_name: str):
 
 
 def measure_matmul_peak(device: torch.device, dtype=torch.float32, size: int = 1024, repeats: int = 8) -> float:
-    """FLOP/s of the fastest of several large square matmuls: the 'peak' that MFU is measured against."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    """FLOP/s of the fastest of several large square matmuls: the 'peak' that MFU is measured against.
+
+    The matrices come from a generator of their own: the global one (dropout) stays where a resume put it.
+    """
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     best = float("inf")
     for _ in range(repeats + 1):  # the first one is a warm-up
         if device.type == "cuda":
@@ -210,13 +265,6 @@ def measure_matmul_peak(device: torch.device, dtype=torch.float32, size: int = 1
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
-
-
-def save_checkpoint(path: Path, state: dict):
-    """Write to a temp file in the same folder, then rename: a crash never leaves half a checkpoint."""
-    temporary = path.with_suffix(".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
 
 
 BF16_SPEEDUP_NEEDED = 1.3  # on a CPU, bf16 autocast only where its matmul is at least this much faster than fp32
@@ -311,21 +359,20 @@ def plot_curves(metrics_path: Path, png_path: Path):
     plt.close(figure)
 
 
-class StopFlag:
-    """Ctrl-C asks the loop to stop after the current step (a second Ctrl-C aborts at once)."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self.handle)
-
-    def handle(self, signum, frame):
-        if self.requested:
-            signal.signal(signal.SIGINT, self.previous)
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def close(self):
-        signal.signal(signal.SIGINT, self.previous)
+def prepare_on_rank_zero(args, distributed: bool, is_main: bool, log):
+    """Rank 0 runs (or reuses) the data pipeline; the other ranks wait for it and read what it made."""
+    outcome = [None]
+    if is_main:
+        try:
+            hf = source_from_args(args.dataset, args.hf_dataset, args.hf_config, args.hf_split, args.text_column)
+            outcome[0] = prepare(args.dataset, args.vocab_size, Path(args.data_dir), args.text_file, log=log, hf=hf)
+        except (PrepareError, ValueError, OSError) as error:
+            outcome[0] = PrepareError(str(error))
+    if distributed:
+        dist.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
 
 
 def main(argv=None):
@@ -334,32 +381,37 @@ def main(argv=None):
     rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
+    out_dir = Path(args.out_dir)
+    metrics_path, last_path, best_path = out_dir / "metrics.jsonl", out_dir / "last.pt", out_dir / "best.pt"
     try:
-        validate_args(args)
         device = pick_device(args.device)
+        # before any work: never start over a run that is there, unless asked to (its files go once this run starts)
+        prepare_run_folder(out_dir, args.resume, args.overwrite, remove=False)
+        checkpoint = None
+        if args.resume:
+            checkpoint = load_checkpoint(last_path, "llm", required=("model", "optimizer", "config", "args", "step",
+                                                                     "best_val_loss", "rng_cpu"))
+            take_saved_settings(args, argv, {**checkpoint["args"], **{key: checkpoint[key] for key in
+                                             ("world_size", "corpus") if key in checkpoint}}, world_size)
         if distributed:
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend)
             if device.type == "cuda":
                 device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
                 torch.cuda.set_device(device)
-        out_dir = Path(args.out_dir)
         if is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-        # rank 0 prepares the data first; the others then find every stage current and reuse it
-        if distributed and not is_main:
-            dist.barrier()
-        hf = source_from_args(args.dataset, args.hf_dataset, args.hf_config, args.hf_split, args.text_column)
-        prepared = prepare(args.dataset, args.vocab_size, Path(args.data_dir), args.text_file, log=log, hf=hf)
-        if distributed and is_main:
-            dist.barrier()
+        prepared = prepare_on_rank_zero(args, distributed, is_main, log)
+        if checkpoint is not None and checkpoint.get("corpus", prepared.folder.name) != prepared.folder.name:
+            raise CheckpointError(changed_setting(checkpoint, {"corpus": prepared.folder.name}, ["corpus"],
+                                                  SETTING_LABELS))
         train_tokens = read_token_file(prepared.token_files["train"])
         val_tokens = read_token_file(prepared.token_files["valid"])
         if len(val_tokens) < args.context_length + 1:
             raise ValueError(f"the validation split has {len(val_tokens)} tokens, fewer than one window")
         sampler = BatchSampler(train_tokens, args.context_length, args.seed)
         tokenizer_sha256 = file_sha256(prepared.tokenizer_path)
-    except (PrepareError, ValueError, OSError) as error:
+    except (PrepareError, CheckpointError, ValueError, OSError) as error:
         sys.exit(f"error: {error}")
 
     torch.manual_seed(args.seed)
@@ -369,11 +421,16 @@ def main(argv=None):
             n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, d_model=args.d_model, rope_theta=args.rope_theta,
             dropout=args.dropout, attention_impl=args.attention_impl,
         )
+        model = Llama(config).to(device)
     except ValueError as error:
         sys.exit(f"error: {error}")
-    model = Llama(config).to(device)
+    except (RuntimeError, MemoryError) as error:  # a shape far too large for this machine
+        sys.exit(f"error: the model does not fit in memory ({str(error).strip().splitlines()[0][-120:]})")
     optimizer = make_optimizer(model, args)
-    dtype_name, dtype_reason = (args.dtype, "--dtype") if args.dtype != "auto" else choose_dtype(device)
+    if args.dtype == "auto" and checkpoint is not None and "dtype" in checkpoint:  # a resume keeps its precision
+        dtype_name, dtype_reason = checkpoint["dtype"], "the precision of the saved run"
+    else:
+        dtype_name, dtype_reason = (args.dtype, "--dtype") if args.dtype != "auto" else choose_dtype(device)
     if distributed:  # every rank must train in the precision rank 0 measured
         decision = [dtype_name, dtype_reason]
         dist.broadcast_object_list(decision, src=0)
@@ -382,32 +439,27 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype_name == "float16")
     log(f"model: {model.num_parameters():,} parameters ({model.num_parameters(False):,} without the embedding)")
 
-    start_step, best_val_loss = 0, float("inf")
-    metrics_path, last_path, best_path = out_dir / "metrics.jsonl", out_dir / "last.pt", out_dir / "best.pt"
-    if args.resume:
+    start_step, best_val_loss, last_saved_step = 0, float("inf"), None
+    if checkpoint is not None:
         try:
-            if not last_path.is_file():
-                raise ValueError(f"--resume: {last_path} does not exist")
-            checkpoint = torch.load(last_path, map_location=device, weights_only=True)
-            if checkpoint.get("config") != config.to_dict():
+            if checkpoint["config"] != config.to_dict():
                 raise ValueError(f"--resume: {last_path} was trained with another model configuration")
             if checkpoint.get("tokenizer_sha256") != tokenizer_sha256:
                 raise ValueError(f"--resume: {last_path} was trained with another tokenizer")
-            model.load_state_dict(checkpoint["model"])
+            model.load_state_dict(checkpoint["model"])  # copies the CPU tensors into the model on its device
             optimizer.load_state_dict(checkpoint["optimizer"])
             scaler.load_state_dict(checkpoint.get("scaler", {}) or scaler.state_dict())
-        except (RuntimeError, KeyError, ValueError, EOFError) as error:
-            sys.exit(f"error: {str(error).splitlines()[0]}")
-        start_step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
-        torch.set_rng_state(checkpoint["rng_cpu"].cpu())
-        if device.type == "cuda" and "rng_cuda" in checkpoint:
-            torch.cuda.set_rng_state(checkpoint["rng_cuda"].cpu())
+            start_step, best_val_loss = int(checkpoint["step"]), float(checkpoint["best_val_loss"])
+            torch.set_rng_state(checkpoint["rng_cpu"])
+            if device.type == "cuda" and "rng_cuda" in checkpoint:
+                torch.cuda.set_rng_state(checkpoint["rng_cuda"], device)
+        except (RuntimeError, KeyError, ValueError, TypeError) as error:
+            sys.exit(f"error: {last_path} does not fit this run: {str(error).splitlines()[0]}")
+        last_saved_step = start_step
         if is_main and metrics_path.exists():  # forget metrics logged after the checkpoint
             kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
             metrics_path.write_text("".join(line + "\n" for line in kept))
         log(f"resumed from {last_path} at step {start_step}")
-    elif is_main and metrics_path.exists():
-        metrics_path.unlink()
 
     estimated_seconds = None
     if args.compile == "auto":
@@ -429,9 +481,10 @@ def main(argv=None):
             "config": config.to_dict(), "args": {k: v for k, v in vars(args).items()}, "step": step,
             "best_val_loss": best_val_loss, "rng_cpu": torch.get_rng_state(),
             "tokenizer_path": str(prepared.tokenizer_path.resolve()), "tokenizer_sha256": tokenizer_sha256,
+            "world_size": world_size, "corpus": prepared.folder.name, "dtype": dtype_name,
         }
         if device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state()
+            state["rng_cuda"] = torch.cuda.get_rng_state(device)  # a CPU tensor: it loads on any machine
         return state
 
     global_batch = args.batch_size * args.grad_accum * world_size
@@ -445,11 +498,13 @@ def main(argv=None):
     log(f"compile: {compile_reason}")
 
     stop = StopFlag()
+    if is_main and checkpoint is None:
+        remove_run_files(out_dir)  # --overwrite (or leftovers of a run that never saved a checkpoint)
     metrics_file = open(metrics_path, "a") if is_main else None
     progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
                     disable=not is_main, dynamic_ncols=True)
     model.train()
-    status, step = "finished", start_step
+    status, step, diverged = "finished", start_step, ""
     interval_start, interval_tokens = time.perf_counter(), 0
     for step in progress:
         lr = learning_rate(step, args)
@@ -471,7 +526,7 @@ def main(argv=None):
             step_loss /= world_size
         loss_value = float(step_loss)
         if not math.isfinite(loss_value):
-            status = "diverged"
+            status, diverged = "diverged", "training"
             break
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
@@ -494,19 +549,29 @@ def main(argv=None):
                              mfu=f"{mfu:.0%}")
         if completed % args.eval_every == 0 or completed == args.max_steps:
             val_loss, _ = evaluate_loss(model, val_tokens, args.context_length, args.batch_size, device, autocast,
-                                        args.eval_batches * args.batch_size)
+                                        args.eval_batches * global_batch, rank, world_size)
+            if not math.isfinite(val_loss):
+                status, diverged = "diverged", "validation"
+                break
             record["val_loss"] = val_loss
-            if is_main:
-                if val_loss < best_val_loss:
-                    best_val_loss = val_loss
+            if val_loss < best_val_loss:
+                best_val_loss = val_loss
+                if is_main:
                     save_checkpoint(best_path, checkpoint_state(completed))
+            if is_main:
                 save_checkpoint(last_path, checkpoint_state(completed))
                 progress.write(f"step {completed}: train {loss_value:.3f}, val {val_loss:.3f}")
+            last_saved_step = completed
             interval_start, interval_tokens = time.perf_counter(), 0  # evaluation time is not training time
         if is_main:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
-        if stop.requested or completed == args.stop_at_step:
+        stop_requested = stop.requested
+        if distributed:  # every rank stops at the same step, whichever rank the Ctrl-C reached first
+            flag = torch.tensor(float(stop_requested), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop_requested = bool(flag.item())
+        if stop_requested or completed == args.stop_at_step:
             status = "interrupted"
             break
     progress.close()
@@ -514,16 +579,18 @@ def main(argv=None):
     if is_main:
         metrics_file.close()
     if status == "diverged":
+        good = ("no checkpoint was written yet" if last_saved_step is None
+                else f"{last_path} (step {last_saved_step}) holds the last good state")
         if is_main:
-            sys.stderr.write(f"error: loss became {loss_value} at step {step + 1}; stopped, "
-                             f"{last_path} keeps the last good state\n")
+            sys.stderr.write(f"error: the {diverged} loss is not finite at step {step + 1}; "
+                             f"stopped without saving: {good}\n")
         if distributed:
             dist.destroy_process_group()
         sys.exit(1)
     if is_main:
         completed_steps = step + 1 if args.max_steps > start_step else start_step
         save_checkpoint(last_path, checkpoint_state(completed_steps))
-        if not best_path.exists():
+        if status == "finished" and not best_path.exists():
             save_checkpoint(best_path, checkpoint_state(completed_steps))
         plot_curves(metrics_path, out_dir / "loss.png")
     if distributed:
@@ -531,7 +598,7 @@ def main(argv=None):
     if not is_main:
         return
     if status == "interrupted":
-        print(f"stopped at step {step + 1}; saved {last_path} (continue with --resume)")
+        print(f"stopped at step {completed_steps}; resume with: python llm/train.py --out-dir {out_dir} --resume")
         return
     finish(args, best_path, prepared, device, out_dir)
 

@@ -19,13 +19,15 @@ from llm.eval import split_metrics
 from llm.generate import load_model
 from llm.model import Llama, LlamaConfig
 from llm.prepare import PrepareError, prepare
+from llm.runs import positive_int
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab-sizes", default="4096,8192,16384,32000", help="comma-separated vocabulary sizes")
-    parser.add_argument("--base-steps", type=int, default=150, help="optimizer steps of the first vocabulary size")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    parser.add_argument("--base-steps", type=positive_int, default=150,
+                        help="optimizer steps of the first vocabulary size")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step")
     parser.add_argument("--out-dir", default="runs/llm-vocab", help="one sub-folder per vocabulary size")
     parser.add_argument("--data-dir", default="runs/llm/data", help="where tokenizers and token files are kept")
     args = parser.parse_args()
@@ -45,6 +47,8 @@ def main():
                    "--batch-size", str(args.batch_size), "--warmup-steps", str(max(1, steps // 10)),
                    "--eval-every", str(steps), "--out-dir", str(out_dir), "--data-dir", args.data_dir,
                    "--num-samples", "0", "--no-final-eval"]
+        if (out_dir / "last.pt").is_file():  # a sweep run again continues (or simply reuses) each saved run
+            command.append("--resume")
         print(" ".join(command), flush=True)
         if subprocess.run(command).returncode != 0:
             sys.exit(f"error: training with vocabulary {vocab} failed")

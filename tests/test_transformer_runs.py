@@ -297,6 +297,9 @@ def test_translate_reads_every_sentence_of_a_long_text(straight_run, monkeypatch
                       "--device", "cpu"])
     assert len(seen) == 40 and seen[7] == "I saw 7 birds in the garden today."
     assert capsys.readouterr().out.strip()
+    message = refused(eval_module.main, ["--checkpoint", str(straight_run / "best.pt"), "--translate",
+                                         "birds " * 300, "--device", "cpu"], capsys)
+    assert re.fullmatch(r"error: a sentence of --translate is \d+ tokens long; the model reads at most 255 .*", message)
 
 
 def test_figures_write_into_the_folder_they_are_given(tmp_path):
