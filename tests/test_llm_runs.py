@@ -166,13 +166,13 @@ def test_sigint_anywhere_then_resume_gives_the_uninterrupted_run_bit_for_bit(cor
         interrupt(patch)
         train(corpus, out_dir)
     out = capsys.readouterr().out
-    stop_line = f"stopped at step {stopped_at}; resume with: python llm/train.py --out-dir {out_dir} --resume"
-    assert stop_line in out, out.strip().splitlines()[-1]
     assert torch.load(out_dir / "last.pt", weights_only=True)["step"] == stopped_at
     assert max(logged(out_dir)) == stopped_at
-    train_module.main(["--out-dir", str(out_dir), "--resume", "--num-samples", "0", "--no-final-eval"])
+    train(corpus, out_dir, "--resume")
     assert f"resumed from {out_dir / 'last.pt'} at step {stopped_at}" in capsys.readouterr().out
     assert_same_run(out_dir, straight)
+    stop_line = f"stopped at step {stopped_at}; resume with: python llm/train.py --out-dir {out_dir} --resume"
+    assert stop_line in out, out.strip().splitlines()[-1]
 
 
 def test_sigint_from_outside_at_a_random_moment_then_resume_is_exact(corpus, straight, tmp_path, capsys):
@@ -190,6 +190,7 @@ def test_sigint_from_outside_at_a_random_moment_then_resume_is_exact(corpus, str
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
     assert "stopped at step" in stdout
+    # the command the run printed: every setting comes from the saved run
     train_module.main(["--out-dir", str(out_dir), "--resume", "--num-samples", "0", "--no-final-eval"])
     capsys.readouterr()
     assert_same_run(out_dir, straight)
