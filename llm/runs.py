@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 # The files a training run writes into its --out-dir (--overwrite removes exactly these; the data folder stays).
-RUN_FILES = ("last.pt", "best.pt", "last.pt.tmp", "best.pt.tmp", "metrics.jsonl", "loss.png", "results.json")
+RUN_FILES = ("last.pt", "best.pt", "last.pt.tmp", "best.pt.tmp", "metrics.jsonl", "metrics.jsonl.tmp", "loss.png",
+             "results.json")
 
 
 class CheckpointError(ValueError):

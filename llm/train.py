@@ -458,7 +458,9 @@ def main(argv=None):
         last_saved_step = start_step
         if is_main and metrics_path.exists():  # forget metrics logged after the checkpoint
             kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-            metrics_path.write_text("".join(line + "\n" for line in kept))
+            temporary = metrics_path.with_name(metrics_path.name + ".tmp")
+            temporary.write_text("".join(line + "\n" for line in kept))
+            os.replace(temporary, metrics_path)  # a crash here keeps the old file whole
         log(f"resumed from {last_path} at step {start_step}")
 
     estimated_seconds = None
