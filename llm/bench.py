@@ -8,6 +8,7 @@ Numbers depend on the machine and its thread count (set OMP_NUM_THREADS to compa
 import argparse
 import json
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -146,6 +147,108 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
+# The shape of HuggingFaceTB/SmolLM2-135M (its config.json), filled with random weights for the speed comparison
+SMOLLM2_135M_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                          num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0,
+                          rms_norm_eps=1e-5, max_position_embeddings=8192)
+
+
+def median_and_range(values: list) -> dict:
+    ordered = sorted(values)
+    return {"median": ordered[len(ordered) // 2], "min": ordered[0], "max": ordered[-1], "runs": values}
+
+
+def hf_generation_comparison(new_tokens: int, repeats: int, dtype_names) -> dict:
+    """Greedy tokens/s of our model + KV cache against transformers' generate, on the same random weights."""
+    from transformers import LlamaConfig as HFLlamaConfig
+    from transformers import LlamaForCausalLM
+
+    from llm.hf import config_from_hf, model_from_state, ours_from_hf_tensors
+
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(HFLlamaConfig(**SMOLLM2_135M_SHAPE)).eval()
+    reference.generation_config.eos_token_id = None  # both produce exactly new_tokens tokens
+    reference.generation_config.pad_token_id = 0
+    config = config_from_hf(reference.config.to_dict())
+    tensors = reference.state_dict()
+    ours = model_from_state(config, ours_from_hf_tensors(tensors.__getitem__, config), "SmolLM2-135M shape")
+    prompt = torch.randint(0, config.vocab_size, (16,)).tolist()
+    results = {"new_tokens": new_tokens, "prompt_tokens": len(prompt), "parameters": ours.num_parameters()}
+    for dtype_name in dtype_names:
+        dtype = getattr(torch, dtype_name)
+        reference.to(dtype)
+        ours.to(dtype)
+
+        def run_ours(count):
+            return generate(ours, prompt, count, temperature=0.0)  # noqa: B023 - ours is the same object throughout
+
+        def run_reference(count):
+            output = reference.generate(torch.tensor([prompt]), max_new_tokens=count, do_sample=False)
+            return output[0, len(prompt):].tolist()
+
+        run_ours(8), run_reference(8)  # warm-up: first-call allocations and dispatch caches
+        speeds = {"ours": [], "transformers": []}
+        tokens = {}
+        for _ in range(repeats):  # alternate, so that a busy moment of the machine hits both alike
+            for name, run in (("ours", run_ours), ("transformers", run_reference)):
+                start = time.perf_counter()
+                tokens[name] = run(new_tokens)
+                speeds[name].append(len(tokens[name]) / (time.perf_counter() - start))
+        ratios = [mine / theirs for mine, theirs in zip(speeds["ours"], speeds["transformers"])]
+        agree = next((i for i, (a, b) in enumerate(zip(tokens["ours"], tokens["transformers"])) if a != b),
+                     len(tokens["ours"]))
+        results[dtype_name] = {"ours_tokens_per_s": median_and_range(speeds["ours"]),
+                               "transformers_tokens_per_s": median_and_range(speeds["transformers"]),
+                               "ratio": median_and_range(ratios), "greedy_tokens_equal_for": agree}
+        ours_speed = results[dtype_name]["ours_tokens_per_s"]
+        hf_speed = results[dtype_name]["transformers_tokens_per_s"]
+        print(f"{dtype_name:8s} {new_tokens} new tokens: ours {ours_speed['median']:6.1f} tok/s "
+              f"({ours_speed['min']:.1f}-{ours_speed['max']:.1f}) | transformers {hf_speed['median']:6.1f} tok/s "
+              f"({hf_speed['min']:.1f}-{hf_speed['max']:.1f}) | ratio {results[dtype_name]['ratio']['median']:.2f}x "
+              f"({min(ratios):.2f}-{max(ratios):.2f}) | greedy tokens equal for the first {agree}")
+    return results
+
+
+def hf_import_cost(folder: Path, dtype_name: str) -> dict:
+    """Seconds and peak memory (above the interpreter with torch imported) of importing a folder (Linux)."""
+    # VmHWM: this process's peak resident memory (ru_maxrss would start from the parent's peak, inherited at fork)
+    script = (
+        "import json, time, torch\n"
+        "from llm.hf import load_hf_folder, parameter_bytes\n"
+        "def peak(): return int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1024\n"
+        "before = peak()\n"
+        "start = time.perf_counter()\n"
+        f"model = load_hf_folder({str(folder)!r}, torch.{dtype_name})\n"
+        "seconds = time.perf_counter() - start\n"
+        "after = peak()\n"
+        "print(json.dumps({'seconds': seconds, 'peak_added_bytes': after - before,"
+        " 'weight_bytes': parameter_bytes(model)}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def hf_import_comparison(folder: Path, repeats: int) -> dict:
+    """Write a random folder of the SmolLM2-135M shape (bf16 safetensors, as published) and time importing it."""
+    from transformers import LlamaConfig as HFLlamaConfig
+    from transformers import LlamaForCausalLM
+
+    if not (folder / "model.safetensors").is_file():
+        torch.manual_seed(0)
+        LlamaForCausalLM(HFLlamaConfig(**SMOLLM2_135M_SHAPE)).to(torch.bfloat16).save_pretrained(folder)
+    results = {"folder_bytes": sum(path.stat().st_size for path in folder.glob("*.safetensors"))}
+    for dtype_name in ("float32", "bfloat16"):
+        runs = [hf_import_cost(folder, dtype_name) for _ in range(repeats)]
+        results[dtype_name] = {"seconds": median_and_range([run["seconds"] for run in runs]),
+                               "peak_added_bytes": median_and_range([run["peak_added_bytes"] for run in runs]),
+                               "weight_bytes": runs[0]["weight_bytes"]}
+        seconds, peak = results[dtype_name]["seconds"], results[dtype_name]["peak_added_bytes"]
+        print(f"import into {dtype_name}: {seconds['median']:.2f} s ({seconds['min']:.2f}-{seconds['max']:.2f}) | "
+              f"peak memory +{peak['median'] / 2**20:.0f} MiB for {runs[0]['weight_bytes'] / 2**20:.0f} MiB of weights "
+              f"({peak['median'] / runs[0]['weight_bytes']:.2f}x)")
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
@@ -155,7 +258,22 @@ def main():
     parser.add_argument("--gen-lengths", default="128,512,1024", help="comma-separated numbers of new tokens")
     parser.add_argument("--skip-bf16", action="store_true", help="skip the bf16 measurements")
     parser.add_argument("--out", default="runs/llm/bench.json", help="where to write the measurements as JSON")
+    parser.add_argument("--hf-generation", action="store_true",
+                        help="instead: our model against transformers at the SmolLM2-135M shape (random weights): "
+                             "greedy tokens/s in fp32 and bf16, and the cost of importing such a folder")
+    parser.add_argument("--hf-new-tokens", type=int, default=256, help="--hf-generation: new tokens per run")
+    parser.add_argument("--hf-repeats", type=int, default=3, help="--hf-generation: runs per measurement")
+    parser.add_argument("--hf-out", default="runs/llm/bench_hf.json", help="--hf-generation: the JSON it writes")
     args = parser.parse_args()
+    if args.hf_generation:
+        results = {"threads": torch.get_num_threads()}
+        print(f"SmolLM2-135M shape, random weights, {torch.get_num_threads()} threads")
+        results["generation"] = hf_generation_comparison(args.hf_new_tokens, args.hf_repeats,
+                                                         ["float32"] + ([] if args.skip_bf16 else ["bfloat16"]))
+        results["import"] = hf_import_comparison(Path(args.hf_out).parent / "smollm2-135m-shape", args.hf_repeats)
+        Path(args.hf_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.hf_out).write_text(json.dumps(results, indent=1))
+        return
     try:
         lengths = [int(n) for n in args.gen_lengths.split(",")]
         if args.train_steps < 1 or args.rounds < 1 or min(lengths) < 1:
