@@ -1,6 +1,6 @@
 """A linear-chain CRF written by hand: path score, forward algorithm (log partition), Viterbi decoding.
 
-A tag path y_1..y_T for emissions e (B, T, K) scores (equation (8) of the README)
+A tag path y_1..y_T for emissions e (B, T, K) scores (equation (16) of the README)
     s(y) = start[y_1] + sum_t e_t[y_t] + sum_t transitions[y_{t-1}, y_t] + end[y_T]
 and p(y | x) = exp(s(y)) / Z with Z = sum over all K^T paths of exp(s(y)).
 """
@@ -20,7 +20,7 @@ class CRF(nn.Module):
         self.end_scores = nn.Parameter(torch.zeros(num_tags))  # (K,)
 
     def path_score(self, emissions, tags, mask):
-        """s(y) of the given tag paths, equation (8): emissions (B, T, K), tags (B, T), mask (B, T) -> (B,)."""
+        """s(y) of the given tag paths, equation (16): emissions (B, T, K), tags (B, T), mask (B, T) -> (B,)."""
         mask = mask.to(emissions.dtype)  # (B, T)
         lengths = mask.sum(1).long()  # (B,)
         emission_scores = emissions.gather(2, tags[:, :, None]).squeeze(2)  # (B, T)
@@ -34,7 +34,7 @@ class CRF(nn.Module):
         )
 
     def log_partition(self, emissions, mask):
-        """log Z by the forward algorithm, equations (9)-(10): (B, T, K), (B, T) -> (B,).
+        """log Z by the forward algorithm, equations (17)-(18): (B, T, K), (B, T) -> (B,).
 
         alpha_t[j] = log sum over paths ending in tag j at step t of exp(score so far)
                    = logsumexp_i(alpha_{t-1}[i] + transitions[i, j]) + e_t[j]
@@ -53,7 +53,7 @@ class CRF(nn.Module):
 
     @torch.no_grad()
     def viterbi(self, emissions, mask) -> list[list[int]]:
-        """The highest-scoring path of each sentence, equation (11): the forward algorithm with max for logsumexp."""
+        """The highest-scoring path of each sentence, equation (19): the forward algorithm with max for logsumexp."""
         batch_size, max_length, num_tags = emissions.shape
         best = self.start_scores + emissions[:, 0]  # (B, K): best score of a path ending in each tag
         keep = torch.arange(num_tags, device=emissions.device).expand(batch_size, num_tags)  # (B, K)

@@ -77,7 +77,7 @@ def gru_layer_forward(inputs, mask, initial_state, weight_ih, weight_hh, bias_ih
 
 
 class GRULayerFunction(torch.autograd.Function):
-    """One GRU layer (all its directions) with the backward pass written out: equations (12)-(19) of the README."""
+    """One GRU layer (all its directions) with the backward pass written out: equations (7)-(14) of the README."""
 
     @staticmethod
     def forward(ctx, inputs, mask, initial_state, weight_ih, weight_hh, bias_ih, bias_hh):
@@ -97,34 +97,34 @@ class GRULayerFunction(torch.autograd.Function):
         previous_states = states[:-1]  # (T, D, B, H): h_{t-1} for each t
         reset_gate, update_gate = gates.chunk(2, dim=-1)  # (T, D, B, H) each
         time_mask = mask.t()[:, None, :, None]  # (T, 1, B, 1) bool
-        # (12): the output at t reaches h_t only on real steps
+        # (7): the output at t reaches h_t only on real steps
         grad_outputs = grad_outputs.permute(2, 0, 1, 3) * time_mask  # (T, D, B, H)
-        # (13)-(16) for all steps at once: the factors that turn δh_t into the gate pre-activation gradients
+        # (9)-(11) for all steps at once: the factors that turn δh_t into the gate pre-activation gradients
         candidate_factor = (1 - update_gate) * (1 - candidates * candidates)  # (T, D, B, H): δa_n = δh (1-z)(1-n²)
         update_factor = (previous_states - candidates) * update_gate * (1 - update_gate)  # δa_z = δh (h-n) z(1-z)
         reset_factor = candidate_factor * hidden_candidates * reset_gate * (1 - reset_gate)  # δa_r = δa_n ĥ r(1-r)
-        # δ of the hidden projection W_hh h_{t-1} + b_hh, rows [r; z; n]: (δa_r, δa_z, δa_n r)
-        hidden_factors = torch.stack([reset_factor, update_factor, candidate_factor * reset_gate], dim=3)
-        # (T, D, B, 3, H)
+        # (12): δ of the hidden projection W_hh h_{t-1} + b_hh, rows [r; z; n]: (δa_r, δa_z, δa_n r)
+        gate_factors = [reset_factor, update_factor, candidate_factor * reset_gate]
+        hidden_factors = torch.stack(gate_factors, dim=3)  # (T, D, B, 3, H)
         step_factors = hidden_factors.unbind(0)  # T slices of (D, B, 3, H)
         step_update, step_output, step_mask = update_gate.unbind(0), grad_outputs.unbind(0), time_mask.unbind(0)
         masked_grads = torch.empty_like(candidates)  # (T, D, B, H): δh_t on real steps, 0 on padding
         grad_hidden_gates = torch.empty_like(hidden_factors)  # (T, D, B, 3, H)
         grad_hidden = grad_final_state  # (D, B, H): δh_t, flowing backwards in time
         for t in range(max_length - 1, -1, -1):
-            # (12): the gradient from the output at t joins the one from the later steps
+            # (7): the gradient from the output at t joins the one from the later steps
             grad_hidden = grad_hidden + step_output[t]  # (D, B, H)
-            # (6)': on padding h_t = h_{t-1}: the gradient passes through untouched and reaches no gate
+            # (8): on padding h_t = h_{t-1}: the gradient passes through untouched and reaches no gate
             step_grad = torch.mul(grad_hidden, step_mask[t], out=masked_grads[t])  # (D, B, H)
-            # (13)-(16): the three gate gradients of the hidden projection in one product
+            # (9)-(12): the three gate gradients of the hidden projection in one product
             step_hidden_gates = torch.mul(step_grad[:, :, None, :], step_factors[t], out=grad_hidden_gates[t])
-            # (17): δh_{t-1} = δh_t z_t (the copy path) + δ(W_hh h_{t-1}) W_hh (through the three gates)
+            # (13): δh_{t-1} = δh_t z_t (the copy path) + δ(W_hh h_{t-1}) W_hh (through the three gates)
             through_step = torch.baddbmm(step_grad * step_update[t], step_hidden_gates.flatten(2), weight_hh)
             grad_hidden = torch.where(step_mask[t], through_step, grad_hidden)  # (D, B, H)
-        # (18): the input projection's gradient is the hidden one's except for n, where r does not apply: δa_n
+        # (12): the input projection's gradient is the hidden one's except for n, where r does not apply: δa_n
         grad_hidden_gates = grad_hidden_gates.flatten(3)  # (T, D, B, 3H)
         grad_input_gates = torch.cat([grad_hidden_gates[..., : 2 * size], masked_grads * candidate_factor], dim=-1)
-        # (19): the weights' gradients are sums over steps and sentences: one batched product each, after the loop
+        # (14): the weights' gradients are sums over steps and sentences: one batched product each, after the loop
         grad_input_gates = grad_input_gates.permute(1, 2, 0, 3).reshape(directions, batch_size * max_length, -1)
         flat_hidden_gates = grad_hidden_gates.transpose(0, 1).reshape(directions, max_length * batch_size, -1)
         flat_previous = previous_states.transpose(0, 1).reshape(directions, max_length * batch_size, size)

@@ -195,6 +195,10 @@ def train(args) -> dict:
         return NonFiniteLoss(f"the {what} is not finite at step {step + (what == 'training loss')}; "
                              f"stopped without saving: {kept}")
 
+    def announce_stop(row: dict) -> dict:
+        tqdm.write(f"stopped at step {step}; resume with: python gru/train.py --out-dir {out_dir} --resume")
+        return row
+
     stop = StopFlag()
     row = history[-1] if history else {}
     try:
@@ -203,34 +207,31 @@ def train(args) -> dict:
             batches = make_batches(train_set, args.batch_size, generator)
             model.train()
             started = time.time()
-            bar = tqdm(total=len(batches), initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
-                       leave=False, mininterval=2)
-            for indices in batches[batch_in_epoch:]:
-                char_ids, tag_ids, lengths = collate(train_set, indices, char_to_id, tag_to_id, device)
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(step)
-                loss = model.loss(char_ids, tag_ids, lengths)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise not_finite("training loss")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if args.clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-                optimizer.step()
-                # the step is done: counters and sums move with the weights, so a save here is consistent
-                step, batch_in_epoch = step + 1, batch_in_epoch + 1
-                progress["loss_sum"] += loss_value * int(lengths.sum())
-                progress["characters"] += int(lengths.sum())
-                bar.update()
-                bar.set_postfix(loss=f"{progress['loss_sum'] / progress['characters']:.4f}", refresh=False)
-                if stop.requested and batch_in_epoch < len(batches):  # the last step goes on to validation
-                    progress["seconds"] += time.time() - started
-                    save_last(epoch_start_rng)
-                    bar.close()
-                    tqdm.write(f"stopped at step {step}; resume with: python gru/train.py --out-dir {out_dir} --resume")
-                    return row
-            bar.close()
+            with tqdm(total=len(batches), initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
+                      leave=False, mininterval=2) as bar:
+                for indices in batches[batch_in_epoch:]:
+                    char_ids, tag_ids, lengths = collate(train_set, indices, char_to_id, tag_to_id, device)
+                    for group in optimizer.param_groups:
+                        group["lr"] = learning_rate(step)
+                    loss = model.loss(char_ids, tag_ids, lengths)
+                    loss_value = loss.item()
+                    if not math.isfinite(loss_value):
+                        raise not_finite("training loss")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if args.clip > 0:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+                    optimizer.step()
+                    # the step is done: counters and sums move with the weights, so a save here is consistent
+                    step, batch_in_epoch = step + 1, batch_in_epoch + 1
+                    progress["loss_sum"] += loss_value * int(lengths.sum())
+                    progress["characters"] += int(lengths.sum())
+                    bar.update()
+                    bar.set_postfix(loss=f"{progress['loss_sum'] / progress['characters']:.4f}", refresh=False)
+                    if stop.requested and batch_in_epoch < len(batches):  # the last step goes on to validation
+                        progress["seconds"] += time.time() - started
+                        save_last(epoch_start_rng)
+                        return announce_stop(row)
             progress["seconds"] += time.time() - started
             # validation (a Ctrl-C in here lets it finish; the epoch's record and checkpoints are written first)
             gold = [tags for _, tags in validation_set]
@@ -257,8 +258,7 @@ def train(args) -> dict:
                        f"({row['train_seconds']:.0f} s, {row['chars_per_second']} chars/s)")
             plot_curves(history, out_dir / "curves.png")
             if stop.requested and epoch < args.epochs:
-                tqdm.write(f"stopped at step {step}; resume with: python gru/train.py --out-dir {out_dir} --resume")
-                return row
+                return announce_stop(row)
             if epoch == args.stop_after and epoch < args.epochs:
                 tqdm.write(f"stopped after epoch {epoch} as asked; continue with --resume")
                 return row
