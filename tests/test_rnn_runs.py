@@ -145,7 +145,7 @@ def test_sigint_to_the_cli_at_a_random_point_then_resume_is_bit_identical(refere
 
 def test_a_second_sigint_aborts_at_once_without_saving(tmp_path, monkeypatch):
     out_dir = tmp_path / "run"
-    original = rnn_train.clip_gradient_norm
+    original, handler_before = rnn_train.clip_gradient_norm, signal.getsignal(signal.SIGINT)
 
     def interrupt_twice(*arguments, **keywords):
         os.kill(os.getpid(), signal.SIGINT)
@@ -156,7 +156,7 @@ def test_a_second_sigint_aborts_at_once_without_saving(tmp_path, monkeypatch):
     status = train_in_process(out_dir)
     assert isinstance(status, str) and status.startswith("error: interrupted")
     assert not (out_dir / "last.pt").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler_before
 
 
 def test_a_folder_holding_a_run_is_refused_and_overwrite_replaces_it(reference, tmp_path):
