@@ -17,7 +17,8 @@ import time
 import torch
 
 from lstm.model import HandwrittenLSTM
-from lstm.train import UserError, fail, pick_device, positive_int
+from lstm.runs import positive_int
+from lstm.train import UserError, fail, pick_device
 
 DEFAULT_SIZES = ["32x50x128x1", "64x100x256x1", "64x100x512x1", "64x100x128x2"]
 IMPLEMENTATIONS = ("hand", "autograd", "torch")

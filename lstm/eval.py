@@ -8,15 +8,15 @@
 import argparse
 import json
 import math
-import sys
 
 import torch
 from torch.nn import functional as F
 
 from data import DataError
 from lstm.model import CharConfig, CharLanguageModel, generate
+from lstm.runs import CheckpointError, load_checkpoint, positive_float, positive_int, seed_int
 from lstm.tasks import load_corpus
-from lstm.train import UserError, evaluate_bpc, load_checkpoint, pick_device
+from lstm.train import UserError, evaluate_bpc, fail, pick_device
 
 
 def parse_args(argv=None):
@@ -27,28 +27,24 @@ def parse_args(argv=None):
     parser.add_argument("--json", action="store_true", help="print one JSON object (with test_bpc) instead of text")
     parser.add_argument("--sample", action="store_true", help="generate text instead of scoring")
     parser.add_argument("--prompt", default="Emma ", help="text the sample continues (every character must be known)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature: <1 safer, >1 wilder")
-    parser.add_argument("--length", type=int, default=500, help="characters to generate")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--temperature", type=positive_float, default=0.8,
+                        help="softmax temperature (> 0): <1 safer, >1 wilder")
+    parser.add_argument("--length", type=positive_int, default=500, help="characters to generate")
+    parser.add_argument("--seed", type=seed_int, default=0, help="sampling seed, in [0, 2**32)")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
-    args = parser.parse_args(argv)
-    if args.temperature <= 0:
-        parser.error("--temperature must be positive")
-    if args.length <= 0:
-        parser.error("--length must be positive")
-    return args
+    return parser.parse_args(argv)
 
 
 def load_language_model(path, device):
     """The model and its vocabulary from a train.py language-model checkpoint."""
-    checkpoint = load_checkpoint(path, device)
+    checkpoint = load_checkpoint(path, "lstm")
     if "vocabulary" not in checkpoint:
         raise UserError(f"{path} is not a language-model checkpoint (an adding-problem one?)")
-    model = CharLanguageModel(CharConfig(**checkpoint["config"])).to(device)
     try:
+        model = CharLanguageModel(CharConfig(**checkpoint["config"])).to(device)
         model.load_state_dict(checkpoint["model"])
-    except RuntimeError:
-        raise UserError(f"{path}: weights do not fit the config stored beside them") from None
+    except (TypeError, ValueError, RuntimeError):
+        raise UserError(f"{path} is not a readable lstm checkpoint (its weights do not fit its config)") from None
     model.eval()
     return model, checkpoint
 
@@ -118,9 +114,8 @@ def main(argv=None):
             else:
                 print(f"{args.split} bpc {bpc:.4f} ({len(text):,} characters, {model.config.cell} "
                       f"{model.config.impl}, step {checkpoint['step']})")
-    except (UserError, DataError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+    except (UserError, CheckpointError, DataError, FileNotFoundError, ValueError) as error:
+        fail(str(error))
 
 
 if __name__ == "__main__":

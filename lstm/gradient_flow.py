@@ -8,7 +8,6 @@ initialised models and on the models trained at --length, whose checkpoints trai
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -19,8 +18,9 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from lstm.model import AddingConfig, AddingModel  # noqa: E402
+from lstm.runs import CheckpointError, load_checkpoint, positive_int, seed_int  # noqa: E402
 from lstm.tasks import adding_batch  # noqa: E402
-from lstm.train import UserError, load_checkpoint  # noqa: E402
+from lstm.train import MAX_BATCH_ELEMENTS, UserError, fail  # noqa: E402
 
 
 def input_gradient_norms(model: AddingModel, inputs, targets) -> torch.Tensor:
@@ -49,30 +49,43 @@ def main(argv=None):
     """Measure, print, plot."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default="runs/lstm-adding", help="where train.py --task adding wrote checkpoints")
-    parser.add_argument("--length", type=int, default=100, help="sequence length the trained models are read from")
-    parser.add_argument("--batch-size", type=int, default=256, help="sequences the norms are averaged over")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the fresh models and the batch")
+    parser.add_argument("--length", type=positive_int, default=100,
+                        help="sequence length the trained models are read from (at least 2)")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="sequences the norms are averaged over")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed for the fresh models and the batch")
     args = parser.parse_args(argv)
+    if args.length < 2:
+        parser.error("--length must be at least 2")
     run_dir = Path(args.run_dir)
     try:
-        if args.length < 2 or args.batch_size <= 0:
-            raise UserError("--length must be at least 2 and --batch-size positive")
-        trained = {cell: load_checkpoint(run_dir / f"adding-{cell}-{args.length}-best.pt", "cpu")
+        if args.batch_size * args.length * 2 > MAX_BATCH_ELEMENTS:
+            raise UserError(f"--batch-size {args.batch_size} x --length {args.length} is more than this script builds")
+        trained = {cell: load_checkpoint(run_dir / f"adding-{cell}-{args.length}-best.pt", "lstm")
                    for cell in ("lstm", "rnn")}
+    except CheckpointError as error:
+        hint = " (run `python lstm/train.py --task adding` first)" if str(error).startswith("no checkpoint") else ""
+        fail(f"{error}{hint}")
     except UserError as error:
-        print(f"error: {error} (run `python lstm/train.py --task adding` first)", file=sys.stderr)
-        raise SystemExit(1) from None
+        fail(str(error))
+    try:
+        configs = {cell: AddingConfig.from_checkpoint(trained[cell]["config"]) for cell in ("lstm", "rnn")}
+    except (TypeError, AttributeError):
+        fail(f"the checkpoints in {run_dir} are not readable lstm checkpoints (their config is not an adding one)")
     inputs, targets = adding_batch(args.batch_size, args.length, torch.Generator().manual_seed(args.seed + 7))
     inputs, targets = inputs.double(), targets.double()
     distance = torch.arange(args.length - 1, -1, -1)  # steps from x_t to the last step, where the loss is
     results, curves = {}, {}
     for stage in ("initialised", "trained"):
         for cell in ("lstm", "rnn"):
-            config = AddingConfig.from_checkpoint(trained[cell]["config"])
+            config = configs[cell]
             torch.manual_seed(args.seed)
             model = AddingModel(config).double()  # float64: the RNN's far gradients underflow float32
             if stage == "trained":
-                model.load_state_dict(trained[cell]["model"])
+                try:
+                    model.load_state_dict(trained[cell]["model"])
+                except (RuntimeError, TypeError, AttributeError):
+                    fail(f"{run_dir}/adding-{cell}-{args.length}-best.pt is not a readable lstm checkpoint "
+                         f"(its weights do not fit its config)")
             norms = input_gradient_norms(model, inputs, targets)  # (T,)
             curves[(stage, cell)] = norms
             entry = {"gradient_norm_at_distance_0": norms[-1].item(),
