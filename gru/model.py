@@ -98,39 +98,45 @@ class GRULayerFunction(torch.autograd.Function):
         reset_gate, update_gate = gates.chunk(2, dim=-1)  # (T, D, B, H) each
         time_mask = mask.t()[:, None, :, None]  # (T, 1, B, 1) bool
         # (7): the output at t reaches h_t only on real steps
-        grad_outputs = grad_outputs.permute(2, 0, 1, 3) * time_mask  # (T, D, B, H)
-        # (9)-(11) for all steps at once: the factors that turn δh_t into the gate pre-activation gradients
-        candidate_factor = (1 - update_gate) * (1 - candidates * candidates)  # (T, D, B, H): δa_n = δh (1-z)(1-n²)
-        update_factor = (previous_states - candidates) * update_gate * (1 - update_gate)  # δa_z = δh (h-n) z(1-z)
-        reset_factor = candidate_factor * hidden_candidates * reset_gate * (1 - reset_gate)  # δa_r = δa_n ĥ r(1-r)
-        # (12): δ of the hidden projection W_hh h_{t-1} + b_hh, rows [r; z; n]: (δa_r, δa_z, δa_n r)
-        gate_factors = [reset_factor, update_factor, candidate_factor * reset_gate]
-        hidden_factors = torch.stack(gate_factors, dim=3)  # (T, D, B, 3, H)
+        grad_outputs = (grad_outputs * mask[None, :, :, None]).permute(2, 0, 1, 3)  # (T, D, B, H)
+        # (9)-(11) for all steps at once: the factors that turn δh_t into the gate pre-activation gradients,
+        # written straight into one (T, D, B, 3, H) tensor whose rows [r; z; n] are those of W_hh
+        candidate_factor = (1 - update_gate) * (1 - candidates * candidates)  # δa_n = δh (1-z)(1-n²)
+        hidden_factors = candidates.new_empty(max_length, directions, batch_size, 3, size)  # (T, D, B, 3, H)
+        # (11): δa_r = δa_n ĥ r(1-r)
+        torch.mul(candidate_factor * hidden_candidates, reset_gate * (1 - reset_gate), out=hidden_factors[:, :, :, 0])
+        # (10): δa_z = δh (h-n) z(1-z)
+        torch.mul(previous_states - candidates, update_gate * (1 - update_gate), out=hidden_factors[:, :, :, 1])
+        # (12): the n rows of the hidden projection get δa_n r
+        torch.mul(candidate_factor, reset_gate, out=hidden_factors[:, :, :, 2])
         step_factors = hidden_factors.unbind(0)  # T slices of (D, B, 3, H)
         step_update, step_output, step_mask = update_gate.unbind(0), grad_outputs.unbind(0), time_mask.unbind(0)
-        masked_grads = torch.empty_like(candidates)  # (T, D, B, H): δh_t on real steps, 0 on padding
-        grad_hidden_gates = torch.empty_like(hidden_factors)  # (T, D, B, 3, H)
+        # the loop's results, laid out (D, T, B, ...) so that after the loop they are (D, T*B, ...) without a copy
+        masked_grads = candidates.new_empty(directions, max_length, batch_size, size)  # δh_t, 0 on padding
+        grad_hidden_gates = candidates.new_empty(directions, max_length, batch_size, 3, size)
         grad_hidden = grad_final_state  # (D, B, H): δh_t, flowing backwards in time
         for t in range(max_length - 1, -1, -1):
             # (7): the gradient from the output at t joins the one from the later steps
             grad_hidden = grad_hidden + step_output[t]  # (D, B, H)
             # (8): on padding h_t = h_{t-1}: the gradient passes through untouched and reaches no gate
-            step_grad = torch.mul(grad_hidden, step_mask[t], out=masked_grads[t])  # (D, B, H)
+            step_grad = torch.mul(grad_hidden, step_mask[t], out=masked_grads[:, t])  # (D, B, H)
             # (9)-(12): the three gate gradients of the hidden projection in one product
-            step_hidden_gates = torch.mul(step_grad[:, :, None, :], step_factors[t], out=grad_hidden_gates[t])
+            step_hidden_gates = torch.mul(step_grad[:, :, None, :], step_factors[t], out=grad_hidden_gates[:, t])
             # (13): δh_{t-1} = δh_t z_t (the copy path) + δ(W_hh h_{t-1}) W_hh (through the three gates)
             through_step = torch.baddbmm(step_grad * step_update[t], step_hidden_gates.flatten(2), weight_hh)
             grad_hidden = torch.where(step_mask[t], through_step, grad_hidden)  # (D, B, H)
         # (12): the input projection's gradient is the hidden one's except for n, where r does not apply: δa_n
-        grad_hidden_gates = grad_hidden_gates.flatten(3)  # (T, D, B, 3H)
-        grad_input_gates = torch.cat([grad_hidden_gates[..., : 2 * size], masked_grads * candidate_factor], dim=-1)
+        flat_hidden_gates = grad_hidden_gates.view(directions, max_length * batch_size, 3 * size)  # (D, T*B, 3H)
+        grad_input_gates = grad_hidden_gates.clone()  # (D, T, B, 3, H)
+        torch.mul(masked_grads, candidate_factor.transpose(0, 1), out=grad_input_gates[:, :, :, 2])
+        grad_input_gates = grad_input_gates.view(directions, max_length * batch_size, 3 * size)  # (D, T*B, 3H)
         # (14): the weights' gradients are sums over steps and sentences: one batched product each, after the loop
-        grad_input_gates = grad_input_gates.permute(1, 2, 0, 3).reshape(directions, batch_size * max_length, -1)
-        flat_hidden_gates = grad_hidden_gates.transpose(0, 1).reshape(directions, max_length * batch_size, -1)
         flat_previous = previous_states.transpose(0, 1).reshape(directions, max_length * batch_size, size)
+        flat_inputs = inputs.transpose(1, 2).reshape(directions, max_length * batch_size, -1)  # (D, T*B, I)
         grad_weight_hh = torch.bmm(flat_hidden_gates.transpose(1, 2), flat_previous)  # (D, 3H, H)
-        grad_weight_ih = torch.bmm(grad_input_gates.transpose(1, 2), inputs.flatten(1, 2))  # (D, 3H, I)
-        grad_inputs = torch.bmm(grad_input_gates, weight_ih).view(inputs.shape)  # (D, B, T, I)
+        grad_weight_ih = torch.bmm(grad_input_gates.transpose(1, 2), flat_inputs)  # (D, 3H, I)
+        grad_inputs = torch.bmm(grad_input_gates, weight_ih).view(directions, max_length, batch_size, -1)
+        grad_inputs = grad_inputs.transpose(1, 2)  # (D, B, T, I)
         grad_bias_ih, grad_bias_hh = grad_input_gates.sum(1), flat_hidden_gates.sum(1)  # (D, 3H) each
         return grad_inputs, None, grad_hidden, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh
 
