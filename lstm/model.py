@@ -1,7 +1,7 @@
 """A multi-layer LSTM written by hand, torch.nn.LSTM beside it, a tanh RNN baseline, and the two models built on them.
 
-Read top to bottom: the hand-written LSTM (equations 1-6 of the README), then `make_recurrent` which picks
-an implementation behind one interface, then the character language model and the adding-problem regressor.
+Read top to bottom: one layer's forward (equations 1-6 of the README), the same layer with its backward written
+out (9-11), the multi-layer LSTM, `make_recurrent` which picks an implementation, then the two models built on them.
 """
 
 import math
