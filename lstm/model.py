@@ -55,54 +55,50 @@ class LSTMLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, inputs, valid, hidden, cell, weight_ih, weight_hh, bias_ih, bias_hh):
-        """run_lstm_layer without a graph; keeps the gates, tanh(c_t) and the step-start states for backward."""
+        """run_lstm_layer without a graph; keeps each step's gates, tanh(c_t) and start states for the backward."""
         record = []
         outputs, final_hidden, final_cell = run_lstm_layer(
             inputs, valid, hidden, cell, weight_ih, weight_hh, bias_ih, bias_hh, record
         )
-        # Seven (T, B, H) tensors, time-major so that each step's slice is contiguous.
-        kept = [torch.stack(steps) for steps in zip(*record)]
         time_valid = None if valid is None else valid.transpose(0, 1).to(inputs.dtype)  # (T, B, 1), 1 or 0
-        ctx.save_for_backward(inputs, time_valid, weight_ih, weight_hh, *kept)
+        ctx.steps = len(record)
+        # Seven (B, H) tensors per step, kept as they are: i, f, g, o, tanh(c_t), h_{t-1}, c_{t-1}.
+        ctx.save_for_backward(inputs, time_valid, weight_ih, weight_hh, *(kept for step in record for kept in step))
         return outputs, final_hidden, final_cell
 
     @staticmethod
     def backward(ctx, grad_outputs, grad_final_hidden, grad_final_cell):
         """From the last step to the first: (9) the cell's gradient, (10) the gates', (11) the weights' and inputs'."""
         inputs, time_valid, weight_ih, weight_hh, *kept = ctx.saved_tensors
-        input_gate, forget_gate, candidate, output_gate, squashed_cell, previous_hidden, previous_cell = kept
-        steps, batch_size, hidden_size = input_gate.shape
+        steps, (batch_size, hidden_size) = ctx.steps, kept[0].shape
         grad_outputs = grad_outputs.transpose(0, 1)  # (T, B, H)
         if time_valid is not None:
             grad_outputs = grad_outputs * time_valid  # an output on padding is a constant zero
-        # The local derivatives, for every step at once: they do not depend on the gradient flowing back.
-        hidden_to_cell = output_gate * (1 - squashed_cell * squashed_cell)  # (6): dh_t/dc_t = o_t (1 - tanh²c_t)
-        gate_derivatives = torch.cat([  # (10): dc_t/dz_i, dc_t/dz_f, dc_t/dz_g and dh_t/dz_o
-            candidate * input_gate * (1 - input_gate),
-            previous_cell * forget_gate * (1 - forget_gate),
-            input_gate * (1 - candidate * candidate),
-            squashed_cell * output_gate * (1 - output_gate),
-        ], dim=2)  # (T, B, 4H)
-        grad_gates = torch.empty_like(gate_derivatives)  # (T, B, 4H): δz_t, filled from the last step back
+        grad_gates = grad_outputs.new_empty(steps, batch_size, 4 * hidden_size)  # (T, B, 4H): δz_t, from the end
         grad_hidden, grad_cell = grad_final_hidden, grad_final_cell  # (B, H) each: δh and δc, flowing back in time
         for t in range(steps - 1, -1, -1):
+            input_gate, forget_gate, candidate, output_gate, squashed_cell, _, previous_cell = kept[7 * t : 7 * t + 7]
             grad_hidden = grad_hidden + grad_outputs[t]  # δh_t: from the output at t and from step t+1, (11)
             if time_valid is not None:  # past a sequence's end the state was copied: its gradient passes back as is
                 passed_hidden, passed_cell = grad_hidden * (1 - time_valid[t]), grad_cell * (1 - time_valid[t])
                 grad_hidden, grad_cell = grad_hidden * time_valid[t], grad_cell * time_valid[t]
             # (9): δc_t = δh_t ⊙ o_t ⊙ (1 - tanh²c_t) + δc_{t+1} ⊙ f_{t+1} (the second term came from step t+1)
-            grad_cell = torch.addcmul(grad_cell, grad_hidden, hidden_to_cell[t])  # (B, H)
-            # (10): the gate pre-activations; i, f and g reach L through c_t, o through h_t
-            torch.mul(torch.cat([grad_cell, grad_cell, grad_cell, grad_hidden], dim=1), gate_derivatives[t],
-                      out=grad_gates[t])  # (B, 4H)
+            grad_cell = torch.addcmul(grad_cell, grad_hidden * output_gate, 1 - squashed_cell * squashed_cell)
+            # (10): the gate pre-activations, each written into its block of δz_t; i, f, g through c_t, o through h_t
+            for_input, for_forget, for_candidate, for_output = grad_gates[t].chunk(4, dim=1)  # each (B, H)
+            torch.mul(grad_cell * candidate, input_gate * (1 - input_gate), out=for_input)
+            torch.mul(grad_cell * previous_cell, forget_gate * (1 - forget_gate), out=for_forget)
+            torch.mul(grad_cell * input_gate, 1 - candidate * candidate, out=for_candidate)
+            torch.mul(grad_hidden * squashed_cell, output_gate * (1 - output_gate), out=for_output)
             # (11): back to step t-1, through W_hh to h_{t-1} and along the cell to c_{t-1}
             grad_hidden = torch.mm(grad_gates[t], weight_hh)  # (B, H)
-            grad_cell = grad_cell * forget_gate[t]  # (B, H)
+            grad_cell = grad_cell * forget_gate  # (B, H)
             if time_valid is not None:
                 grad_hidden, grad_cell = grad_hidden + passed_hidden, grad_cell + passed_cell
         # (11): the weights' gradients are sums over time, so each leaves the loop as one matrix product.
         flat_grad_gates = grad_gates.view(steps * batch_size, 4 * hidden_size)  # (T*B, 4H)
-        grad_weight_hh = flat_grad_gates.t() @ previous_hidden.reshape(steps * batch_size, hidden_size)  # (4H, H)
+        previous_hidden = torch.stack(kept[5::7]).view(steps * batch_size, hidden_size)  # h_{t-1} for every t
+        grad_weight_hh = flat_grad_gates.t() @ previous_hidden  # (4H, H)
         flat_inputs = inputs.transpose(0, 1).reshape(steps * batch_size, -1)  # (T*B, I)
         grad_weight_ih = flat_grad_gates.t() @ flat_inputs  # (4H, I)
         grad_bias = flat_grad_gates.sum(0)  # (4H,): the same for b_ih and b_hh
