@@ -184,6 +184,13 @@ class Attention(nn.Module):
         if cache is not None:
             key, value = cache.update(layer, key, value)  # each (B, Hkv, start+T, hd)
         group = self.n_heads // self.n_kv_heads
+        if length == 1 and cache is not None and self.attend is fused_causal_attention:
+            # generating: the one new position may see every cached key, so no mask is needed, and each key/value
+            # head can take its `group` query heads as if they were query positions: the cache is read in place
+            grouped = query.reshape(batch, self.n_kv_heads, group, self.head_dim)  # (B, Hkv, group, hd)
+            attended = F.scaled_dot_product_attention(grouped, key, value)  # (B, Hkv, group, hd)
+            attended = attended.reshape(batch, self.n_heads, 1, self.head_dim)  # (B, H, 1, hd)
+            return self.out_proj(attended.transpose(1, 2).reshape(batch, 1, -1))  # (B, 1, d_model)
         if group > 1:  # each key/value head serves `group` query heads
             key = key.repeat_interleave(group, dim=1)  # (B, H, Tk, hd)
             value = value.repeat_interleave(group, dim=1)
