@@ -158,6 +158,21 @@ def median_and_range(values: list) -> dict:
     return {"median": ordered[len(ordered) // 2], "min": ordered[0], "max": ordered[-1], "runs": values}
 
 
+class TimeStamps:
+    """A transformers streamer that notes when each new token arrives (the first put() is the prompt)."""
+
+    def __init__(self, stamps: list):
+        self.stamps, self.prompt_seen = stamps, False
+
+    def put(self, value):
+        if self.prompt_seen:
+            self.stamps.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self):
+        pass
+
+
 def hf_generation_comparison(new_tokens: int, repeats: int, dtype_names) -> dict:
     """Greedy tokens/s of our model + KV cache against transformers' generate, on the same random weights."""
     from transformers import LlamaConfig as HFLlamaConfig
@@ -179,33 +194,49 @@ def hf_generation_comparison(new_tokens: int, repeats: int, dtype_names) -> dict
         reference.to(dtype)
         ours.to(dtype)
 
-        def run_ours(count):
-            return generate(ours, prompt, count, temperature=0.0)  # noqa: B023 - ours is the same object throughout
+        def run_ours(count, stamps):
+            return generate(ours, prompt, count, temperature=0.0,  # noqa: B023 - the same model throughout
+                            on_token=lambda token: stamps.append(time.perf_counter()))
 
-        def run_reference(count):
-            output = reference.generate(torch.tensor([prompt]), max_new_tokens=count, do_sample=False)
+        def run_reference(count, stamps):
+            output = reference.generate(torch.tensor([prompt]), max_new_tokens=count, do_sample=False,
+                                        streamer=TimeStamps(stamps))
             return output[0, len(prompt):].tolist()
 
-        run_ours(8), run_reference(8)  # warm-up: first-call allocations and dispatch caches
+        run_ours(8, []), run_reference(8, [])  # warm-up: first-call allocations and dispatch caches
         speeds = {"ours": [], "transformers": []}
+        step_speeds = {"ours": [], "transformers": []}  # 1 / the median time between two new tokens
         tokens = {}
         for _ in range(repeats):  # alternate, so that a busy moment of the machine hits both alike
             for name, run in (("ours", run_ours), ("transformers", run_reference)):
+                stamps = []
                 start = time.perf_counter()
-                tokens[name] = run(new_tokens)
+                tokens[name] = run(new_tokens, stamps)
                 speeds[name].append(len(tokens[name]) / (time.perf_counter() - start))
+                steps = sorted(later - earlier for earlier, later in zip(stamps, stamps[1:]))
+                step_speeds[name].append(1 / steps[len(steps) // 2])
         ratios = [mine / theirs for mine, theirs in zip(speeds["ours"], speeds["transformers"])]
+        step_ratios = [mine / theirs for mine, theirs in zip(step_speeds["ours"], step_speeds["transformers"])]
         agree = next((i for i, (a, b) in enumerate(zip(tokens["ours"], tokens["transformers"])) if a != b),
                      len(tokens["ours"]))
         results[dtype_name] = {"ours_tokens_per_s": median_and_range(speeds["ours"]),
                                "transformers_tokens_per_s": median_and_range(speeds["transformers"]),
-                               "ratio": median_and_range(ratios), "greedy_tokens_equal_for": agree}
+                               "ratio": median_and_range(ratios), "greedy_tokens_equal_for": agree,
+                               "ours_step_tokens_per_s": median_and_range(step_speeds["ours"]),
+                               "transformers_step_tokens_per_s": median_and_range(step_speeds["transformers"]),
+                               "step_ratio": median_and_range(step_ratios)}
         ours_speed = results[dtype_name]["ours_tokens_per_s"]
         hf_speed = results[dtype_name]["transformers_tokens_per_s"]
         print(f"{dtype_name:8s} {new_tokens} new tokens: ours {ours_speed['median']:6.1f} tok/s "
               f"({ours_speed['min']:.1f}-{ours_speed['max']:.1f}) | transformers {hf_speed['median']:6.1f} tok/s "
               f"({hf_speed['min']:.1f}-{hf_speed['max']:.1f}) | ratio {results[dtype_name]['ratio']['median']:.2f}x "
               f"({min(ratios):.2f}-{max(ratios):.2f}) | greedy tokens equal for the first {agree}")
+        ours_step = results[dtype_name]["ours_step_tokens_per_s"]
+        hf_step = results[dtype_name]["transformers_step_tokens_per_s"]
+        print(f"{'':8s} per decoding step (median): ours {ours_step['median']:6.1f} tok/s "
+              f"({ours_step['min']:.1f}-{ours_step['max']:.1f}) | transformers {hf_step['median']:6.1f} tok/s "
+              f"({hf_step['min']:.1f}-{hf_step['max']:.1f}) | ratio {results[dtype_name]['step_ratio']['median']:.2f}x "
+              f"({min(step_ratios):.2f}-{max(step_ratios):.2f})")
     return results
 
 
