@@ -107,8 +107,10 @@ def rope_cos_sin(config: LlamaConfig, length: int) -> tuple[torch.Tensor, torch.
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Eq. 5: rotate each channel pair (x_i, x_{i+d/2}) of x (B, heads, T, head_dim) by the angle m * theta_i."""
-    first, second = x.chunk(2, dim=-1)  # each (B, heads, T, head_dim/2): views, no copy
-    rotated_first = first * cos - second * sin  # under bf16 autocast: bf16 x times the fp32 table gives fp32
+    # rotate in fp32 at least: one conversion of a bf16 x (not bf16 x fp32 products element by element), none of
+    # an fp32 x, and a float64 model keeps float64
+    first, second = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)  # each (B, heads, T, hd/2)
+    rotated_first = first * cos - second * sin
     rotated_second = first * sin + second * cos
     return torch.cat([rotated_first, rotated_second], dim=-1).type_as(x)  # (B, heads, T, head_dim)
 
