@@ -302,8 +302,8 @@ def test_the_clis_end_bad_input_with_one_line_and_no_traceback(finished_epoch, r
     (finished_epoch / "last.pt").write_bytes(GARBAGE["png"])
     before = folder_bytes(finished_epoch)
     env = {"OMP_NUM_THREADS": "1"}
-    for script, arguments in (("gru/train.py", [*TINY, "--out-dir", str(finished_epoch), "--resume"]),
-                              ("gru/eval.py", ["--checkpoint", str(finished_epoch / "last.pt"), "--tag", "北京"])):
+    # one real command line (the in-process tests above cover every script's main() the same way)
+    for script, arguments in (("gru/train.py", [*TINY, "--out-dir", str(finished_epoch), "--resume"]),):
         result = run_cli(script, *arguments, env=env)
         assert result.returncode == 1 and "Traceback" not in result.stderr, (script, result.stderr)
         assert result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1, (script, result.stderr)
