@@ -223,9 +223,15 @@ def test_make_clean_keeps_the_runs_and_clean_runs_deletes_them():
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     root = Path(__file__).resolve().parents[1]
-    clean = subprocess.run(["make", "-n", "clean"], cwd=root, capture_output=True, text=True, check=True).stdout
-    clean_runs = subprocess.run(["make", "-n", "clean-runs"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout
+    # under `make test` the parent make's MAKEFLAGS/MAKELEVEL would make the child announce its directory
+    inherited = ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")
+    environment = {name: value for name, value in os.environ.items() if name not in inherited}
+
+    def dry_run(target: str) -> str:
+        return subprocess.run(["make", "--no-print-directory", "-n", target], cwd=root, capture_output=True,
+                              text=True, check=True, env=environment).stdout
+
+    clean, clean_runs = dry_run("clean"), dry_run("clean-runs")
     assert ".venv" in clean and "runs" not in clean
     assert clean_runs.split() == ["rm", "-rf", "runs"]
 
