@@ -9,7 +9,7 @@ import torch
 from rnn.model import HandwrittenRNN, TorchRNN
 from rnn.runs import pick_device, positive_int
 
-# (batch, length, input size, hidden size, layers, bidirectional); the third row is the target size.
+# (batch, length, input size, hidden size, layers, bidirectional); the fourth row is the classifier's own shape.
 SIZES = [(64, 20, 64, 64, 1, False), (16, 50, 64, 128, 1, False), (64, 20, 64, 256, 1, False),
          (64, 20, 64, 256, 1, True), (64, 20, 64, 256, 2, False), (64, 20, 64, 512, 1, False)]
 
