@@ -1,6 +1,7 @@
 """Train the tiny Llama end to end: corpus -> tokenizer -> token files -> training -> validation -> samples.
 
     python llm/train.py                                    # the default run of the README's results table
+    python llm/train.py --quick                            # the same model, fewer steps: about 5 min on 2 cores
     torchrun --nproc_per_node=2 llm/train.py ...           # DistributedDataParallel (gloo on CPU, NCCL on GPU)
 
 Every finished stage of the data pipeline is reused while its inputs are unchanged.
@@ -54,6 +55,10 @@ PRESETS = {
     ),
 }
 
+# --quick: the default model and batch, with the schedule compressed to fewer steps (warmup and cosine decay
+# scaled with it), in a folder of its own so it never meets the default run. A learner's first run.
+QUICK = dict(max_steps=800, warmup_steps=50, eval_every=200, out_dir="runs/llm-quick")
+
 # The settings that define a run: a resume takes them from the saved run, and refuses one given anew with
 # another value (world_size is the process count; corpus names the tokenized training data).
 FIXED_ON_RESUME = (
@@ -86,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hand-written masked softmax or fused scaled_dot_product_attention")
     train = parser.add_argument_group("training")
     train.add_argument("--preset", default=None, choices=sorted(PRESETS), help="a larger GPU configuration")
+    train.add_argument("--quick", action="store_true",
+                       help=f"a short run of the default model: {QUICK['max_steps']} steps, warmup "
+                            f"{QUICK['warmup_steps']}, validation every {QUICK['eval_every']}, into "
+                            f"{QUICK['out_dir']} (about 5 min on 2 CPU cores); flags given beside it win")
     train.add_argument("--batch-size", type=positive_int, default=8, help="sequences per micro-batch (per process)")
     train.add_argument("--grad-accum", type=positive_int, default=1,
                        help="micro-batches accumulated per optimizer step")
@@ -120,21 +129,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def preset_settings(args) -> dict:
+    """The settings that --quick or --preset NAME put in place of the defaults (none without them)."""
+    if args.quick and args.preset:
+        sys.exit(f"error: --quick and --preset {args.preset} are both presets; pass one")
+    return QUICK if args.quick else PRESETS.get(args.preset, {})
+
+
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.preset:  # a preset replaces the defaults, flags given explicitly still win
-        parser.set_defaults(**PRESETS[args.preset])
+    settings = preset_settings(args)
+    if settings:  # a preset replaces the defaults, flags given explicitly still win
+        parser.set_defaults(**settings)
         args = parser.parse_args(argv)
     return args
 
 
 def explicitly_given(argv) -> set:
-    """The settings written on the command line (as opposed to left at their defaults)."""
+    """The settings written on the command line, by a flag or by the preset it names (not left at a default)."""
     parser = build_parser()
     for action in parser._actions:  # a flag left out then leaves no attribute at all
         action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
+    given = set(vars(parser.parse_args(argv)))
+    return given | set(preset_settings(parse_args(argv)))
 
 
 def take_saved_settings(args, argv, saved: dict, world_size: int) -> None:
@@ -326,16 +344,19 @@ def eager_step_seconds(model, batch_size: int, context_length: int, grad_accum: 
 
 
 def decide_compile(mode: str, device, estimated_seconds: float | None) -> tuple[bool, str]:
-    """--compile on/off as given; auto compiles when the compiler works and the run is long enough to repay it."""
+    """--compile on/off as given; auto compiles when the compiler works and the run is long enough to repay it.
+
+    Returns the choice and the header's words for it: "on (...)" or "off (...)" with the reason in brackets.
+    """
     if mode != "auto":
-        return mode == "on", f"--compile {mode}"
+        return mode == "on", f"{mode} (--compile {mode})"
     if estimated_seconds < COMPILE_PAYS_OFF_S:
-        return False, (f"runs eager: about {estimated_seconds / 60:.1f} min of training is too short to repay "
-                       f"compiling (auto compiles runs over {COMPILE_PAYS_OFF_S // 60} min)")
+        return False, (f"off (about {estimated_seconds / 60:.1f} min of eager training: too short to repay "
+                       f"compiling; auto compiles runs over {COMPILE_PAYS_OFF_S // 60} min)")
     problem = compiler_problem(device.type)
     if problem:
-        return False, f"runs eager: {problem}"
-    return True, f"compiles: about {estimated_seconds / 60:.0f} min of eager training repay the compile time"
+        return False, f"off ({problem})"
+    return True, f"on (about {estimated_seconds / 60:.0f} min of eager training: long enough to repay compiling)"
 
 
 def plot_curves(metrics_path: Path, png_path: Path):

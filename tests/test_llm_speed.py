@@ -55,12 +55,12 @@ def test_auto_dtype_measurement_leaves_the_training_rng_where_it_was():
 
 def test_compile_auto_runs_eager_when_the_run_is_too_short_and_on_off_are_obeyed():
     compiled, reason = decide_compile("auto", CPU, COMPILE_PAYS_OFF_S / 10)
-    assert not compiled and reason.startswith("runs eager: about") and "too short" in reason
-    assert decide_compile("off", CPU, 10 * COMPILE_PAYS_OFF_S) == (False, "--compile off")
-    assert decide_compile("on", CPU, 1.0) == (True, "--compile on")
+    assert not compiled and reason.startswith("off (about") and "too short" in reason
+    assert decide_compile("off", CPU, 10 * COMPILE_PAYS_OFF_S) == (False, "off (--compile off)")
+    assert decide_compile("on", CPU, 1.0) == (True, "on (--compile on)")
     compiled, reason = decide_compile("auto", CPU, 10 * COMPILE_PAYS_OFF_S)
     assert compiled == (compiler_problem("cpu") == "")  # a long run compiles exactly where a compiler works
-    assert reason.startswith("compiles:" if compiled else "runs eager: torch.compile")
+    assert reason.startswith("on (about" if compiled else "off (torch.compile")
 
 
 def test_compiled_model_gives_the_eager_loss():
@@ -185,3 +185,66 @@ def test_a_tokenizer_other_than_the_checkpoints_is_refused_in_one_line(tmp_path,
         assert len(lines) == 1 and lines[0].startswith("error: the tokenizer") and "sha256 differs" in lines[0], (
             script, result.stderr[-500:])
         assert Path(prepared.tokenizer_path).is_file()
+
+
+def reference_shape(config: LlamaConfig):
+    from llm.reference_models import ReferenceShape
+
+    return ReferenceShape(vocab_size=config.vocab_size, context_length=config.context_length, d_model=config.d_model,
+                          n_layers=config.n_layers, n_heads=config.n_heads, n_kv_heads=config.n_kv_heads,
+                          ffn_hidden=config.ffn_hidden, norm_eps=config.norm_eps, rope_theta=config.rope_theta)
+
+
+def test_the_llama2c_reference_computes_our_model_given_our_weights():
+    """bench.py compares speed at the same shape; this shows it is the same function, not just the same size."""
+    from llm.hf import halves_to_neighbour_pairs, hf_tensors_from_ours
+    from llm.reference_models import Llama2cTransformer
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    ours = Llama(config).double()
+    reference = Llama2cTransformer(reference_shape(config)).double()
+    assert sum(p.numel() for p in reference.parameters()) == ours.num_parameters()
+    tensors = hf_tensors_from_ours(ours)
+    state = {"tok_embeddings.weight": tensors["model.embed_tokens.weight"], "norm.weight": tensors["model.norm.weight"]}
+    for n in range(config.n_layers):
+        hf, mine = f"model.layers.{n}.", f"layers.{n}."
+        state.update({
+            mine + "attention.wq.weight": halves_to_neighbour_pairs(tensors[hf + "self_attn.q_proj.weight"],
+                                                                    config.n_heads),
+            mine + "attention.wk.weight": halves_to_neighbour_pairs(tensors[hf + "self_attn.k_proj.weight"],
+                                                                    config.n_kv_heads),
+            mine + "attention.wv.weight": tensors[hf + "self_attn.v_proj.weight"],
+            mine + "attention.wo.weight": tensors[hf + "self_attn.o_proj.weight"],
+            mine + "feed_forward.w1.weight": tensors[hf + "mlp.gate_proj.weight"],
+            mine + "feed_forward.w3.weight": tensors[hf + "mlp.up_proj.weight"],
+            mine + "feed_forward.w2.weight": tensors[hf + "mlp.down_proj.weight"],
+            mine + "attention_norm.weight": tensors[hf + "input_layernorm.weight"],
+            mine + "ffn_norm.weight": tensors[hf + "post_attention_layernorm.weight"],
+        })
+    state["output.weight"] = state["tok_embeddings.weight"]
+    reference.load_state_dict(state)
+    tokens = torch.randint(0, config.vocab_size, (3, config.context_length + 1))
+    our_logits, our_loss = ours(tokens[:, :-1], tokens[:, 1:])
+    their_logits, their_loss = reference(tokens[:, :-1], tokens[:, 1:])
+    torch.testing.assert_close(their_logits, our_logits.view_as(their_logits), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(their_loss, our_loss, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["llama2.c", "nanoGPT"])
+def test_each_reference_model_trains_in_the_benchs_training_step(name):
+    from llm.bench import TrainingRun, default_config
+    from llm.reference_models import REFERENCE_MODELS
+
+    config = tiny_config()
+    _, train_args = default_config()
+    torch.manual_seed(0)
+    run = TrainingRun(config, train_args, CPU, "float32", False, batch_size=4,
+                      model=REFERENCE_MODELS[name](reference_shape(config)))
+    losses = []
+    for _ in range(8):
+        with run.autocast:
+            _, loss = run.model(run.inputs, run.targets)
+        losses.append(loss.item())
+        run.step()
+    assert losses[-1] < losses[0] - 0.1, losses  # the same batch again and again: the loss must fall
