@@ -9,7 +9,13 @@ import torch.nn.functional as F
 
 from transformer.decoding import beam_search, greedy_decode
 from transformer.eval import main as eval_main
-from transformer.model import LayerNorm, Transformer, TransformerConfig, scaled_dot_product_attention
+from transformer.model import (
+    LayerNorm,
+    Transformer,
+    TransformerConfig,
+    reorder_state,
+    scaled_dot_product_attention,
+)
 from transformer.prepare import (
     BOS_ID,
     EOS_ID,
@@ -197,6 +203,40 @@ def test_cached_decoding_gives_same_tokens_and_logits_as_recomputing(norm_first)
     assert torch.equal(cached, full)
     unfinished = torch.cat([torch.ones(3, 1, dtype=torch.bool), (cached != EOS_ID).cumprod(1)[:, :-1].bool()], 1)
     torch.testing.assert_close(cached_logits[unfinished], full_logits[unfinished])
+
+
+def test_kv_cache_is_written_in_place_and_read_as_views():
+    model = tiny_model().eval()
+    source, _ = random_batch()
+    state = model.start_decoding(source, max_new_tokens=6)
+    cache = state["self_caches"][0]
+    storage = cache.keys.data_ptr()
+    with torch.inference_mode():
+        for token in [BOS_ID, 7, 9]:
+            model.decode_step(torch.full((3, 1), token), state)
+        keys, values = cache.append(torch.zeros(3, 4, 1, 8, dtype=torch.float64), torch.ones(3, 4, 1, 8).double())
+    assert cache.keys.data_ptr() == storage and keys.data_ptr() == storage  # no step allocated a new cache
+    assert keys.shape == (3, 4, 4, 8) and cache.length == 4 and torch.equal(values[:, :, 3], torch.ones(3, 4, 8))
+    with pytest.raises(ValueError, match="does not fit"):
+        cache.append(*(torch.zeros(3, 4, 3, 8, dtype=torch.float64),) * 2)
+
+
+def test_reordered_cache_continues_as_if_the_chosen_prefixes_were_recomputed():
+    model = tiny_model().eval()
+    source, _ = random_batch(batch=2)
+    source = source.repeat_interleave(3, dim=0)  # 2 sentences x 3 beams, as beam search lays them out
+    prefix = torch.cat([torch.full((6, 1), BOS_ID), torch.randint(4, 50, (6, 3))], dim=1)  # (6, 4)
+    state = model.start_decoding(source, max_new_tokens=8)
+    with torch.inference_mode():
+        for position in range(4):
+            model.decode_step(prefix[:, position : position + 1], state)
+        origin = torch.tensor([2, 2, 0, 4, 3, 3])  # each survivor continues a beam of its own sentence
+        reorder_state(state, origin)
+        next_token = torch.randint(4, 50, (6, 1))
+        cached = model.decode_step(next_token, state)  # (6, vocab)
+        reordered = torch.cat([prefix[origin], next_token], dim=1)  # (6, 5)
+        recomputed = model.decode(reordered, model.encode(source), source)[:, -1]  # (6, vocab)
+    torch.testing.assert_close(cached, recomputed)
 
 
 def test_beam_size_one_equals_greedy():

@@ -166,6 +166,25 @@ def test_a_changed_setting_is_refused_on_resume_but_epochs_may_grow(straight_run
         [train_module.learning_rate(s, long) for s in range(1, 2000, 37)]
 
 
+def test_quick_is_a_preset_of_flags_that_a_resume_keeps():
+    quick = train_module.parse_args(["--quick"])
+    for name, value in train_module.QUICK_PRESET.items():
+        assert getattr(quick, name) == value, name
+    assert quick.d_model < train_module.parse_args([]).d_model and quick.out_dir == "runs/transformer-quick"
+    # a flag beside --quick wins over the preset, as `--quick --resume --epochs 2` needs
+    assert train_module.parse_args(["--quick", "--epochs", "2"]).epochs == 2
+    assert train_module.parse_args(["--quick", "--d-model", "64"]).d_model == 64
+    saved = vars(quick)
+    assert train_module.changed_setting(saved, vars(train_module.parse_args(["--quick", "--epochs", "2"])),
+                                        train_module.FIXED_ON_RESUME) is None
+    forgotten = train_module.changed_setting(saved, vars(train_module.parse_args([])), train_module.FIXED_ON_RESUME)
+    assert forgotten.startswith("--quick was True in the saved run and is False now")
+
+
+def test_the_default_flags_build_the_default_model_config():
+    assert train_module.model_config(train_module.parse_args([]), 8000) == train_module.TransformerConfig()
+
+
 def test_a_non_finite_loss_stops_before_any_write(straight_run, tmp_path, monkeypatch):
     copy = tmp_path / "copy"
     shutil.copytree(straight_run, copy)
@@ -213,7 +232,7 @@ EVAL_REFUSED = {
     "--translate": ["", "  ", "caf\udce9 \udcff\udcfe"],  # the last: bytes that are not UTF-8, as argv hands them over
 }
 BENCH_REFUSED = {"--repeats": ["0", "-1", "nan"], "--beam-sentences": ["0", "-1", "nan"],
-                 "--threads": ["-1", "nan", "100000"]}
+                 "--threads": ["-1", "nan", "100000"], "--device": ["foo"]}
 FIGURES_REFUSED = {"--d-model": ["0", "-1", "nan", "33", "100000"]}
 PREPARE_REFUSED = {"--vocab-size": ["0", "-1", "nan", "10000000"], "--seed": ["-1", "nan", str(2**64)]}
 

@@ -24,26 +24,30 @@ def greedy_decode(
     pad_id = model.config.pad_id
     batch = source_ids.size(0)
     max_new_tokens = min(max_new_tokens, model.config.max_len - 1)
-    tokens = torch.full((batch, 1), bos_id, dtype=torch.long, device=source_ids.device)  # (B, 1)
+    # BOS, then room for every new token: each step writes one column in place
+    tokens = torch.full((batch, max_new_tokens + 1), pad_id, dtype=torch.long, device=source_ids.device)  # (B, 1 + T)
+    tokens[:, 0] = bos_id
     finished = torch.zeros(batch, dtype=torch.bool, device=source_ids.device)
     step_logits = []
     if use_cache:
-        state = model.start_decoding(source_ids)
+        state = model.start_decoding(source_ids, max_new_tokens)
     else:
         memory = model.encode(source_ids)
+    length = 1  # tokens[:, :length] is the prefix written so far
     for _ in range(max_new_tokens):
         if use_cache:
-            logits = model.decode_step(tokens[:, -1:], state)  # (B, vocab): one new position
+            logits = model.decode_step(tokens[:, length - 1 : length], state)  # (B, vocab): one new position
         else:
-            hidden = model.decode_hidden(tokens, memory, source_ids)  # (B, t, d_model): the whole prefix again
+            hidden = model.decode_hidden(tokens[:, :length], memory, source_ids)  # (B, t, d_model): all of it again
             logits = model.logits(hidden[:, -1])  # (B, vocab): only the last position is needed
         step_logits.append(logits)
         next_token = logits.argmax(dim=-1).masked_fill(finished, pad_id)  # (B,)
-        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+        tokens[:, length] = next_token
+        length += 1
         finished |= next_token == eos_id
         if stop_at_eos and bool(finished.all()):
             break
-    generated = tokens[:, 1:]
+    generated = tokens[:, 1:length]  # (B, T)
     return (generated, torch.stack(step_logits, dim=1)) if return_logits else generated
 
 
@@ -66,7 +70,8 @@ def beam_search(
     pad_id = model.config.pad_id
     batch, device = source_ids.size(0), source_ids.device
     max_new_tokens = min(max_new_tokens, model.config.max_len - 1)
-    state = model.start_decoding(source_ids.repeat_interleave(beam_size, dim=0))  # every row copied beam_size times
+    # every source row copied beam_size times; the caches have room for max_new_tokens positions
+    state = model.start_decoding(source_ids.repeat_interleave(beam_size, dim=0), max_new_tokens)
     scores = torch.zeros(batch, beam_size, device=device)  # (B, K) summed log-probabilities
     scores[:, 1:] = float("-inf")  # all beams start identical: keep only the first so the top-k are distinct
     tokens = torch.full((batch * beam_size, 1), bos_id, dtype=torch.long, device=device)  # (B*K, 1)
@@ -83,7 +88,7 @@ def beam_search(
         scores, best_index = candidates.topk(beam_size, dim=-1)  # (B, K)
         origin = (batch_offset + best_index // vocab).view(-1)  # (B*K,) which old beam each survivor extends
         new_token = (best_index % vocab).view(-1)  # (B*K,)
-        state = reorder_state(state, origin)
+        reorder_state(state, origin)  # the survivors take over their parents' self-attention caches
         tokens = torch.cat([tokens[origin], new_token[:, None]], dim=1)
         was_finished = finished[origin]
         lengths = lengths[origin] + (~was_finished).float()

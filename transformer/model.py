@@ -15,16 +15,19 @@ import torch.nn.functional as F
 
 @dataclass
 class TransformerConfig:
-    """Sizes and switches of the model; saved in every checkpoint as a plain dict."""
+    """Sizes and switches of the model; saved in every checkpoint as a plain dict.
+
+    The defaults are the model of the README's results table; train.py takes its flags' defaults from here.
+    """
 
     vocab_size: int = 8000
     d_model: int = 256
     num_heads: int = 4
-    num_encoder_layers: int = 3
-    num_decoder_layers: int = 3
+    num_encoder_layers: int = 2
+    num_decoder_layers: int = 2
     d_ff: int = 1024
     dropout: float = 0.1
-    max_len: int = 256
+    max_len: int = 256  # the longest sequence the positional encoding covers
     pad_id: int = 0
     norm_first: bool = False  # False: the paper's post-norm; True: pre-norm
     attention: str = "handwritten"  # "handwritten" (eq. 1 written out) or "fused" (F.scaled_dot_product_attention)
@@ -96,7 +99,7 @@ class MultiHeadAttention(nn.Module):
     def forward(self, query_input, key_value_input=None, allowed=None, keys_values=None, cache=None):
         """Attend from query_input (B, Tq, d) to key_value_input (B, Tk, d), or to precomputed keys_values.
 
-        cache (a dict) turns on incremental self-attention: the new keys/values are appended to it and
+        cache (a KeyValueCache) turns on incremental self-attention: the new keys/values are written into it and
         the queries attend to everything cached so far.
         """
         query = self.split_heads(self.query_projection(query_input))  # (B, h, Tq, d_k)
@@ -104,10 +107,7 @@ class MultiHeadAttention(nn.Module):
             keys_values = self.project_keys_values(query_input if key_value_input is None else key_value_input)
         key, value = keys_values  # (B, h, Tk, d_k) each
         if cache is not None:
-            if "key" in cache:
-                key = torch.cat([cache["key"], key], dim=2)  # (B, h, T_cached + Tq, d_k)
-                value = torch.cat([cache["value"], value], dim=2)
-            cache["key"], cache["value"] = key, value
+            key, value = cache.append(key, value)  # (B, h, T_cached + Tq, d_k) each: views of the cache, no copy
         dropout = self.dropout if self.training else 0.0
         if self.fused and not self.keep_weights:
             attended = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, dropout_p=dropout)
@@ -116,6 +116,36 @@ class MultiHeadAttention(nn.Module):
             if self.keep_weights:
                 self.last_weights = weights.detach()
         return self.output_projection(self.merge_heads(attended))  # (B, Tq, d_model)
+
+
+class KeyValueCache:
+    """The self-attention keys and values of one decoder layer while decoding, preallocated to the longest output.
+
+    Step t writes its one new key and value in place at position t and attends to a view of positions 0..t. Growing
+    the cache with torch.cat instead would copy the whole prefix at every step, so a step would get dearer as the
+    output grows; here a step costs the same at token 100 as at token 2 (apart from attention's own O(t) work).
+    """
+
+    def __init__(self, batch: int, num_heads: int, max_length: int, head_size: int, like: torch.Tensor):
+        self.keys = like.new_zeros(batch, num_heads, max_length, head_size)  # (B, h, T_max, d_k)
+        self.values = like.new_zeros(batch, num_heads, max_length, head_size)  # (B, h, T_max, d_k)
+        self.length = 0  # positions filled so far
+
+    def append(self, key: torch.Tensor, value: torch.Tensor):
+        """Write the keys and values of the new positions (B, h, Tq, d_k) in place; return all filled positions."""
+        end = self.length + key.size(2)
+        if end > self.keys.size(2):
+            raise ValueError(f"the cache holds {self.keys.size(2)} positions; position {end} does not fit")
+        self.keys[:, :, self.length : end] = key
+        self.values[:, :, self.length : end] = value
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]  # (B, h, end, d_k) each, views
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` (B,), in place: beam search's surviving beams take over their parents' caches."""
+        filled = slice(0, self.length)
+        self.keys[:, :, filled] = self.keys[:, :, filled].index_select(0, index)  # (B, h, length, d_k)
+        self.values[:, :, filled] = self.values[:, :, filled].index_select(0, index)
 
 
 class FeedForward(nn.Module):
@@ -267,13 +297,17 @@ class Transformer(nn.Module):
         """Training pass: (B, Ts) source and (B, Tt) shifted target -> (B, Tt, vocab) logits."""
         return self.decode(target_ids, self.encode(source_ids), source_ids)
 
-    def start_decoding(self, source_ids) -> dict:
-        """Encode once and cache what every later decoding step reuses: cross-attention K/V and an empty self-cache."""
-        memory = self.encode(source_ids)
+    def start_decoding(self, source_ids, max_new_tokens: int | None = None) -> dict:
+        """Encode once and keep what every later step reuses: the cross-attention keys/values of each decoder layer
+        (computed here, once per sentence) and an empty, preallocated self-attention cache per layer."""
+        memory = self.encode(source_ids)  # (B, Ts, d_model)
+        max_length = self.config.max_len if max_new_tokens is None else min(max_new_tokens, self.config.max_len)
+        batch, head_size = source_ids.size(0), self.config.d_model // self.config.num_heads
         return {
-            "source_allowed": self.source_mask(source_ids),
-            "memory_keys_values": self.memory_keys_values(memory),
-            "self_caches": [{} for _ in self.decoder_layers],
+            "source_allowed": self.source_mask(source_ids),  # (B, 1, 1, Ts)
+            "memory_keys_values": self.memory_keys_values(memory),  # per layer: (B, h, Ts, d_k) twice
+            "self_caches": [KeyValueCache(batch, self.config.num_heads, max_length, head_size, memory)
+                            for _ in self.decoder_layers],
             "length": 0,
         }
 
@@ -288,10 +322,11 @@ class Transformer(nn.Module):
 
 
 def reorder_state(state: dict, index: torch.Tensor) -> dict:
-    """Select rows (beams) of every cached tensor, for beam search after it picks which beams survive."""
-    return {
-        "source_allowed": state["source_allowed"][index],
-        "memory_keys_values": [(key[index], value[index]) for key, value in state["memory_keys_values"]],
-        "self_caches": [{name: tensor[index] for name, tensor in cache.items()} for cache in state["self_caches"]],
-        "length": state["length"],
-    }
+    """Beam search picked which beams survive: row i of every self-attention cache becomes row index[i], in place.
+
+    The encoder's keys and values (and the source mask) stay as they are: beam search only ever moves a beam to
+    another beam of the same sentence, and all beams of one sentence share the same source.
+    """
+    for cache in state["self_caches"]:
+        cache.reorder(index)
+    return state

@@ -2,6 +2,7 @@
 
     python transformer/train.py                    # the default run of the README's results table
     python transformer/train.py --resume           # go on from runs/transformer/last.pt
+    python transformer/train.py --quick            # a smaller model for one epoch: about 5 minutes on 2 CPU cores
 """
 
 import argparse
@@ -58,7 +59,7 @@ CHECKPOINT_KIND = "transformer-translation"
 # test pairs would become training pairs). --epochs, --max-steps and --valid-every may change: the learning-rate
 # schedule does not depend on them, so a finished run can be resumed with a larger --epochs.
 FIXED_ON_RESUME = (
-    "max_tokens", "max_len", "vocab_size", "d_model", "num_heads", "encoder_layers", "decoder_layers", "d_ff",
+    "quick", "max_tokens", "max_len", "vocab_size", "d_model", "num_heads", "encoder_layers", "decoder_layers", "d_ff",
     "dropout", "pre_norm", "attention", "average_decay", "label_smoothing", "schedule", "warmup_steps", "lr_factor",
     "lr", "train_fraction", "valid_pairs", "valid_bleu_sentences", "seed",
 )
@@ -135,23 +136,42 @@ def model_from_checkpoint(checkpoint: dict, device="cpu", attention: str | None 
     return model.to(device)
 
 
+# --quick: a learner-sized run (README, "Results": about 5 minutes on a 2-core CPU). It is only a preset of the flags
+# below; a flag given beside --quick wins over the preset, and --resume needs --quick again, like any other setting.
+QUICK_PRESET = {"d_model": 128, "d_ff": 512, "vocab_size": 4000, "epochs": 1, "warmup_steps": 200, "lr_factor": 1.0,
+                "out_dir": "runs/transformer-quick"}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Every flag, with the defaults of the README's results table and the range each one accepts."""
+    """Every flag, with the defaults of the README's results table and the range each one accepts.
+
+    The model's sizes default to TransformerConfig's, so the model file and this script cannot disagree.
+    """
+    model = TransformerConfig()
     parser = argparse.ArgumentParser(description="Train an English->Spanish Transformer on Tatoeba.")
+    quick = ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in QUICK_PRESET.items())
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a learner-sized run of about 5 minutes on a 2-core CPU, the preset {quick}; "
+                             "a flag given beside it wins over the preset")
     parser.add_argument("--epochs", type=positive_int, default=4,
                         help="number of passes over the training pairs (may grow on --resume)")
     parser.add_argument("--max-tokens", type=int_in_range(16, 1_000_000), default=1500,
                         help="padded tokens per batch (per side)")
     parser.add_argument("--max-len", type=int_in_range(4, 256), default=64,
                         help="drop training pairs longer than this many tokens (the model reads at most 256)")
-    parser.add_argument("--vocab-size", type=int_in_range(100, 1_000_000), default=8000,
+    parser.add_argument("--vocab-size", type=int_in_range(100, 1_000_000), default=model.vocab_size,
                         help="shared SentencePiece BPE vocabulary size")
-    parser.add_argument("--d-model", type=int_in_range(2, 8192), default=256, help="model width (even)")
-    parser.add_argument("--num-heads", type=int_in_range(1, 256), default=4, help="attention heads (divide --d-model)")
-    parser.add_argument("--encoder-layers", type=int_in_range(1, 64), default=2, help="encoder layers")
-    parser.add_argument("--decoder-layers", type=int_in_range(1, 64), default=2, help="decoder layers")
-    parser.add_argument("--d-ff", type=int_in_range(1, 65536), default=1024, help="feed-forward inner width")
-    parser.add_argument("--dropout", type=probability, default=0.1, help="dropout probability, in [0, 1)")
+    parser.add_argument("--d-model", type=int_in_range(2, 8192), default=model.d_model, help="model width (even)")
+    parser.add_argument("--num-heads", type=int_in_range(1, 256), default=model.num_heads,
+                        help="attention heads (divide --d-model)")
+    parser.add_argument("--encoder-layers", type=int_in_range(1, 64), default=model.num_encoder_layers,
+                        help="encoder layers")
+    parser.add_argument("--decoder-layers", type=int_in_range(1, 64), default=model.num_decoder_layers,
+                        help="decoder layers")
+    parser.add_argument("--d-ff", type=int_in_range(1, 65536), default=model.d_ff, help="feed-forward inner width")
+    parser.add_argument("--dropout", type=probability, default=model.dropout,
+                        help="dropout probability, in [0, 1): on the embeddings, the attention weights, inside the "
+                             "feed-forward and on every sublayer's output")
     parser.add_argument("--pre-norm", action="store_true", help="LayerNorm before each sublayer (default: post-norm)")
     parser.add_argument(
         "--attention", choices=["handwritten", "fused"], default="handwritten",
@@ -179,9 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=seed_int, default=0, help="seed of the split, tokenizer and initialisation")
     parser.add_argument("--threads", type=int_in_range(0, 1024), default=0,
                         help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
     parser.add_argument("--out-dir", default="runs/transformer", help="checkpoints, metrics.jsonl and plots")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT_DIR/last.pt (with the same flags; --epochs may grow)")
     parser.add_argument("--overwrite", action="store_true", help="replace the run already in OUT_DIR")
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
     return parser
@@ -189,7 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None):
     """The command line, checked: each flag's own range, then the rules that tie two flags together."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quick:  # the preset replaces the defaults, then the command line is read again over it
+        parser.set_defaults(**QUICK_PRESET)
+        args = parser.parse_args(argv)
     if args.d_model % args.num_heads or args.d_model % 2:
         raise UserError("--d-model must be even and divisible by --num-heads")
     if args.train_fraction > 1.0:
@@ -202,7 +227,7 @@ def model_config(args, vocab_size: int) -> TransformerConfig:
     return TransformerConfig(
         vocab_size=vocab_size, d_model=args.d_model, num_heads=args.num_heads,
         num_encoder_layers=args.encoder_layers, num_decoder_layers=args.decoder_layers, d_ff=args.d_ff,
-        dropout=args.dropout, max_len=256, pad_id=PAD_ID, norm_first=args.pre_norm, attention=args.attention,
+        dropout=args.dropout, pad_id=PAD_ID, norm_first=args.pre_norm, attention=args.attention,
     )
 
 
