@@ -5,6 +5,7 @@
 """
 
 import argparse
+import statistics
 import sys
 import time
 from functools import partial
@@ -29,15 +30,22 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def timed(function, repeats: int, device: torch.device) -> float:
-    """Seconds per call, after one warm-up call."""
-    function()
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        function()
-    synchronize(device)
-    return (time.perf_counter() - started) / repeats
+def timed(functions: dict, repeats: int, device: torch.device) -> dict:
+    """The median seconds of one call of each function, after one warm-up call of each.
+
+    The calls take turns (a, b, a, b, ...), so that a burst of other work on the machine slows every contender
+    alike, and the median ignores the odd call that such a burst hit hardest.
+    """
+    seconds = {name: [] for name in functions}
+    for repeat in range(repeats + 1):
+        for name, function in functions.items():
+            synchronize(device)
+            started = time.perf_counter()
+            function()
+            synchronize(device)
+            if repeat > 0:  # the first round is the warm-up
+                seconds[name].append(time.perf_counter() - started)
+    return {name: statistics.median(times) for name, times in seconds.items()}
 
 
 def training_step(model, optimizer, source, target):
@@ -51,16 +59,17 @@ def training_step(model, optimizer, source, target):
 
 def bench_training(config: TransformerConfig, batch: int, length: int, repeats: int, device: torch.device):
     """Target tokens per second of full training steps, with the hand-written and the fused attention."""
-    rates = {}
+    source = torch.randint(4, config.vocab_size, (batch, length), device=device)  # (B, Ts)
+    target = torch.randint(4, config.vocab_size, (batch, length + 1), device=device)  # (B, 1 + Tt)
+    steps = {}
     for attention in ["handwritten", "fused"]:
         torch.manual_seed(0)
         model = Transformer(TransformerConfig(**{**config.to_dict(), "attention": attention})).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
-        source = torch.randint(4, config.vocab_size, (batch, length), device=device)  # (B, Ts)
-        target = torch.randint(4, config.vocab_size, (batch, length + 1), device=device)  # (B, 1 + Tt)
-        step = partial(training_step, model, optimizer, source, target)
-        rates[attention] = batch * length / timed(step, repeats, device)
-        print(f"train step, {attention:11s} attention: {rates[attention]:8.0f} target tokens/s")
+        steps[attention] = partial(training_step, model, optimizer, source, target)
+    rates = {name: batch * length / seconds for name, seconds in timed(steps, repeats, device).items()}
+    for attention, rate in rates.items():
+        print(f"train step, {attention:11s} attention: {rate:8.0f} target tokens/s")
     print(f"  fused / handwritten: {rates['fused'] / rates['handwritten']:.2f}x")
 
 
@@ -75,7 +84,7 @@ def bench_attention_kernel(repeats: int, device: torch.device):
     def fused():
         F.scaled_dot_product_attention(query, key, value, attn_mask=allowed).sum().backward()
 
-    times = {"handwritten": timed(handwritten, repeats, device), "fused": timed(fused, repeats, device)}
+    times = timed({"handwritten": handwritten, "fused": fused}, repeats, device)
     for name, seconds in times.items():
         print(f"attention kernel (64x4 heads x 24x24, fwd+bwd), {name:11s}: {seconds * 1e3:7.2f} ms")
     print(f"  fused speed-up: {times['handwritten'] / times['fused']:.2f}x")
@@ -88,10 +97,9 @@ def bench_greedy(model: Transformer, batch: int, source_length: int, repeats: in
     """
     source = torch.randint(4, model.config.vocab_size, (batch, source_length), device=device)  # (B, Ts)
     for new_tokens in [32, 128]:
-        seconds = {}
-        for use_cache in [True, False]:
-            decode = partial(greedy_decode, model, source, BOS_ID, EOS_ID, new_tokens, use_cache, stop_at_eos=False)
-            seconds[use_cache] = timed(decode, repeats, device)
+        decoders = {use_cache: partial(greedy_decode, model, source, BOS_ID, EOS_ID, new_tokens, use_cache,
+                                       stop_at_eos=False) for use_cache in [True, False]}
+        seconds = timed(decoders, repeats, device)
         cached, recomputed = batch * new_tokens / seconds[True], batch * new_tokens / seconds[False]
         print(f"greedy, batch {batch}, {new_tokens:3d} tokens: cached {cached:7.0f} tokens/s, "
               f"recomputed {recomputed:7.0f} tokens/s, speed-up {cached / recomputed:.2f}x")
@@ -122,7 +130,7 @@ def parse_args(argv=None):
                              "decodes with (if the file does not exist: random weights of the default shape, and no "
                              "beam-search timing)")
     parser.add_argument("--repeats", type=positive_int, default=3,
-                        help="timed repetitions of each measurement, after one warm-up (>= 1)")
+                        help="timed calls of each contender, after one warm-up; the median is reported (>= 1)")
     parser.add_argument("--beam-sentences", type=positive_int, default=40,
                         help="test sentences decoded one at a time for the beam-search timing (>= 1)")
     parser.add_argument("--threads", type=int_in_range(0, 1024), default=0,

@@ -9,6 +9,7 @@ import argparse
 import json
 import re
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def parse_args(argv=None):
     parser.add_argument("--attention", choices=["handwritten", "fused"], default=None,
                         help="attention kernel for decoding (default: the one trained with)")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object, nothing else")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
     args = parser.parse_args(argv)
     for name in ("translate", "heatmap_sentence"):
         text = getattr(args, name)
@@ -106,7 +107,9 @@ def plot_attention(model, processor, sentence: str, path: Path, device):
             axis.set_xticks(range(len(source_pieces)), source_pieces, rotation=90, fontsize=7)
             axis.set_yticks(range(len(rows)), rows, fontsize=7)
             axis.set_title(f"{title}, head {head + 1}", fontsize=8)
-    figure.suptitle(f"{sentence}  ->  {translation}", fontsize=9)
+    # about 14 characters of a 9-point title fit in an inch: wrap it so that it never runs off the image
+    title = textwrap.fill(f"{sentence}  ->  {translation}", width=int(figure.get_figwidth() * 14))
+    figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=80)
     plt.close(figure)
