@@ -100,37 +100,38 @@ class GRULayerFunction(torch.autograd.Function):
         # (7): the output at t reaches h_t only on real steps
         grad_outputs = (grad_outputs * mask[None, :, :, None]).permute(2, 0, 1, 3)  # (T, D, B, H)
         # (9)-(11) for all steps at once: the factors that turn δh_t into the gate pre-activation gradients,
-        # written straight into one (T, D, B, 3, H) tensor whose rows [r; z; n] are those of W_hh
-        candidate_factor = (1 - update_gate) * (1 - candidates * candidates)  # δa_n = δh (1-z)(1-n²)
-        hidden_factors = candidates.new_empty(max_length, directions, batch_size, 3, size)  # (T, D, B, 3, H)
+        # written straight into one (T, D, B, 4, H) tensor: rows [r; z; n] of the hidden projection, then the
+        # input projection's n row, which r does not multiply. (8): on padding every factor is 0.
+        candidate_factor = (1 - update_gate) * (1 - candidates * candidates) * time_mask  # δa_n = δh (1-z)(1-n²)
+        factors = candidates.new_empty(max_length, directions, batch_size, 4, size)  # (T, D, B, 4, H)
         # (11): δa_r = δa_n ĥ r(1-r)
-        torch.mul(candidate_factor * hidden_candidates, reset_gate * (1 - reset_gate), out=hidden_factors[:, :, :, 0])
+        torch.mul(candidate_factor * hidden_candidates, reset_gate * (1 - reset_gate), out=factors[:, :, :, 0])
         # (10): δa_z = δh (h-n) z(1-z)
-        torch.mul(previous_states - candidates, update_gate * (1 - update_gate), out=hidden_factors[:, :, :, 1])
-        # (12): the n rows of the hidden projection get δa_n r
-        torch.mul(candidate_factor, reset_gate, out=hidden_factors[:, :, :, 2])
-        step_factors = hidden_factors.unbind(0)  # T slices of (D, B, 3, H)
-        step_update, step_output, step_mask = update_gate.unbind(0), grad_outputs.unbind(0), time_mask.unbind(0)
-        # the loop's results, laid out (D, T, B, ...) so that after the loop they are (D, T*B, ...) without a copy
-        masked_grads = candidates.new_empty(directions, max_length, batch_size, size)  # δh_t, 0 on padding
-        grad_hidden_gates = candidates.new_empty(directions, max_length, batch_size, 3, size)
-        grad_hidden = grad_final_state  # (D, B, H): δh_t, flowing backwards in time
+        torch.mul((previous_states - candidates) * time_mask, update_gate * (1 - update_gate), out=factors[:, :, :, 1])
+        # (12): the n row of the hidden projection gets δa_n r, the n row of the input projection δa_n
+        torch.mul(candidate_factor, reset_gate, out=factors[:, :, :, 2])
+        factors[:, :, :, 3] = candidate_factor
+        # (13)'s copy path: δh_t z_t on real steps, δh_t untouched on padding (8)
+        copy_factor = torch.where(time_mask, update_gate, 1.0)  # (T, D, B, H)
+        # (7): the output's gradient at t-1 joins δh_{t-1} when step t hands it back (nothing joins before step 0)
+        earlier_outputs = torch.cat([torch.zeros_like(grad_outputs[:1]), grad_outputs[:-1]])  # (T, D, B, H)
+        # the loop's result, laid out (D, T, B, 4, H) so that after the loop it is (D, T*B, 4H) without a copy
+        grad_gates = candidates.new_empty(directions, max_length, batch_size, 4, size)
+        step_grad_gates = grad_gates.unbind(1)  # T slices of (D, B, 4, H)
+        step_hidden_gates = grad_gates[:, :, :, :3].flatten(3).unbind(1)  # their rows [r; z; n] of W_hh: (D, B, 3H)
+        step_factors, step_copy = factors.unbind(0), copy_factor.unbind(0)  # T slices of (D, B, 4, H), (D, B, H)
+        step_earlier_output = earlier_outputs.unbind(0)  # T slices of (D, B, H)
+        grad_hidden = grad_final_state + grad_outputs[-1]  # (D, B, H): δh_T, flowing backwards in time
         for t in range(max_length - 1, -1, -1):
-            # (7): the gradient from the output at t joins the one from the later steps
-            grad_hidden = grad_hidden + step_output[t]  # (D, B, H)
-            # (8): on padding h_t = h_{t-1}: the gradient passes through untouched and reaches no gate
-            step_grad = torch.mul(grad_hidden, step_mask[t], out=masked_grads[:, t])  # (D, B, H)
-            # (9)-(12): the three gate gradients of the hidden projection in one product
-            step_hidden_gates = torch.mul(step_grad[:, :, None, :], step_factors[t], out=grad_hidden_gates[:, t])
-            # (13): δh_{t-1} = δh_t z_t (the copy path) + δ(W_hh h_{t-1}) W_hh (through the three gates)
-            through_step = torch.baddbmm(step_grad * step_update[t], step_hidden_gates.flatten(2), weight_hh)
-            grad_hidden = torch.where(step_mask[t], through_step, grad_hidden)  # (D, B, H)
-        # (12): the input projection's gradient is the hidden one's except for n, where r does not apply: δa_n
-        flat_hidden_gates = grad_hidden_gates.view(directions, max_length * batch_size, 3 * size)  # (D, T*B, 3H)
-        grad_input_gates = grad_hidden_gates.clone()  # (D, T, B, 3, H)
-        torch.mul(masked_grads, candidate_factor.transpose(0, 1), out=grad_input_gates[:, :, :, 2])
-        grad_input_gates = grad_input_gates.view(directions, max_length * batch_size, 3 * size)  # (D, T*B, 3H)
+            # (9)-(12): the four gate gradients of step t in one product
+            torch.mul(grad_hidden[:, :, None, :], step_factors[t], out=step_grad_gates[t])  # (D, B, 4, H)
+            # (13) and (7): δh_{t-1} = δh_t z_t + δ(W_hh h_{t-1}) W_hh + the output's gradient at t-1
+            copied = torch.addcmul(step_earlier_output[t], grad_hidden, step_copy[t])  # (D, B, H)
+            grad_hidden = torch.baddbmm(copied, step_hidden_gates[t], weight_hh)  # (D, B, H)
         # (14): the weights' gradients are sums over steps and sentences: one batched product each, after the loop
+        flat_gates = grad_gates.view(directions, max_length * batch_size, 4, size)  # (D, T*B, 4, H)
+        flat_hidden_gates = flat_gates[:, :, :3].flatten(2)  # (D, T*B, 3H): [δa_r; δa_z; δa_n r]
+        grad_input_gates = flat_gates[:, :, [0, 1, 3]].flatten(2)  # (D, T*B, 3H): [δa_r; δa_z; δa_n]
         flat_previous = previous_states.transpose(0, 1).reshape(directions, max_length * batch_size, size)
         flat_inputs = inputs.transpose(1, 2).reshape(directions, max_length * batch_size, -1)  # (D, T*B, I)
         grad_weight_hh = torch.bmm(flat_hidden_gates.transpose(1, 2), flat_previous)  # (D, 3H, H)
