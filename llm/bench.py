@@ -17,6 +17,7 @@ import torch
 
 from llm.generate import generate, pick_device
 from llm.model import KVCache, Llama, LlamaConfig
+from llm.reference_models import REFERENCE_MODELS, ReferenceShape, training_flops_per_token
 from llm.train import (
     autocast_context,
     build_parser,
@@ -50,10 +51,10 @@ class TrainingRun:
     in rounds that alternate with the other ways, so that a busy moment of the machine hits all of them alike.
     """
 
-    def __init__(self, config, args, device, dtype_name: str, compiled: bool, batch_size=None):
+    def __init__(self, config, args, device, dtype_name: str, compiled: bool, batch_size=None, model=None):
         torch.manual_seed(0)
         self.device = device
-        self.model = Llama(config).to(device)
+        self.model = (model or Llama(config)).to(device)  # any model whose forward(tokens, targets) -> (_, loss)
         self.optimizer = make_optimizer(self.model, args)
         self.step_model = torch.compile(self.model) if compiled else self.model
         batch_size = batch_size or args.batch_size
@@ -120,6 +121,51 @@ def compare_training(config, train_args, device, steps: int, rounds: int, precis
         print(f"{label:17s}  {tokens['median']:7,.0f} [{tokens['min']:,.0f}-{tokens['max']:,.0f}]   "
               f"{ratio['median']:.2f}x [{ratio['min']:.2f}-{ratio['max']:.2f}]   "
               f"{way['mfu_of_float32_peak']:6.1%}, {way['mfu_of_own_peak']:6.1%}")
+    return results
+
+
+def compare_references(config, train_args, device, steps: int, rounds: int, ways) -> dict:
+    """Our model against llama2.c's and nanoGPT's at the same shape: training tokens/s, side by side.
+
+    ways: (dtype name, compiled) pairs. Same optimizer (ours: fused AdamW), same batch and random tokens for all
+    three; each round times every model and way once, so the ratios compare the same moment of the machine.
+    """
+    shape = ReferenceShape(vocab_size=config.vocab_size, context_length=config.context_length,
+                           d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads,
+                           n_kv_heads=config.n_kv_heads, ffn_hidden=config.ffn_hidden, norm_eps=config.norm_eps,
+                           rope_theta=config.rope_theta)
+    builders = {"ours": lambda: Llama(config)} | {name: (lambda cls=cls: cls(shape))
+                                                   for name, cls in REFERENCE_MODELS.items()}
+    runs, results = {}, {"ways": {}, "models": {}}
+    for name, build in builders.items():
+        torch.manual_seed(0)
+        model = build()
+        flops = model.flops_per_token() if name == "ours" else training_flops_per_token(model, shape)
+        results["models"][name] = {"parameters": sum(p.numel() for p in model.parameters()),
+                                   "flops_per_token": flops}
+        for dtype_name, compiled in ways:
+            torch.manual_seed(0)
+            runs[(name, dtype_name, compiled)] = TrainingRun(config, train_args, device, dtype_name, compiled,
+                                                             model=build())
+    speeds = {key: [] for key in runs}
+    for _ in range(rounds):
+        for key, run in runs.items():
+            speeds[key].append(run.tokens_per_second(steps))
+    print(f"{'same shape':17s}  " + "   ".join(f"{name}: {info['parameters']:,} parameters, "
+                                              f"{info['flops_per_token'] / 1e6:.1f} MFLOP/token"
+                                              for name, info in results["models"].items()))
+    for dtype_name, compiled in ways:
+        label = f"{'compiled' if compiled else 'eager'}_{dtype_name}"
+        ours = speeds[("ours", dtype_name, compiled)]
+        way = {"tokens_per_s": {name: spread(speeds[(name, dtype_name, compiled)]) for name in builders}}
+        line = f"{label:17s}  ours {way['tokens_per_s']['ours']['median']:7,.0f} tok/s"
+        for name in REFERENCE_MODELS:
+            ratios = [mine / theirs for mine, theirs in zip(ours, speeds[(name, dtype_name, compiled)])]
+            way[f"ours_over_{name}"] = spread(ratios)
+            line += (f" | {name} {way['tokens_per_s'][name]['median']:7,.0f} tok/s, ours "
+                     f"{way[f'ours_over_{name}']['median']:.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]")
+        results["ways"][label] = way
+        print(line)
     return results
 
 
@@ -288,6 +334,8 @@ def main():
     parser.add_argument("--skip-compile", action="store_true", help="skip the torch.compile measurements")
     parser.add_argument("--gen-lengths", default="128,512,1024", help="comma-separated numbers of new tokens")
     parser.add_argument("--skip-bf16", action="store_true", help="skip the bf16 measurements")
+    parser.add_argument("--skip-references", action="store_true",
+                        help="skip the comparison with llama2.c's and nanoGPT's models at the same shape")
     parser.add_argument("--out", default="runs/llm/bench.json", help="where to write the measurements as JSON")
     parser.add_argument("--hf-generation", action="store_true",
                         help="instead: our model against transformers at the SmolLM2-135M shape (random weights): "
@@ -335,6 +383,11 @@ def main():
     results["training"] = compare_training(config, train_args, device, args.train_steps, args.rounds, precisions,
                                            compile_too=not (args.skip_compile or problem))
     results["train_tokens_per_s_float32"] = results["training"]["ways"]["eager_float32"]["tokens_per_s"]["median"]
+    if not args.skip_references:
+        ways = [(name, False) for name in precisions]  # eager in each precision, compiled in --dtype auto's choice
+        if not (args.skip_compile or problem):
+            ways.append((results.get("auto_dtype", {}).get("choice", "float32"), True))
+        results["references"] = compare_references(config, train_args, device, args.train_steps, args.rounds, ways)
     handwritten_config, _ = default_config("handwritten")
     handwritten = training_throughput(handwritten_config, train_args, device, None, args.train_steps)
     results["train_tokens_per_s_float32_handwritten_attention"] = handwritten
