@@ -94,51 +94,53 @@ class GRULayerFunction(torch.autograd.Function):
         inputs, mask, weight_ih, weight_hh, states, gates, candidates, hidden_candidates = ctx.saved_tensors
         directions, batch_size, max_length, _ = inputs.shape
         size = weight_hh.shape[-1]
-        previous_states = states[:-1]  # (T, D, B, H): h_{t-1} for each t
-        reset_gate, update_gate = gates.chunk(2, dim=-1)  # (T, D, B, H) each
-        time_mask = mask.t()[:, None, :, None]  # (T, 1, B, 1) bool
-        # (7): the output at t reaches h_t only on real steps
-        grad_outputs = (grad_outputs * mask[None, :, :, None]).permute(2, 0, 1, 3)  # (T, D, B, H)
-        # (9)-(11) for all steps at once: the factors that turn δh_t into the gate pre-activation gradients,
-        # written straight into one (T, D, B, 4, H) tensor: rows [r; z; n] of the hidden projection, then the
-        # input projection's n row, which r does not multiply. (8): on padding every factor is 0.
-        candidate_factor = (1 - update_gate) * (1 - candidates * candidates) * time_mask  # δa_n = δh (1-z)(1-n²)
-        factors = candidates.new_empty(max_length, directions, batch_size, 4, size)  # (T, D, B, 4, H)
-        # (11): δa_r = δa_n ĥ r(1-r)
-        torch.mul(candidate_factor * hidden_candidates, reset_gate * (1 - reset_gate), out=factors[:, :, :, 0])
-        # (10): δa_z = δh (h-n) z(1-z)
-        torch.mul((previous_states - candidates) * time_mask, update_gate * (1 - update_gate), out=factors[:, :, :, 1])
-        # (12): the n row of the hidden projection gets δa_n r, the n row of the input projection δa_n
-        torch.mul(candidate_factor, reset_gate, out=factors[:, :, :, 2])
-        factors[:, :, :, 3] = candidate_factor
-        # (13)'s copy path: δh_t z_t on real steps, δh_t untouched on padding (8)
-        copy_factor = torch.where(time_mask, update_gate, 1.0)  # (T, D, B, H)
-        # (7): the output's gradient at t-1 joins δh_{t-1} when step t hands it back (nothing joins before step 0)
-        earlier_outputs = torch.cat([torch.zeros_like(grad_outputs[:1]), grad_outputs[:-1]])  # (T, D, B, H)
-        # the loop's result, laid out (D, T, B, 4, H) so that after the loop it is (D, T*B, 4H) without a copy
-        grad_gates = candidates.new_empty(directions, max_length, batch_size, 4, size)
-        step_grad_gates = grad_gates.unbind(1)  # T slices of (D, B, 4, H)
-        step_hidden_gates = grad_gates[:, :, :, :3].flatten(3).unbind(1)  # their rows [r; z; n] of W_hh: (D, B, 3H)
-        step_factors, step_copy = factors.unbind(0), copy_factor.unbind(0)  # T slices of (D, B, 4, H), (D, B, H)
-        step_earlier_output = earlier_outputs.unbind(0)  # T slices of (D, B, H)
-        grad_hidden = grad_final_state + grad_outputs[-1]  # (D, B, H): δh_T, flowing backwards in time
+        # the loop's result: each step's four gate gradients, slots [n of the input projection; r; z; n of the
+        # hidden projection], so that the input projection's gradient is slots 0-2 (rows n, r, z) and the hidden
+        # one's slots 1-3 (rows r, z, n, those of W_hh); laid out (D, B, T, 4, H) like the inputs
+        grad_gates = candidates.new_empty(directions, batch_size, max_length, 4, size)
+        step_grad_gates = grad_gates.unbind(2)  # T slices of (D, B, 4, H)
+        step_hidden_gates = grad_gates[:, :, :, 1:].flatten(3).unbind(2)  # their slots r, z, n: (D, B, 3H)
+        # the saved forward, one step at a time: small slices stay in the cache while a step works on them
+        step_reset, step_update = (part.unbind(0) for part in gates.chunk(2, dim=-1))  # T slices of (D, B, H)
+        step_candidate, step_hidden_candidate = candidates.unbind(0), hidden_candidates.unbind(0)
+        step_previous = states.unbind(0)  # h_0 .. h_T: step t reads h_{t-1} = step_previous[t]
+        step_mask = mask.t()[:, None, :, None].unbind(0)  # T slices of (1, B, 1) bool
+        # (7): the output at t reaches h_t only on real steps (the output is zero on padding)
+        step_output = (grad_outputs * mask[None, :, :, None]).unbind(2)  # T slices of (D, B, H)
+        grad_hidden = grad_final_state  # (D, B, H): δh_t, flowing backwards in time
         for t in range(max_length - 1, -1, -1):
-            # (9)-(12): the four gate gradients of step t in one product
-            torch.mul(grad_hidden[:, :, None, :], step_factors[t], out=step_grad_gates[t])  # (D, B, 4, H)
-            # (13) and (7): δh_{t-1} = δh_t z_t + δ(W_hh h_{t-1}) W_hh + the output's gradient at t-1
-            copied = torch.addcmul(step_earlier_output[t], grad_hidden, step_copy[t])  # (D, B, H)
+            grad_hidden = grad_hidden + step_output[t]  # (7)
+            reset, update, candidate = step_reset[t], step_update[t], step_candidate[t]  # (D, B, H) each
+            # (8): on padding h_t = h_{t-1}: no gradient reaches a gate there
+            step_grad = grad_hidden * step_mask[t]  # (D, B, H)
+            slots = step_grad_gates[t]  # (D, B, 4, H): [δa_n (input); δa_r; δa_z; δa_n r (hidden)]
+            # (9): δa_n = δh (1-z)(1-n²)
+            grad_candidate = torch.mul(step_grad * (1 - update), 1 - candidate * candidate, out=slots[:, :, 0])
+            # (11): δa_r = δa_n ĥ r(1-r)
+            torch.mul(grad_candidate * step_hidden_candidate[t], reset * (1 - reset), out=slots[:, :, 1])
+            # (10): δa_z = δh (h_{t-1} - n) z(1-z)
+            torch.mul(step_grad * (step_previous[t] - candidate), update * (1 - update), out=slots[:, :, 2])
+            # (12): the hidden projection's n row gets δa_n r
+            torch.mul(grad_candidate, reset, out=slots[:, :, 3])
+            # (13): δh_{t-1} = δh_t z_t (+ δh_t (1 - m_t) on padding: (8)) + W_hhᵀ δ(W_hh h_{t-1})
+            copied = torch.addcmul(grad_hidden - step_grad, step_grad, update)  # (D, B, H)
             grad_hidden = torch.baddbmm(copied, step_hidden_gates[t], weight_hh)  # (D, B, H)
         # (14): the weights' gradients are sums over steps and sentences: one batched product each, after the loop
-        flat_gates = grad_gates.view(directions, max_length * batch_size, 4, size)  # (D, T*B, 4, H)
-        flat_hidden_gates = flat_gates[:, :, :3].flatten(2)  # (D, T*B, 3H): [δa_r; δa_z; δa_n r]
-        grad_input_gates = flat_gates[:, :, [0, 1, 3]].flatten(2)  # (D, T*B, 3H): [δa_r; δa_z; δa_n]
-        flat_previous = previous_states.transpose(0, 1).reshape(directions, max_length * batch_size, size)
-        flat_inputs = inputs.transpose(1, 2).reshape(directions, max_length * batch_size, -1)  # (D, T*B, I)
-        grad_weight_hh = torch.bmm(flat_hidden_gates.transpose(1, 2), flat_previous)  # (D, 3H, H)
-        grad_weight_ih = torch.bmm(grad_input_gates.transpose(1, 2), flat_inputs)  # (D, 3H, I)
-        grad_inputs = torch.bmm(grad_input_gates, weight_ih).view(directions, max_length, batch_size, -1)
-        grad_inputs = grad_inputs.transpose(1, 2)  # (D, B, T, I)
-        grad_bias_ih, grad_bias_hh = grad_input_gates.sum(1), flat_hidden_gates.sum(1)  # (D, 3H) each
+        flat_gates = grad_gates.view(directions, batch_size * max_length, 4 * size)  # (D, B*T, 4H)
+        grad_input_gates = flat_gates[:, :, : 3 * size]  # (D, B*T, 3H): [δa_n; δa_r; δa_z]
+        grad_hidden_gates = flat_gates[:, :, size:]  # (D, B*T, 3H): [δa_r; δa_z; δa_n r]
+        flat_inputs = inputs.flatten(1, 2)  # (D, B*T, I)
+        flat_previous = states[:-1].permute(1, 2, 0, 3).reshape(directions, batch_size * max_length, size)
+        # W_ih's rows rotated from [r; z; n] to [n; r; z], the order of the input projection's gradient slots
+        weight_ih_nrz = torch.cat([weight_ih[:, 2 * size :], weight_ih[:, : 2 * size]], dim=1)  # (D, 3H, I)
+        grad_inputs = torch.bmm(grad_input_gates, weight_ih_nrz).view(directions, batch_size, max_length, -1)
+        # the products below are written transposed ((h δᵀ)ᵀ, not δ hᵀ): the same numbers, a faster memory order
+        grad_weight_hh = torch.bmm(flat_previous.transpose(1, 2), grad_hidden_gates).transpose(1, 2)  # (D, 3H, H)
+        grad_weight_ih_nrz = torch.bmm(flat_inputs.transpose(1, 2), grad_input_gates).transpose(1, 2)  # (D, 3H, I)
+        grad_biases = flat_gates.sum(1)  # (D, 4H): slots [n_in; r; z; n_hidden]
+        grad_bias_hh = grad_biases[:, size:]  # (D, 3H)
+        grad_bias_ih = torch.cat([grad_biases[:, size : 3 * size], grad_biases[:, :size]], dim=1)  # back to r, z, n
+        grad_weight_ih = torch.cat([grad_weight_ih_nrz[:, size:], grad_weight_ih_nrz[:, :size]], dim=1)
         return grad_inputs, None, grad_hidden, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh
 
 
