@@ -37,13 +37,6 @@ def default_config(attention_impl: str = "torch") -> tuple[LlamaConfig, argparse
     return config, args
 
 
-def training_throughput(config, args, device, dtype: torch.dtype | None, steps: int, batch_size=None) -> float:
-    """Tokens per second of full optimizer steps (forward, backward, AdamW) on random tokens."""
-    run = TrainingRun(config, args, device, "float32" if dtype is None else str(dtype).removeprefix("torch."), False,
-                      batch_size)
-    return run.tokens_per_second(steps)
-
-
 class TrainingRun:
     """One way of training the default model (a precision, eager or compiled): full optimizer steps on random tokens.
 
@@ -125,7 +118,8 @@ def compare_training(config, train_args, device, steps: int, rounds: int, precis
 
 
 def compare_references(config, train_args, device, steps: int, rounds: int, ways) -> dict:
-    """Our model against llama2.c's and nanoGPT's at the same shape: training tokens/s, side by side.
+    """Our model against llama2.c's and nanoGPT's at the same shape, and against itself with the hand-written
+    attention: training tokens/s, side by side.
 
     ways: (dtype name, compiled) pairs. Same optimizer (ours: fused AdamW), same batch and random tokens for all
     three; each round times every model and way once, so the ratios compare the same moment of the machine.
@@ -134,13 +128,15 @@ def compare_references(config, train_args, device, steps: int, rounds: int, ways
                            d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads,
                            n_kv_heads=config.n_kv_heads, ffn_hidden=config.ffn_hidden, norm_eps=config.norm_eps,
                            rope_theta=config.rope_theta)
-    builders = {"ours": lambda: Llama(config)} | {name: (lambda cls=cls: cls(shape))
-                                                   for name, cls in REFERENCE_MODELS.items()}
+    handwritten = LlamaConfig(**(config.to_dict() | {"attention_impl": "handwritten"}))
+    others = {name: (lambda cls=cls: cls(shape)) for name, cls in REFERENCE_MODELS.items()}
+    others["ours, hand-written attention"] = lambda: Llama(handwritten)
+    builders = {"ours": lambda: Llama(config)} | others
     runs, results = {}, {"ways": {}, "models": {}}
     for name, build in builders.items():
         torch.manual_seed(0)
         model = build()
-        flops = model.flops_per_token() if name == "ours" else training_flops_per_token(model, shape)
+        flops = model.flops_per_token() if isinstance(model, Llama) else training_flops_per_token(model, shape)
         results["models"][name] = {"parameters": sum(p.numel() for p in model.parameters()),
                                    "flops_per_token": flops}
         for dtype_name, compiled in ways:
@@ -159,7 +155,7 @@ def compare_references(config, train_args, device, steps: int, rounds: int, ways
         ours = speeds[("ours", dtype_name, compiled)]
         way = {"tokens_per_s": {name: spread(speeds[(name, dtype_name, compiled)]) for name in builders}}
         line = f"{label:17s}  ours {way['tokens_per_s']['ours']['median']:7,.0f} tok/s"
-        for name in REFERENCE_MODELS:
+        for name in others:
             ratios = [mine / theirs for mine, theirs in zip(ours, speeds[(name, dtype_name, compiled)])]
             way[f"ours_over_{name}"] = spread(ratios)
             line += (f" | {name} {way['tokens_per_s'][name]['median']:7,.0f} tok/s, ours "
@@ -330,12 +326,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--train-steps", type=int, default=5, help="timed optimizer steps per way and round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of timing (ratios: median and range)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of timing, training and generation alike (ratios: median and range)")
     parser.add_argument("--skip-compile", action="store_true", help="skip the torch.compile measurements")
     parser.add_argument("--gen-lengths", default="128,512,1024", help="comma-separated numbers of new tokens")
     parser.add_argument("--skip-bf16", action="store_true", help="skip the bf16 measurements")
     parser.add_argument("--skip-references", action="store_true",
-                        help="skip the comparison with llama2.c's and nanoGPT's models at the same shape")
+                        help="skip the comparison with llama2.c's and nanoGPT's models (and our hand-written "
+                             "attention) at the same shape")
     parser.add_argument("--out", default="runs/llm/bench.json", help="where to write the measurements as JSON")
     parser.add_argument("--hf-generation", action="store_true",
                         help="instead: our model against transformers at the SmolLM2-135M shape (random weights): "
@@ -388,22 +386,22 @@ def main():
         if not (args.skip_compile or problem):
             ways.append((results.get("auto_dtype", {}).get("choice", "float32"), True))
         results["references"] = compare_references(config, train_args, device, args.train_steps, args.rounds, ways)
-    handwritten_config, _ = default_config("handwritten")
-    handwritten = training_throughput(handwritten_config, train_args, device, None, args.train_steps)
-    results["train_tokens_per_s_float32_handwritten_attention"] = handwritten
-    print(f"hand-written attention (fp32): {handwritten:,.0f} tokens/s "
-          f"({handwritten / results['train_tokens_per_s_float32']:.2f}x the fused path)")
 
     torch.manual_seed(0)
     model = Llama(config).to(device).eval()
     for new_tokens in lengths:
-        cached = generation_throughput(model, new_tokens, True, device)
-        recomputed = generation_throughput(model, new_tokens, False, device)
+        cached, recomputed = [], []
+        for _ in range(args.rounds):  # alternate, so that a busy moment of the machine hits both alike
+            cached.append(generation_throughput(model, new_tokens, True, device))
+            recomputed.append(generation_throughput(model, new_tokens, False, device))
+        speedups = spread([with_cache / without for with_cache, without in zip(cached, recomputed)])
         cache_bytes = KVCache(config, 1, 16 + new_tokens, "meta").num_bytes()
-        results[f"generate_{new_tokens}"] = {"kv_cache_tokens_per_s": cached, "no_cache_tokens_per_s": recomputed,
-                                             "speedup": cached / recomputed, "kv_cache_bytes": cache_bytes}
-        print(f"generate {new_tokens:5d} new tokens: KV cache {cached:7.1f} tok/s | recompute {recomputed:7.1f} tok/s "
-              f"| speed-up {cached / recomputed:5.1f}x | cache {cache_bytes / 2**20:.2f} MiB")
+        results[f"generate_{new_tokens}"] = {"kv_cache_tokens_per_s": spread(cached),
+                                             "no_cache_tokens_per_s": spread(recomputed),
+                                             "speedup": speedups, "kv_cache_bytes": cache_bytes}
+        print(f"generate {new_tokens:5d} new tokens: KV cache {spread(cached)['median']:7.1f} tok/s | recompute "
+              f"{spread(recomputed)['median']:7.1f} tok/s | speed-up {speedups['median']:5.1f}x "
+              f"[{speedups['min']:.1f}-{speedups['max']:.1f}] | cache {cache_bytes / 2**20:.2f} MiB")
     results["peak_memory_mb"] = peak_memory_mb(device)
     print(f"peak memory of this process: {results['peak_memory_mb']:.0f} MiB")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
