@@ -1,6 +1,7 @@
 """Train the BiGRU tagger on MSRA NER: length-bucketed batches, validation entity F1 each epoch, best/last checkpoints.
 
     python gru/train.py                       # the README's default run
+    python gru/train.py --quick               # the same model in about 5 minutes -> runs/gru-quick
     python gru/train.py --output softmax      # the same without the CRF
     python gru/train.py --impl torch          # torch.nn.GRU instead of the hand-written GRU
     python gru/train.py --backward autograd   # the hand-written GRU, differentiated by autograd
@@ -45,17 +46,24 @@ from gru.tagging import entity_scores, pick_device, predict  # noqa: E402
 
 MODEL_KEYS = ("embedding_dim", "hidden_size", "num_layers", "dropout", "output", "impl", "backward")
 # Arguments that change the run and so must match when resuming (the rest, e.g. --device or --stop-after, may change).
-FIXED_ON_RESUME = ("seed", "validation_size", "max_length", "min_count", "limit_train", "batch_size", "lr", "epochs",
-                   "clip", *MODEL_KEYS)
+FIXED_ON_RESUME = ("quick", "seed", "validation_size", "max_length", "min_count", "limit_train", "batch_size", "lr",
+                   "epochs", "clip", *MODEL_KEYS)
 # What --resume reads from last.pt besides the model's own fields.
 RESUME_KEYS = ("model", "optimizer", "config", "vocab", "tags", "args", "epoch", "batch_in_epoch", "step", "best_f1",
                "history", "batch_rng", "torch_rng", "epoch_progress")
+# --quick: the default model on a shorter schedule, a whole run (data, training, validation, and eval.py's test pass)
+# in about 5 minutes on a 2-core CPU. These are only new defaults: a flag given beside --quick wins.
+QUICK_PRESET = {"epochs": 2, "out_dir": "runs/gru-quick"}
 SIZE = int_in_range(1, 4096)  # embedding and state sizes: beyond this the weights alone outgrow a laptop's memory
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; the defaults reproduce the README's results table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    preset = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in QUICK_PRESET.items())
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a run of about 5 minutes on 2 CPU cores: the defaults become {preset}; a flag given "
+                             f"beside --quick wins")
     parser.add_argument("--epochs", type=positive_int, default=10, help="passes over the training sentences")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="sentences per batch")
     parser.add_argument("--lr", type=positive_float, default=3e-3, help="peak Adam learning rate (cosine decay to 5%%)")
@@ -88,7 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The parsed command line (argparse refuses an out-of-range value with its usage and exit code 2)."""
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quick:  # parse again with the preset as defaults, so that the flags given explicitly still win
+        parser.set_defaults(**QUICK_PRESET)
+        args = parser.parse_args(argv)
+    return args
+
+
+def resume_command(args) -> str:
+    """The command that continues this run: --quick and every setting that differs from the defaults, and --resume."""
+    defaults = parse_args(["--quick"] if args.quick else [])
+    parts = ["python gru/train.py", f"--out-dir {args.out_dir}", "--resume"] + (["--quick"] if args.quick else [])
+    for name in FIXED_ON_RESUME:
+        value = getattr(args, name)
+        if name != "quick" and value != getattr(defaults, name):
+            parts.append(f"--{name.replace('_', '-')} {value}")
+    return " ".join(parts)
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -196,7 +220,7 @@ def train(args) -> dict:
                              f"stopped without saving: {kept}")
 
     def announce_stop(row: dict) -> dict:
-        tqdm.write(f"stopped at step {step}; resume with: python gru/train.py --out-dir {out_dir} --resume")
+        tqdm.write(f"stopped at step {step}; resume with: {resume_command(args)}")
         return row
 
     stop = StopFlag()
@@ -265,6 +289,7 @@ def train(args) -> dict:
     finally:
         stop.close()
     tqdm.write(f"best validation entity F1 {best_f1:.4f}; checkpoints in {out_dir}")
+    tqdm.write(f"score it on the test set with: python gru/eval.py --checkpoint {best_path}")
     return row
 
 
