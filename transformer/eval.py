@@ -40,7 +40,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int_in_range(1, 4096), default=64, help="sentences decoded together")
     parser.add_argument("--examples", type=non_negative_int, default=8, help="rows of the example table")
     parser.add_argument("--heatmap-sentence", default="I don't know what you want me to do.",
-                        help="English sentence whose attention is drawn")
+                        help="English sentence whose attention is drawn into attention.png")
     parser.add_argument("--out-dir", default=None, help="where attention.png goes (default: the checkpoint's folder)")
     parser.add_argument("--translate", default=None,
                         help="translate this English text (sentence by sentence) and exit")

@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=positive_int, default=4,
                         help="number of passes over the training pairs (may grow on --resume)")
     parser.add_argument("--max-tokens", type=int_in_range(16, 1_000_000), default=1500,
-                        help="padded tokens per batch (per side)")
+                        help="padded tokens per batch, on each side (source and target)")
     parser.add_argument("--max-len", type=int_in_range(4, 256), default=64,
                         help="drop training pairs longer than this many tokens (the model reads at most 256)")
     parser.add_argument("--vocab-size", type=int_in_range(100, 1_000_000), default=model.vocab_size,
@@ -183,15 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label-smoothing", type=probability, default=0.1,
                         help="epsilon of label smoothing, in [0, 1) (0: off)")
     parser.add_argument("--schedule", choices=["noam", "constant"], default="noam", help="learning-rate schedule")
-    parser.add_argument("--warmup-steps", type=positive_int, default=400, help="Noam warmup steps (>= 1)")
-    parser.add_argument("--lr-factor", type=positive_float, default=0.7, help="Noam multiplier (> 0)")
+    parser.add_argument("--warmup-steps", type=positive_int, default=400,
+                        help="warm-up steps w of the Noam schedule, eq. 9 (>= 1)")
+    parser.add_argument("--lr-factor", type=positive_float, default=0.7,
+                        help="multiplier c of the Noam schedule, eq. 9 (> 0)")
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate of --schedule constant (> 0)")
     parser.add_argument("--train-fraction", type=positive_float, default=1.0,
                         help="use only this share of training pairs, in (0, 1]")
     parser.add_argument("--valid-pairs", type=non_negative_int, default=0,
                         help="validation pairs for the loss (0: all)")
     parser.add_argument("--valid-bleu-sentences", type=positive_int, default=500,
-                        help="validation pairs decoded for BLEU")
+                        help="validation pairs decoded (greedy) for the BLEU of each validation")
     parser.add_argument("--valid-every", type=non_negative_int, default=0,
                         help="also validate every N steps (0: per epoch)")
     parser.add_argument("--max-steps", type=non_negative_int, default=0,
