@@ -129,9 +129,9 @@ def compare_references(config, train_args, device, steps: int, rounds: int, ways
                            n_kv_heads=config.n_kv_heads, ffn_hidden=config.ffn_hidden, norm_eps=config.norm_eps,
                            rope_theta=config.rope_theta)
     handwritten = LlamaConfig(**(config.to_dict() | {"attention_impl": "handwritten"}))
-    others = {name: (lambda cls=cls: cls(shape)) for name, cls in REFERENCE_MODELS.items()}
-    others["ours, hand-written attention"] = lambda: Llama(handwritten)
-    builders = {"ours": lambda: Llama(config)} | others
+    ours = {"ours": lambda: Llama(config), "ours, hand-written attention": lambda: Llama(handwritten)}
+    references = {name: (lambda cls=cls: cls(shape)) for name, cls in REFERENCE_MODELS.items()}
+    builders = ours | references
     runs, results = {}, {"ways": {}, "models": {}}
     for name, build in builders.items():
         torch.manual_seed(0)
@@ -147,21 +147,20 @@ def compare_references(config, train_args, device, steps: int, rounds: int, ways
     for _ in range(rounds):
         for key, run in runs.items():
             speeds[key].append(run.tokens_per_second(steps))
-    print(f"{'same shape':17s}  " + "   ".join(f"{name}: {info['parameters']:,} parameters, "
-                                              f"{info['flops_per_token'] / 1e6:.1f} MFLOP/token"
-                                              for name, info in results["models"].items()))
+    for name, info in results["models"].items():
+        print(f"same shape: {name}: {info['parameters']:,} parameters, {info['flops_per_token'] / 1e6:.1f} MFLOP/token")
+    pairs = [(mine, theirs) for mine in ours for theirs in references] + [("ours", "ours, hand-written attention")]
     for dtype_name, compiled in ways:
         label = f"{'compiled' if compiled else 'eager'}_{dtype_name}"
-        ours = speeds[("ours", dtype_name, compiled)]
         way = {"tokens_per_s": {name: spread(speeds[(name, dtype_name, compiled)]) for name in builders}}
-        line = f"{label:17s}  ours {way['tokens_per_s']['ours']['median']:7,.0f} tok/s"
-        for name in others:
-            ratios = [mine / theirs for mine, theirs in zip(ours, speeds[(name, dtype_name, compiled)])]
-            way[f"ours_over_{name}"] = spread(ratios)
-            line += (f" | {name} {way['tokens_per_s'][name]['median']:7,.0f} tok/s, ours "
-                     f"{way[f'ours_over_{name}']['median']:.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]")
+        print(f"{label:17s}  tokens/s: " + ", ".join(f"{name} {tokens['median']:,.0f}"
+                                                      for name, tokens in way["tokens_per_s"].items()))
+        for mine, theirs in pairs:  # ratios within a round: the same moment of the machine
+            ratios = spread([a / b for a, b in zip(speeds[(mine, dtype_name, compiled)],
+                                                   speeds[(theirs, dtype_name, compiled)])])
+            way[f"{mine} / {theirs}"] = ratios
+            print(f"{'':17s}  {mine} / {theirs}: {ratios['median']:.2f}x [{ratios['min']:.2f}-{ratios['max']:.2f}]")
         results["ways"][label] = way
-        print(line)
     return results
 
 
@@ -382,9 +381,9 @@ def main():
                                            compile_too=not (args.skip_compile or problem))
     results["train_tokens_per_s_float32"] = results["training"]["ways"]["eager_float32"]["tokens_per_s"]["median"]
     if not args.skip_references:
-        ways = [(name, False) for name in precisions]  # eager in each precision, compiled in --dtype auto's choice
+        ways = [(name, False) for name in precisions]  # eager and compiled in each precision
         if not (args.skip_compile or problem):
-            ways.append((results.get("auto_dtype", {}).get("choice", "float32"), True))
+            ways += [(name, True) for name in precisions]
         results["references"] = compare_references(config, train_args, device, args.train_steps, args.rounds, ways)
 
     torch.manual_seed(0)
