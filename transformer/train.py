@@ -138,8 +138,8 @@ def model_from_checkpoint(checkpoint: dict, device="cpu", attention: str | None 
 
 # --quick: a learner-sized run (README, "Results": about 5 minutes on a 2-core CPU). It is only a preset of the flags
 # below; a flag given beside --quick wins over the preset, and --resume needs --quick again, like any other setting.
-QUICK_PRESET = {"d_model": 128, "d_ff": 512, "vocab_size": 4000, "epochs": 1, "warmup_steps": 200, "lr_factor": 1.0,
-                "out_dir": "runs/transformer-quick"}
+QUICK_PRESET = {"d_model": 128, "d_ff": 512, "vocab_size": 4000, "max_tokens": 1000, "train_fraction": 0.5, "epochs": 1,
+                "warmup_steps": 200, "lr_factor": 0.5, "out_dir": "runs/transformer-quick"}
 
 
 def build_parser() -> argparse.ArgumentParser:
