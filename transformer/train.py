@@ -138,7 +138,7 @@ def model_from_checkpoint(checkpoint: dict, device="cpu", attention: str | None 
 
 # --quick: a learner-sized run (README, "Results": about 5 minutes on a 2-core CPU). It is only a preset of the flags
 # below; a flag given beside --quick wins over the preset, and --resume needs --quick again, like any other setting.
-QUICK_PRESET = {"d_model": 128, "d_ff": 512, "vocab_size": 4000, "max_tokens": 1000, "train_fraction": 0.5, "epochs": 1,
+QUICK_PRESET = {"d_model": 128, "d_ff": 512, "vocab_size": 4000, "max_tokens": 1000, "train_fraction": 0.7, "epochs": 1,
                 "warmup_steps": 200, "lr_factor": 0.5, "out_dir": "runs/transformer-quick"}
 
 
