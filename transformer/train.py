@@ -2,7 +2,7 @@
 
     python transformer/train.py                    # the default run of the README's results table
     python transformer/train.py --resume           # go on from runs/transformer/last.pt
-    python transformer/train.py --quick            # a smaller model for one epoch: about 5 minutes on 2 CPU cores
+    python transformer/train.py --quick            # a smaller model for one epoch: about 4 minutes on 2 CPU cores
 """
 
 import argparse
@@ -136,7 +136,7 @@ def model_from_checkpoint(checkpoint: dict, device="cpu", attention: str | None 
     return model.to(device)
 
 
-# --quick: a learner-sized run (README, "Results": about 5 minutes on a 2-core CPU). It is only a preset of the flags
+# --quick: a learner-sized run (README, "Results": 4 min 6 s on a 2-core CPU). It is only a preset of the flags
 # below; a flag given beside --quick wins over the preset, and --resume needs --quick again, like any other setting.
 QUICK_PRESET = {"d_model": 128, "d_ff": 512, "vocab_size": 4000, "max_tokens": 1000, "train_fraction": 0.7, "epochs": 1,
                 "warmup_steps": 200, "lr_factor": 0.5, "out_dir": "runs/transformer-quick"}
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train an English->Spanish Transformer on Tatoeba.")
     quick = ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in QUICK_PRESET.items())
     parser.add_argument("--quick", action="store_true",
-                        help=f"a learner-sized run of about 5 minutes on a 2-core CPU, the preset {quick}; "
+                        help=f"a learner-sized run of about 4 minutes on a 2-core CPU, the preset {quick}; "
                              "a flag given beside it wins over the preset")
     parser.add_argument("--epochs", type=positive_int, default=4,
                         help="number of passes over the training pairs (may grow on --resume)")
