@@ -174,11 +174,7 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.d_model, sum(self.qkv_sizes), bias=False)
         self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False)
         self.out_proj.is_residual_output = True
-        self.use_attention(config.attention_impl)
-
-    def use_attention(self, attention_impl: str):
-        """Attend with the hand-written softmax or the fused kernel: the same function, so the weights stay."""
-        self.attend = handwritten_causal_attention if attention_impl == "handwritten" else fused_causal_attention
+        self.attend = handwritten_causal_attention if config.attention_impl == "handwritten" else fused_causal_attention
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, start: int = 0):
         batch, length, _ = x.shape  # (B, T, d_model)

@@ -87,10 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--context-length", type=positive_int, default=128, help="tokens per training sequence")
     model.add_argument("--rope-theta", type=positive_float, default=10000.0, help="RoPE base")
     model.add_argument("--dropout", type=probability, default=0.0, help="dropout on residual branches")
-    model.add_argument("--attention-impl", default="auto", choices=["auto", "handwritten", "torch"],
-                       help="hand-written masked softmax or fused scaled_dot_product_attention; auto: the "
-                            "hand-written one when the model is compiled on a CPU (the compiler fuses it into "
-                            "faster code than the fused kernel at this size), the fused kernel otherwise")
+    model.add_argument("--attention-impl", default="torch", choices=["handwritten", "torch"],
+                       help="hand-written masked softmax or fused scaled_dot_product_attention")
     train = parser.add_argument_group("training")
     train.add_argument("--preset", default=None, choices=sorted(PRESETS), help="a larger GPU configuration")
     train.add_argument("--quick", action="store_true",
@@ -345,22 +343,6 @@ def eager_step_seconds(model, batch_size: int, context_length: int, grad_accum: 
     return 3 * grad_accum * min(seconds)
 
 
-def initial_attention(attention_impl: str, checkpoint: dict | None) -> str:
-    """The attention the model is built with: as given, the saved run's on a resume, else the fused kernel until
-    --attention-impl auto has seen whether the model is compiled."""
-    if attention_impl != "auto":
-        return attention_impl
-    return checkpoint.get("config", {}).get("attention_impl", "torch") if checkpoint is not None else "torch"
-
-
-def choose_attention(compiled: bool, device) -> tuple[str, str]:
-    """--attention-impl auto: compiled on a CPU, the hand-written softmax, which the compiler fuses into code
-    faster than the fused kernel at this size (llm/bench.py); otherwise the fused kernel. With the header's words."""
-    if compiled and device.type == "cpu":
-        return "handwritten", "handwritten (auto: compiled on a CPU)"
-    return "torch", f"torch (auto: {'compiled on ' + device.type if compiled else 'not compiled'})"
-
-
 def decide_compile(mode: str, device, estimated_seconds: float | None) -> tuple[bool, str]:
     """--compile on/off as given; auto compiles when the compiler works and the run is long enough to repay it.
 
@@ -461,7 +443,7 @@ def main(argv=None):
         config = LlamaConfig(
             vocab_size=args.vocab_size, context_length=args.context_length, n_layers=args.n_layers,
             n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, d_model=args.d_model, rope_theta=args.rope_theta,
-            dropout=args.dropout, attention_impl=initial_attention(args.attention_impl, checkpoint),
+            dropout=args.dropout, attention_impl=args.attention_impl,
         )
         model = Llama(config).to(device)
     except ValueError as error:
@@ -515,14 +497,6 @@ def main(argv=None):
         decision = [compiled, compile_reason]
         dist.broadcast_object_list(decision, src=0)
         compiled, compile_reason = decision
-    attention_reason = f"{config.attention_impl} (--attention-impl {args.attention_impl})"
-    if args.attention_impl == "auto" and checkpoint is None:
-        choice, attention_reason = choose_attention(compiled, device)
-        config.attention_impl = choice  # the checkpoint records it, so a resume keeps it
-        for block in model.blocks:
-            block.attention.use_attention(choice)
-    elif args.attention_impl == "auto":
-        attention_reason = f"{config.attention_impl} (the attention of the saved run)"
     if compiled and args.compile == "auto":  # should compiling fail after all, train eager rather than stop
         torch._dynamo.config.suppress_errors = True
     train_model = torch.compile(model) if compiled else model
@@ -550,7 +524,6 @@ def main(argv=None):
         f"matmul peak {peak_flops / 1e9:.1f} GFLOP/s in {dtype_name}")
     log(f"dtype {dtype_name} ({dtype_reason})")
     log(f"compile: {compile_reason}")
-    log(f"attention: {attention_reason}")
 
     stop = StopFlag()
     if is_main and checkpoint is None:

@@ -478,19 +478,3 @@ def test_ddp_ctrl_c_on_one_rank_stops_all_together_and_validation_matches_one_pr
     for step in (2, 4):  # the same weights (to rounding), validated on the same windows
         assert ours[step]["val_loss"] == pytest.approx(theirs[step]["val_loss"], abs=2e-5)
     assert [path.stat().st_mtime_ns for path in split_texts] == modified  # nobody rewrote the split files
-
-
-
-def test_auto_attention_is_chosen_once_and_kept_by_the_checkpoint(corpus, tmp_path, monkeypatch, capsys):
-    """--attention-impl auto: compiled on a CPU, the hand-written softmax; a resume keeps the saved run's choice.
-    The compiler is stood in for (compiling is tested in test_llm_speed.py): only the choice is under test here."""
-    out_dir = tmp_path / "run"
-    monkeypatch.setattr(train_module, "decide_compile", lambda *arguments: (True, "on (stood in for)"))
-    monkeypatch.setattr(torch, "compile", lambda model, **options: model)
-    train(corpus, out_dir, "--stop-at-step", "4")
-    assert "attention: handwritten (auto: compiled on a CPU)" in capsys.readouterr().out
-    saved = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=True)
-    assert saved["config"]["attention_impl"] == "handwritten"
-    monkeypatch.setattr(train_module, "decide_compile", lambda *arguments: (False, "off (stood in for)"))
-    train(corpus, out_dir, "--resume")
-    assert "attention: handwritten (the attention of the saved run)" in capsys.readouterr().out

@@ -249,12 +249,3 @@ def test_each_reference_model_trains_in_the_benchs_training_step(name):
         losses.append(loss.item())
         run.step()
     assert losses[-1] < losses[0] - 0.1, losses  # the same batch again and again: the loss must fall
-
-
-def test_auto_attention_is_the_hand_written_one_only_when_compiled_on_a_cpu():
-    from llm.train import choose_attention
-
-    assert choose_attention(True, CPU)[0] == "handwritten"
-    assert choose_attention(False, CPU)[0] == "torch"
-    assert choose_attention(True, torch.device("cuda"))[0] == "torch"  # the flash kernels win on a GPU
-
