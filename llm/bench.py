@@ -56,24 +56,28 @@ class TrainingRun:
         self.autocast = autocast_context(device, dtype_name)
         start = time.perf_counter()
         self.step()  # the first step compiles (or warms up the allocator and kernels)
-        self.step()
+        loss = self.step()
         synchronize(device)
         self.warmup_seconds = time.perf_counter() - start
+        self.finite = bool(torch.isfinite(loss))  # a way whose loss is not finite has no speed worth reporting
 
-    def step(self):
+    def step(self) -> torch.Tensor:
         with self.autocast:
             _, loss = self.step_model(self.inputs, self.targets)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
     def tokens_per_second(self, steps: int) -> float:
         synchronize(self.device)
         start = time.perf_counter()
         for _ in range(steps):
-            self.step()
+            loss = self.step()
         synchronize(self.device)
-        return steps * self.inputs.numel() / (time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.finite = self.finite and bool(torch.isfinite(loss))
+        return steps * self.inputs.numel() / seconds
 
 
 def spread(values: list) -> dict:
@@ -109,7 +113,11 @@ def compare_training(config, train_args, device, steps: int, rounds: int, precis
                "mfu_of_float32_peak": tokens["median"] * flops_per_token / peaks["float32"],
                "mfu_of_own_peak": tokens["median"] * flops_per_token / peaks[name],
                "warmup_seconds": runs[label].warmup_seconds}
+        way["loss_finite"] = runs[label].finite
         results["ways"][label] = way
+        if not runs[label].finite:
+            print(f"{label:17s}  the loss is not finite: no result")
+            continue
         ratio = way["ratio_to_eager_float32"]
         print(f"{label:17s}  {tokens['median']:7,.0f} [{tokens['min']:,.0f}-{tokens['max']:,.0f}]   "
               f"{ratio['median']:.2f}x [{ratio['min']:.2f}-{ratio['max']:.2f}]   "
@@ -152,10 +160,14 @@ def compare_references(config, train_args, device, steps: int, rounds: int, ways
     pairs = [(mine, theirs) for mine in ours for theirs in references] + [("ours", "ours, hand-written attention")]
     for dtype_name, compiled in ways:
         label = f"{'compiled' if compiled else 'eager'}_{dtype_name}"
-        way = {"tokens_per_s": {name: spread(speeds[(name, dtype_name, compiled)]) for name in builders}}
-        print(f"{label:17s}  tokens/s: " + ", ".join(f"{name} {tokens['median']:,.0f}"
-                                                      for name, tokens in way["tokens_per_s"].items()))
+        way = {"tokens_per_s": {name: spread(speeds[(name, dtype_name, compiled)]) for name in builders},
+               "loss_finite": {name: runs[(name, dtype_name, compiled)].finite for name in builders}}
+        print(f"{label:17s}  tokens/s: " + ", ".join(
+            f"{name} {tokens['median']:,.0f}" if way["loss_finite"][name] else f"{name}: loss not finite, no result"
+            for name, tokens in way["tokens_per_s"].items()))
         for mine, theirs in pairs:  # ratios within a round: the same moment of the machine
+            if not (way["loss_finite"][mine] and way["loss_finite"][theirs]):
+                continue
             ratios = spread([a / b for a, b in zip(speeds[(mine, dtype_name, compiled)],
                                                    speeds[(theirs, dtype_name, compiled)])])
             way[f"{mine} / {theirs}"] = ratios

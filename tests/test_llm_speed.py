@@ -249,3 +249,21 @@ def test_each_reference_model_trains_in_the_benchs_training_step(name):
         losses.append(loss.item())
         run.step()
     assert losses[-1] < losses[0] - 0.1, losses  # the same batch again and again: the loss must fall
+
+
+def test_the_bench_marks_a_way_whose_loss_is_not_finite():
+    """A fast way that computes NaN is no result: TrainingRun says so, and bench.py reports no speed for it."""
+    from llm.bench import TrainingRun, default_config
+
+    class NotFinite(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(2, 2))
+
+        def forward(self, tokens, targets):
+            return None, (self.weight.sum() * float("nan"))
+
+    _, train_args = default_config()
+    config = tiny_config()
+    assert not TrainingRun(config, train_args, CPU, "float32", False, batch_size=2, model=NotFinite()).finite
+    assert TrainingRun(config, train_args, CPU, "float32", False, batch_size=2).finite
