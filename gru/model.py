@@ -132,15 +132,15 @@ class GRULayerFunction(torch.autograd.Function):
         flat_inputs = inputs.flatten(1, 2)  # (D, B*T, I)
         flat_previous = states[:-1].permute(1, 2, 0, 3).reshape(directions, batch_size * max_length, size)
         # W_ih's rows rotated from [r; z; n] to [n; r; z], the order of the input projection's gradient slots
-        weight_ih_nrz = torch.cat([weight_ih[:, 2 * size :], weight_ih[:, : 2 * size]], dim=1)  # (D, 3H, I)
+        weight_ih_nrz = weight_ih.roll(size, dims=1)  # (D, 3H, I)
         grad_inputs = torch.bmm(grad_input_gates, weight_ih_nrz).view(directions, batch_size, max_length, -1)
         # the products below are written transposed ((h δᵀ)ᵀ, not δ hᵀ): the same numbers, a faster memory order
         grad_weight_hh = torch.bmm(flat_previous.transpose(1, 2), grad_hidden_gates).transpose(1, 2)  # (D, 3H, H)
         grad_weight_ih_nrz = torch.bmm(flat_inputs.transpose(1, 2), grad_input_gates).transpose(1, 2)  # (D, 3H, I)
         grad_biases = flat_gates.sum(1)  # (D, 4H): slots [n_in; r; z; n_hidden]
         grad_bias_hh = grad_biases[:, size:]  # (D, 3H)
-        grad_bias_ih = torch.cat([grad_biases[:, size : 3 * size], grad_biases[:, :size]], dim=1)  # back to r, z, n
-        grad_weight_ih = torch.cat([grad_weight_ih_nrz[:, size:], grad_weight_ih_nrz[:, :size]], dim=1)
+        grad_bias_ih = grad_biases[:, : 3 * size].roll(-size, dims=1)  # (D, 3H), rows back to r, z, n
+        grad_weight_ih = grad_weight_ih_nrz.roll(-size, dims=1)  # (D, 3H, I), rows back to r, z, n
         return grad_inputs, None, grad_hidden, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh
 
 
