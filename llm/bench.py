@@ -206,11 +206,6 @@ SMOLLM2_135M_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1
                           rms_norm_eps=1e-5, max_position_embeddings=8192)
 
 
-def median_and_range(values: list) -> dict:
-    ordered = sorted(values)
-    return {"median": ordered[len(ordered) // 2], "min": ordered[0], "max": ordered[-1], "runs": values}
-
-
 class TimeStamps:
     """A transformers streamer that notes when each new token arrives (the first put() is the prompt)."""
 
@@ -272,12 +267,12 @@ def hf_generation_comparison(new_tokens: int, repeats: int, dtype_names) -> dict
         step_ratios = [mine / theirs for mine, theirs in zip(step_speeds["ours"], step_speeds["transformers"])]
         agree = next((i for i, (a, b) in enumerate(zip(tokens["ours"], tokens["transformers"])) if a != b),
                      len(tokens["ours"]))
-        results[dtype_name] = {"ours_tokens_per_s": median_and_range(speeds["ours"]),
-                               "transformers_tokens_per_s": median_and_range(speeds["transformers"]),
-                               "ratio": median_and_range(ratios), "greedy_tokens_equal_for": agree,
-                               "ours_step_tokens_per_s": median_and_range(step_speeds["ours"]),
-                               "transformers_step_tokens_per_s": median_and_range(step_speeds["transformers"]),
-                               "step_ratio": median_and_range(step_ratios)}
+        results[dtype_name] = {"ours_tokens_per_s": spread(speeds["ours"]),
+                               "transformers_tokens_per_s": spread(speeds["transformers"]),
+                               "ratio": spread(ratios), "greedy_tokens_equal_for": agree,
+                               "ours_step_tokens_per_s": spread(step_speeds["ours"]),
+                               "transformers_step_tokens_per_s": spread(step_speeds["transformers"]),
+                               "step_ratio": spread(step_ratios)}
         ours_speed = results[dtype_name]["ours_tokens_per_s"]
         hf_speed = results[dtype_name]["transformers_tokens_per_s"]
         print(f"{dtype_name:8s} {new_tokens} new tokens: ours {ours_speed['median']:6.1f} tok/s "
@@ -323,8 +318,8 @@ def hf_import_comparison(folder: Path, repeats: int) -> dict:
     results = {"folder_bytes": sum(path.stat().st_size for path in folder.glob("*.safetensors"))}
     for dtype_name in ("float32", "bfloat16"):
         runs = [hf_import_cost(folder, dtype_name) for _ in range(repeats)]
-        results[dtype_name] = {"seconds": median_and_range([run["seconds"] for run in runs]),
-                               "peak_added_bytes": median_and_range([run["peak_added_bytes"] for run in runs]),
+        results[dtype_name] = {"seconds": spread([run["seconds"] for run in runs]),
+                               "peak_added_bytes": spread([run["peak_added_bytes"] for run in runs]),
                                "weight_bytes": runs[0]["weight_bytes"]}
         seconds, peak = results[dtype_name]["seconds"], results[dtype_name]["peak_added_bytes"]
         print(f"import into {dtype_name}: {seconds['median']:.2f} s ({seconds['min']:.2f}-{seconds['max']:.2f}) | "
@@ -405,13 +400,13 @@ def main():
         for _ in range(args.rounds):  # alternate, so that a busy moment of the machine hits both alike
             cached.append(generation_throughput(model, new_tokens, True, device))
             recomputed.append(generation_throughput(model, new_tokens, False, device))
-        speedups = spread([with_cache / without for with_cache, without in zip(cached, recomputed)])
+        cached, recomputed = spread(cached), spread(recomputed)
+        speedups = spread([with_cache / without for with_cache, without in zip(cached["runs"], recomputed["runs"])])
         cache_bytes = KVCache(config, 1, 16 + new_tokens, "meta").num_bytes()
-        results[f"generate_{new_tokens}"] = {"kv_cache_tokens_per_s": spread(cached),
-                                             "no_cache_tokens_per_s": spread(recomputed),
+        results[f"generate_{new_tokens}"] = {"kv_cache_tokens_per_s": cached, "no_cache_tokens_per_s": recomputed,
                                              "speedup": speedups, "kv_cache_bytes": cache_bytes}
-        print(f"generate {new_tokens:5d} new tokens: KV cache {spread(cached)['median']:7.1f} tok/s | recompute "
-              f"{spread(recomputed)['median']:7.1f} tok/s | speed-up {speedups['median']:5.1f}x "
+        print(f"generate {new_tokens:5d} new tokens: KV cache {cached['median']:7.1f} tok/s | recompute "
+              f"{recomputed['median']:7.1f} tok/s | speed-up {speedups['median']:5.1f}x "
               f"[{speedups['min']:.1f}-{speedups['max']:.1f}] | cache {cache_bytes / 2**20:.2f} MiB")
     results["peak_memory_mb"] = peak_memory_mb(device)
     print(f"peak memory of this process: {results['peak_memory_mb']:.0f} MiB")
