@@ -26,20 +26,22 @@ from llm.generate import StreamPrinter, generate, load_model, pick_device
 from llm.model import Llama, LlamaConfig
 from llm.prepare import PrepareError, add_hf_dataset_arguments, file_sha256, prepare, read_token_file, source_from_args
 from llm.runs import (
+    EXIT_INTERRUPTED,
     CheckpointError,
     StopFlag,
-    changed_setting,
+    check_run_folder,
     fraction,
     load_checkpoint,
     non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
-    prepare_run_folder,
     probability,
+    refuse_changed_settings,
     remove_run_files,
     save_checkpoint,
     seed_int,
+    warn_if_threads_changed,
 )
 
 # Larger shapes for a GPU (not the default; see the README).
@@ -67,6 +69,9 @@ FIXED_ON_RESUME = (
     "weight_decay", "beta2", "grad_clip", "eval_every", "eval_batches", "seed", "corpus",
 )
 SETTING_LABELS = {"world_size": "the process count", "corpus": "the training data (--dataset, --text-file)"}
+# The files a training run writes into its --out-dir (--overwrite removes exactly these; the data folder stays).
+RUN_FILES = ("last.pt", "best.pt", "last.pt.tmp", "best.pt.tmp", "metrics.jsonl", "metrics.jsonl.tmp", "loss.png",
+             "results.json")
 # Where the data of a run lives: a resume without these flags finds its data where the saved run found it.
 DATA_SETTINGS = ("dataset", "text_file", "data_dir", "hf_dataset", "hf_config", "hf_split", "text_column")
 
@@ -161,9 +166,7 @@ def take_saved_settings(args, argv, saved: dict, world_size: int) -> None:
     for name in FIXED_ON_RESUME + DATA_SETTINGS:
         if name in saved and name not in given and hasattr(args, name):
             setattr(args, name, saved[name])
-    changed = changed_setting(saved, {**vars(args), "world_size": world_size}, FIXED_ON_RESUME, SETTING_LABELS)
-    if changed:
-        raise CheckpointError(changed)
+    refuse_changed_settings(saved, {**vars(args), "world_size": world_size}, FIXED_ON_RESUME, SETTING_LABELS)
 
 
 def learning_rate(step: int, args) -> float:
@@ -410,7 +413,7 @@ def main(argv=None):
     try:
         device = pick_device(args.device)
         # before any work: never start over a run that is there, unless asked to (its files go once this run starts)
-        prepare_run_folder(out_dir, args.resume, args.overwrite, remove=False)
+        check_run_folder(out_dir, args.resume, args.overwrite)
         checkpoint = None
         if args.resume:
             checkpoint = load_checkpoint(last_path, "llm", required=("model", "optimizer", "config", "args", "step",
@@ -427,8 +430,7 @@ def main(argv=None):
             out_dir.mkdir(parents=True, exist_ok=True)
         prepared = prepare_on_rank_zero(args, distributed, is_main, log)
         if checkpoint is not None and checkpoint.get("corpus", prepared.folder.name) != prepared.folder.name:
-            raise CheckpointError(changed_setting(checkpoint, {"corpus": prepared.folder.name}, ["corpus"],
-                                                  SETTING_LABELS))
+            refuse_changed_settings(checkpoint, {"corpus": prepared.folder.name}, ["corpus"], SETTING_LABELS)
         train_tokens = read_token_file(prepared.token_files["train"])
         val_tokens = read_token_file(prepared.token_files["valid"])
         if len(val_tokens) < args.context_length + 1:
@@ -486,6 +488,7 @@ def main(argv=None):
             temporary.write_text("".join(line + "\n" for line in kept))
             os.replace(temporary, metrics_path)  # a crash here keeps the old file whole
         log(f"resumed from {last_path} at step {start_step}")
+        warn_if_threads_changed(checkpoint.get("threads"))
 
     estimated_seconds = None
     if args.compile == "auto":
@@ -510,6 +513,7 @@ def main(argv=None):
             "best_val_loss": best_val_loss, "rng_cpu": torch.get_rng_state(),
             "tokenizer_path": str(prepared.tokenizer_path.resolve()), "tokenizer_sha256": tokenizer_sha256,
             "world_size": world_size, "corpus": prepared.folder.name, "dtype": dtype_name,
+            "threads": torch.get_num_threads(),
         }
         if device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(device)  # a CPU tensor: it loads on any machine
@@ -527,7 +531,7 @@ def main(argv=None):
 
     stop = StopFlag()
     if is_main and checkpoint is None:
-        remove_run_files(out_dir)  # --overwrite (or leftovers of a run that never saved a checkpoint)
+        remove_run_files(out_dir, RUN_FILES)  # --overwrite (or leftovers of a run that never saved a checkpoint)
     metrics_file = open(metrics_path, "a") if is_main else None
     progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
                     disable=not is_main, dynamic_ncols=True)
@@ -627,6 +631,8 @@ def main(argv=None):
         return
     if status == "interrupted":
         print(f"stopped at step {completed_steps}; resume with: python llm/train.py --out-dir {out_dir} --resume")
+        if stop_requested and not distributed:  # a Ctrl-C (not --stop-at-step): the shell learns it was stopped
+            sys.exit(EXIT_INTERRUPTED)  # (under torchrun a rank's non-zero exit would be reported as a crash)
         return
     finish(args, best_path, prepared, device, out_dir)
 

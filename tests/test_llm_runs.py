@@ -17,6 +17,7 @@ import torch
 import llm.train as train_module
 from llm.model import Llama
 from llm.prepare import prepare
+from llm.runs import EXIT_INTERRUPTED
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -162,9 +163,10 @@ def test_sigint_anywhere_then_resume_gives_the_uninterrupted_run_bit_for_bit(cor
                                                                              monkeypatch, capsys, interrupt,
                                                                              stopped_at):
     out_dir = tmp_path / "run"
-    with monkeypatch.context() as patch:
+    with monkeypatch.context() as patch, pytest.raises(SystemExit) as stopped:
         interrupt(patch)
         train(corpus, out_dir)
+    assert stopped.value.code == EXIT_INTERRUPTED  # 130: saved, and the shell can tell it from a finished run
     out = capsys.readouterr().out
     assert torch.load(out_dir / "last.pt", weights_only=True)["step"] == stopped_at
     assert max(logged(out_dir)) == stopped_at
@@ -188,7 +190,7 @@ def test_sigint_from_outside_at_a_random_moment_then_resume_is_exact(corpus, str
             break
         time.sleep(0.005)
     stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert process.returncode == EXIT_INTERRUPTED and "Traceback" not in stderr, stderr[-2000:]
     assert "stopped at step" in stdout
     # the command the run printed: every setting comes from the saved run
     train_module.main(["--out-dir", str(out_dir), "--resume", "--num-samples", "0", "--no-final-eval"])

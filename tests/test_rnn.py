@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from rnn import hello
-from rnn.checkpoint import load_checkpoint, model_from_checkpoint
 from rnn.model import ClassifierConfig, HandwrittenRNN, NameClassifier, RNNLayerFunction, TorchRNN, clip_gradient_norm
 from rnn.names import Alphabet, load_pairs, make_batch, stratified_split
+from rnn.train import load_run_checkpoint, model_from_checkpoint
 from rnn.vanishing import input_gradient_norms
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -193,7 +193,7 @@ def test_training_cli_writes_checkpoints_that_round_trip(trained_run):
     assert "test accuracy" in result.stdout
     assert (out_dir / "curves.png").is_file()
     assert len((out_dir / "metrics.jsonl").read_text().splitlines()) == 2
-    state = load_checkpoint(out_dir / "last.pt")
+    state = load_run_checkpoint(out_dir / "last.pt")
     model = model_from_checkpoint(state, "cpu")
     for key, value in model.state_dict().items():
         assert torch.equal(value, state["model"][key])
@@ -209,7 +209,7 @@ def test_resume_continues_from_the_last_epoch(trained_run, run_cli):
     result = run_cli("rnn/train.py", *arguments, "--resume")
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stdout and "epoch   3" in result.stdout and "epoch   1 " not in result.stdout
-    assert load_checkpoint(out_dir / "last.pt")["epoch"] == 3
+    assert load_run_checkpoint(out_dir / "last.pt")["epoch"] == 3
 
 
 def test_eval_cli_reports_json_and_predictions(trained_run, run_cli):

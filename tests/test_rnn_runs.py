@@ -16,6 +16,7 @@ import torch
 from rnn import bench, hello, vanishing
 from rnn import eval as rnn_eval
 from rnn import train as rnn_train
+from rnn.runs import EXIT_INTERRUPTED
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # 200 training names in batches of 32: 7 steps per epoch, dropout 0.3 on, 4 epochs.
@@ -111,7 +112,7 @@ def test_sigint_then_resume_is_bit_identical_to_an_uninterrupted_run(reference, 
     out_dir = tmp_path / "run"
     with monkeypatch.context() as patch:
         send_sigint_on_call(patch, function, call)
-        assert train_in_process(out_dir) == 0
+        assert train_in_process(out_dir) == EXIT_INTERRUPTED
     output = capsys.readouterr().out
     assert f"stopped at step {stopped_step}; resume with: python rnn/train.py --out-dir {out_dir} --resume" in output
     assert "test accuracy" not in output and not (out_dir / "interrupted.pt").exists()
@@ -132,7 +133,7 @@ def test_sigint_to_the_cli_at_a_random_point_then_resume_is_bit_identical(refere
             process.send_signal(signal.SIGINT)
             break
     output, errors = process.communicate(timeout=300)
-    assert process.returncode == 0, errors
+    assert process.returncode == EXIT_INTERRUPTED, errors
     assert "Traceback" not in errors
     printed = output.strip().splitlines()[-1]  # the command it prints, run as printed (on the CPU)
     assert printed.startswith("stopped at step ")
@@ -180,7 +181,7 @@ def test_run_folder_errors_are_one_line(reference, tmp_path):
     before = snapshot(out_dir)
     assert "pass only one" in train_in_process(out_dir, "--resume", "--overwrite")
     missing = tmp_path / "empty" / "last.pt"
-    assert train_in_process(tmp_path / "empty", "--resume") == f"error: cannot resume: {missing} does not exist"
+    assert train_in_process(tmp_path / "empty", "--resume") == f"error: --resume: {missing} does not exist"
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder\n")
     assert "is a file" in train_in_process(a_file)
