@@ -17,6 +17,7 @@ import gru.bench as bench_script
 import gru.eval as eval_script
 import gru.train as train_script
 from gru.model import Tagger
+from gru.runs import EXIT_INTERRUPTED
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # 64 sentences in batches of 16: 4 steps per epoch, 2 epochs, dropout on
@@ -93,7 +94,8 @@ def logged(run_dir: Path) -> list[dict]:
 def test_sigint_then_resume_is_bit_identical_to_an_uninterrupted_run(interrupted_runs, name, stops_at):
     base, printout = interrupted_runs
     straight, run_dir = base / "straight", base / name
-    assert f"{name} " + " ".join(["0"] * (1 + len(stops_at))) in printout  # every call ended with exit code 0
+    codes = [str(EXIT_INTERRUPTED)] * len(stops_at) + ["0"]  # each stopped call exits with 130, the last with 0
+    assert f"{name} " + " ".join(codes) in printout
     for step in stops_at:
         assert f"stopped at step {step}; resume with: python gru/train.py --out-dir {run_dir} --resume" in printout
     assert logged(run_dir) == logged(straight) and len(logged(straight)) == 2
@@ -106,16 +108,16 @@ def test_sigint_then_resume_is_bit_identical_to_an_uninterrupted_run(interrupted
         for index, state in expected["optimizer"]["state"].items():
             for key, value in state.items():
                 assert torch.equal(found["optimizer"]["state"][index][key], value), (index, key)
-        assert torch.equal(found["torch_rng"], expected["torch_rng"])
+        assert torch.equal(found["rng_states"]["cpu"], expected["rng_states"]["cpu"])
 
 
 def test_a_mid_epoch_stop_saves_the_position_inside_the_epoch(tmp_path):
     run_dir = tmp_path / "run"
     code = run_with_sigint_at_step(run_dir, 3)
-    assert code == 0
+    assert code == EXIT_INTERRUPTED
     saved = torch.load(run_dir / "last.pt", weights_only=True)
     assert (saved["epoch"], saved["batch_in_epoch"], saved["step"]) == (0, 3, 3)
-    assert saved["torch_rng"].device.type == "cpu" and saved["batch_rng"].device.type == "cpu"
+    assert saved["rng_states"]["cpu"].device.type == "cpu" and saved["batch_rng"].device.type == "cpu"
     assert not (run_dir / "best.pt").exists() and not (run_dir / "metrics.jsonl").exists()
 
 
@@ -197,7 +199,7 @@ def test_a_run_folder_is_refused_in_one_line_and_replaced_only_with_overwrite(fi
 
 def test_resume_needs_a_last_checkpoint_and_an_out_dir_that_is_a_folder(tmp_path, capsys):
     code, _, err = call_main(train_script.main, [*TINY, "--out-dir", tmp_path / "empty", "--resume"], capsys)
-    assert code == 1 and err == f"error: cannot resume: {tmp_path / 'empty' / 'last.pt'} does not exist\n"
+    assert code == 1 and err == f"error: --resume: {tmp_path / 'empty' / 'last.pt'} does not exist\n"
     (tmp_path / "file").write_text("x")
     code, _, err = call_main(train_script.main, [*TINY, "--out-dir", tmp_path / "file"], capsys)
     assert code == 1 and err == f"error: --out-dir {tmp_path / 'file'} is a file, not a folder\n"
@@ -316,7 +318,7 @@ def test_an_unknown_device_is_one_line_for_every_cli(finished_epoch, capsys):
                               (eval_script, ["--checkpoint", finished_epoch / "best.pt", "--tag", "北京"]),
                               (bench_script, [])):
         code, _, err = call_main(script.main, [*arguments, "--device", "foo"], capsys)
-        assert code == 1 and err == "error: --device must be auto, cpu, cuda or mps, not 'foo'\n"
+        assert code == 1 and err == "error: unknown device 'foo' (use auto, cpu, cuda or mps)\n"
     assert folder_bytes(finished_epoch) == before
 
 
