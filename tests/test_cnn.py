@@ -194,8 +194,8 @@ def tiny_run_arguments(out_dir, *extra):
 
 @pytest.mark.parametrize("backprop", ["autograd", "manual"])
 def test_tiny_training_run_on_real_digits_beats_chance(tmp_path, backprop):
-    record = train(tiny_run_arguments(tmp_path, "--backprop", backprop))
-    assert record["validation_accuracy"] > 0.6  # chance is 0.1
+    record, finished = train(tiny_run_arguments(tmp_path, "--backprop", backprop))
+    assert finished and record["validation_accuracy"] > 0.6  # chance is 0.1
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [line["train_loss"] for line in lines if line["kind"] == "step"]
     assert losses[-1] < losses[0]

@@ -20,7 +20,7 @@ import cnn.model as model_module
 import cnn.train as train_module
 from cnn import bench
 from cnn.mnist import load_split
-from cnn.runs import prepare_run_folder
+from cnn.runs import EXIT_INTERRUPTED, check_run_folder, remove_run_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # 2 epochs of 12 steps, dropout 0.5 and random shifts of up to 2 pixels on; a training-loss record every 4 steps
@@ -115,6 +115,13 @@ def folder_bytes(folder: Path) -> dict:
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
 
 
+def train_until_stopped(arguments):
+    """cnn/train.py's main in this process, for a run that a Ctrl-C stops: it saves, then exits with 130."""
+    with pytest.raises(SystemExit) as stopped:
+        train_module.main(arguments)
+    assert stopped.value.code == EXIT_INTERRUPTED
+
+
 def stopped_at(capsys) -> int:
     output = capsys.readouterr().out
     found = re.search(r"stopped at step (\d+); resume with: python cnn/train.py --out-dir \S+ --resume", output)
@@ -128,15 +135,15 @@ def test_ctrl_c_inside_the_optimizer_step_after_augmentation_and_at_an_epoch_bou
     out = ["--out-dir", str(tmp_path / "run")]
     with monkeypatch.context() as patch:  # inside step 3's optimizer step
         sigint_on_call(patch, torch.optim.SGD, "step", 3)
-        train_module.main([*TORCH_RUN, *out])
+        train_until_stopped([*TORCH_RUN, *out])
     assert stopped_at(capsys) == 3
     with monkeypatch.context() as patch:  # step 7: its shifts are drawn, its dropout and update not yet
         sigint_on_call(patch, train_module, "random_shift", 4, after=True)
-        train_module.main([*TORCH_RUN, *out, "--resume"])
+        train_until_stopped([*TORCH_RUN, *out, "--resume"])
     assert stopped_at(capsys) == 7
     with monkeypatch.context() as patch:  # just after epoch 1's validation has saved and drawn its curves
         sigint_on_call(patch, train_module, "plot_curves", 1, after=True)
-        train_module.main([*TORCH_RUN, *out, "--resume"])
+        train_until_stopped([*TORCH_RUN, *out, "--resume"])
     assert stopped_at(capsys) == 12
     train_module.main([*TORCH_RUN, *out, "--resume"])
     assert_same_run(straight_torch, tmp_path / "run")
@@ -148,11 +155,11 @@ def test_ctrl_c_after_the_no_autograd_backward_and_inside_validation_resumes_exa
     out = ["--out-dir", str(tmp_path / "run")]
     with monkeypatch.context() as patch:  # step 5: dropout drawn and gradients computed, the update not yet made
         sigint_on_call(patch, model_module, "manual_forward_backward", 5, after=True)
-        train_module.main([*MANUAL_RUN, *out])
+        train_until_stopped([*MANUAL_RUN, *out])
     assert stopped_at(capsys) == 5
     with monkeypatch.context() as patch:  # inside epoch 1's validation
         sigint_on_call(patch, train_module, "evaluate", 1)
-        train_module.main([*MANUAL_RUN, *out, "--resume"])
+        train_until_stopped([*MANUAL_RUN, *out, "--resume"])
     assert stopped_at(capsys) == 12
     assert [record["kind"] for record in logged(tmp_path / "run")][-1] == "epoch"
     train_module.main([*MANUAL_RUN, *out, "--resume"])
@@ -171,7 +178,7 @@ def test_a_real_ctrl_c_from_outside_stops_cleanly_and_resumes_exactly(straight_t
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)  # just after the first training-loss record (step 4)
     stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0 and "Traceback" not in stderr, stderr
+    assert process.returncode == EXIT_INTERRUPTED and "Traceback" not in stderr, stderr
     found = re.search(r"stopped at step (\d+); resume with: python cnn/train.py --out-dir (\S+) --resume", stdout)
     assert found and 4 <= int(found[1]) < 24 and found[2] == str(out), stdout
     train_module.main([*TORCH_RUN, "--out-dir", str(out), "--resume"])
@@ -197,7 +204,8 @@ def test_a_folder_that_holds_a_run_is_refused_and_overwrite_replaces_only_its_fi
     copy = tmp_path / "copy"
     shutil.copytree(straight_torch, copy)
     (copy / "notes.txt").write_text("mine")
-    prepare_run_folder(copy, resume=False, overwrite=True)
+    check_run_folder(copy, resume=False, overwrite=True)
+    remove_run_files(copy, train_module.RUN_FILES)
     assert sorted(path.name for path in copy.iterdir()) == ["notes.txt"]
     train_module.main([*TORCH_RUN, "--out-dir", str(copy), "--overwrite"])
     assert_same_run(straight_torch, copy)
@@ -207,7 +215,7 @@ def test_a_non_finite_loss_stops_before_any_write(tmp_path, monkeypatch, capsys)
     run = tmp_path / "run"
     with monkeypatch.context() as patch:
         sigint_on_call(patch, torch.optim.SGD, "step", 3)
-        train_module.main([*TORCH_RUN, "--out-dir", str(run)])
+        train_until_stopped([*TORCH_RUN, "--out-dir", str(run)])
     assert stopped_at(capsys) == 3
     before = folder_bytes(run)
     with monkeypatch.context() as patch:
