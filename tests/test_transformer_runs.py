@@ -18,7 +18,14 @@ import transformer.eval as eval_module
 import transformer.train as train_module
 from transformer import bench, figures, prepare
 from transformer.prepare import load_pairs, train_tokenizer
-from transformer.runs import CheckpointError, prepare_run_folder
+from transformer.runs import (
+    EXIT_INTERRUPTED,
+    CheckpointError,
+    RunError,
+    check_run_folder,
+    refuse_changed_settings,
+    remove_run_files,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--d-model", "32", "--num-heads", "2", "--d-ff", "64", "--vocab-size", "300", "--train-fraction", "0.005",
@@ -84,6 +91,13 @@ def sigint_on_call(monkeypatch, module, name: str, call: int, after: bool = Fals
     monkeypatch.setattr(module, name, wrapper)
 
 
+def train_until_stopped(arguments):
+    """transformer/train.py's main in this process, for a run that a Ctrl-C stops: it saves, then exits with 130."""
+    with pytest.raises(SystemExit) as stopped:
+        train_module.main(arguments)
+    assert stopped.value.code == EXIT_INTERRUPTED
+
+
 def folder_bytes(folder: Path) -> dict:
     """Every file of a folder with its bytes, to prove a refused command changed nothing."""
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
@@ -95,17 +109,17 @@ def test_ctrl_c_inside_a_step_inside_validation_and_at_an_evaluation_boundary_re
     out = str(tmp_path / "run")
     with monkeypatch.context() as patch:  # inside step 2: during its forward pass
         sigint_on_call(patch, train_module, "label_smoothed_cross_entropy", 2)
-        train_module.main([*RUN, "--out-dir", out])
+        train_until_stopped([*RUN, "--out-dir", out])
     assert f"stopped at step 2; resume with: python transformer/train.py --out-dir {out} --resume" in \
         capsys.readouterr().out
     with monkeypatch.context() as patch:  # inside the validation at step 4, while it decodes for BLEU
         sigint_on_call(patch, train_module, "translate", 1)
-        train_module.main([*RUN, "--out-dir", out, "--resume"])
+        train_until_stopped([*RUN, "--out-dir", out, "--resume"])
     assert "stopped at step 4;" in capsys.readouterr().out
     assert len(logged(tmp_path / "run")) == 1 and (tmp_path / "run" / "best.pt").exists()
     with monkeypatch.context() as patch:  # right after the validation at step 8 has saved and drawn its curves
         sigint_on_call(patch, train_module, "plot_curves", 1, after=True)
-        train_module.main([*RUN, "--out-dir", out, "--resume"])
+        train_until_stopped([*RUN, "--out-dir", out, "--resume"])
     assert "stopped at step 8;" in capsys.readouterr().out
     train_module.main([*RUN, "--out-dir", out, "--resume"])
     assert_same_run(straight_run, tmp_path / "run")
@@ -123,7 +137,7 @@ def test_a_real_ctrl_c_from_outside_stops_cleanly_and_resumes_exactly(straight_r
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)  # during or just after the first validation (step 4)
     stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0 and "Traceback" not in stderr, stderr
+    assert process.returncode == EXIT_INTERRUPTED and "Traceback" not in stderr, stderr
     stopped = re.search(r"stopped at step (\d+); resume with: python transformer/train.py --out-dir (\S+) --resume",
                         stdout)
     assert stopped and 4 <= int(stopped[1]) < 12 and stopped[2] == str(out), stdout
@@ -144,10 +158,11 @@ def test_a_folder_that_holds_a_run_is_refused_and_overwrite_replaces_only_its_fi
     copy = tmp_path / "copy"
     shutil.copytree(straight_run, copy)
     (copy / "notes.txt").write_text("mine")
-    prepare_run_folder(copy, resume=False, overwrite=True)
+    check_run_folder(copy, resume=False, overwrite=True)
+    remove_run_files(copy, train_module.RUN_FILES)
     assert sorted(path.name for path in copy.iterdir()) == ["notes.txt"]
-    with pytest.raises(CheckpointError, match="does not exist"):
-        prepare_run_folder(tmp_path / "empty", resume=True, overwrite=False)
+    with pytest.raises(RunError, match="does not exist"):
+        check_run_folder(tmp_path / "empty", resume=True, overwrite=False)
 
 
 def test_a_changed_setting_is_refused_on_resume_but_epochs_may_grow(straight_run):
@@ -175,10 +190,10 @@ def test_quick_is_a_preset_of_flags_that_a_resume_keeps():
     assert train_module.parse_args(["--quick", "--epochs", "2"]).epochs == 2
     assert train_module.parse_args(["--quick", "--d-model", "64"]).d_model == 64
     saved = vars(quick)
-    assert train_module.changed_setting(saved, vars(train_module.parse_args(["--quick", "--epochs", "2"])),
-                                        train_module.FIXED_ON_RESUME) is None
-    forgotten = train_module.changed_setting(saved, vars(train_module.parse_args([])), train_module.FIXED_ON_RESUME)
-    assert forgotten.startswith("--quick was True in the saved run and is False now")
+    refuse_changed_settings(saved, vars(train_module.parse_args(["--quick", "--epochs", "2"])),
+                            train_module.FIXED_ON_RESUME)  # passes: only --epochs changed
+    with pytest.raises(CheckpointError, match="^--quick was True in the saved run and is False now"):
+        refuse_changed_settings(saved, vars(train_module.parse_args([])), train_module.FIXED_ON_RESUME)
 
 
 def test_the_default_flags_build_the_default_model_config():
