@@ -393,7 +393,7 @@ def test_eval_rejects_a_prompt_with_an_unknown_character(in_process, tiny_checkp
 
 
 def test_eval_reports_a_missing_checkpoint(cli, tmp_path):
-    assert_one_line_error(cli("lstm/eval.py", "--checkpoint", str(tmp_path / "missing.pt")), "no checkpoint")
+    assert_one_line_error(cli("lstm/eval.py", "--checkpoint", str(tmp_path / "missing.pt")), "does not exist")
 
 
 def test_eval_reports_a_corrupt_checkpoint(in_process, tmp_path):
@@ -416,4 +416,4 @@ def test_bench_rejects_a_malformed_size(in_process):
 
 
 def test_gradient_flow_reports_missing_adding_checkpoints(in_process, tmp_path):
-    assert_one_line_error(in_process("lstm/gradient_flow.py", "--run-dir", str(tmp_path)), "no checkpoint")
+    assert_one_line_error(in_process("lstm/gradient_flow.py", "--run-dir", str(tmp_path)), "does not exist")

@@ -15,6 +15,7 @@ import torch
 from torch.nn import functional as F
 
 import lstm.train
+from lstm.runs import EXIT_INTERRUPTED
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Blake's poems (38,000 characters) keep every validation pass to one short chunk: a run of 12 steps takes a second.
@@ -124,7 +125,7 @@ def test_sigint_then_resume_gives_bit_identical_losses_and_weights(point, refere
                                    lambda count, args: Path(args[0]).name == "last.pt")
             stopped_at = 5
         code, out, err = train(capsys, *TINY, "--out-dir", out_dir)
-    assert calls["sent"] and code == 0, err
+    assert calls["sent"] and code == EXIT_INTERRUPTED, err
     assert f"stopped at step {stopped_at}; resume with: python lstm/train.py --out-dir {out_dir} --resume" in out
     assert torch.load(out_dir / "last.pt", weights_only=True)["step"] == stopped_at
     assert not (out_dir / "summary.json").exists()
@@ -150,7 +151,7 @@ def test_sigint_from_another_process_then_resume_gives_the_same_run(tmp_path, ca
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 0 and "Traceback" not in err, err
+    assert process.returncode == EXIT_INTERRUPTED and "Traceback" not in err, err
     assert "stopped at step" in out, "the run ended before the signal arrived; make it longer"
     code, _, err = train(capsys, *longer, "--out-dir", out_dir, "--resume")  # in this process: no second start-up
     assert code == 0, err
@@ -164,7 +165,7 @@ def test_sigint_in_the_adding_problem_then_resume_gives_the_same_runs(tmp_path, 
     with pytest.MonkeyPatch.context() as patch:  # step 12 of the second model (the RNN)
         interrupt_once(patch, torch.nn.utils, "clip_grad_norm_", lambda count, args: count == 30 + 12)
         code, out, err = train(capsys, *TINY_ADDING, "--out-dir", out_dir)
-    assert code == 0 and "stopped at step 12 of adding-rnn-6" in out, err
+    assert code == EXIT_INTERRUPTED and "stopped at step 12 of adding-rnn-6" in out, err
     assert train(capsys, *TINY_ADDING, "--out-dir", out_dir, "--resume")[0] == 0
     clocks = ("seconds",)
     for folder in (out_dir, reference):
