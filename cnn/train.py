@@ -254,14 +254,14 @@ def restore(run: Run, checkpoint: dict) -> None:
 
 def set_up(arguments) -> Run:
     """Check the run folder, load the data, build the model and optimizer; on --resume, restore last.pt."""
-    device = pick_device(arguments.device)
     out_dir = Path(arguments.out_dir)
     check_run_folder(out_dir, arguments.resume, arguments.overwrite)
-    if arguments.overwrite:
-        remove_run_files(out_dir, RUN_FILES)
     checkpoint = load_run_checkpoint(out_dir / "last.pt", RESUME_KEYS) if arguments.resume else None
     if checkpoint is not None:
         refuse_changed_settings(checkpoint["arguments"], vars(arguments), FIXED_ON_RESUME)
+    device = pick_device(arguments.device)
+    if arguments.overwrite:  # the old run's files go once nothing refused the new one
+        remove_run_files(out_dir, RUN_FILES)
     config = CNNConfig(dropout=arguments.dropout, pooling=arguments.pooling)
     train_images, train_labels = load_split("train", arguments.data_dir, arguments.train_images)
     validation_images, validation_labels = load_split("validation", arguments.data_dir, arguments.validation_images)

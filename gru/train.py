@@ -162,10 +162,10 @@ class Run:
     train_set: list
     validation_set: list
     vocab: list
-    config: TaggerConfig = None
-    model: Tagger = None
-    optimizer: torch.optim.Optimizer = None
-    generator: torch.Generator = None  # batch order; its state at an epoch's start is saved
+    config: TaggerConfig
+    model: Tagger
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # batch order; its state at an epoch's start is saved
     # where training stands: finished epochs, batches done of the next one, steps done, that epoch's running sums
     epoch: int = 0
     batch_in_epoch: int = 0
@@ -243,11 +243,10 @@ def set_up(args) -> Run:
     if args.limit_train:
         train_set = train_set[: args.limit_train]
     vocab = checkpoint["vocab"] if checkpoint is not None else build_vocab(train_set, args.min_count)
-    run = Run(args, device, out_dir, train_set, validation_set, vocab)
-    run.config = TaggerConfig(len(vocab), len(TAGS), **{k: getattr(args, k) for k in MODEL_KEYS})
-    run.model = Tagger(run.config).to(device)
-    run.generator = torch.Generator().manual_seed(args.seed)
-    run.optimizer = torch.optim.Adam(run.model.parameters(), lr=args.lr)
+    config = TaggerConfig(len(vocab), len(TAGS), **{k: getattr(args, k) for k in MODEL_KEYS})
+    model = Tagger(config).to(device)
+    run = Run(args, device, out_dir, train_set, validation_set, vocab, config, model,
+              torch.optim.Adam(model.parameters(), lr=args.lr), torch.Generator().manual_seed(args.seed))
     if checkpoint is not None:
         restore(run, checkpoint)
     tqdm.write(f"{len(train_set)} train / {len(validation_set)} validation sentences, vocabulary {len(vocab)}, "
