@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from llm.generate import generate, pick_device
+from llm.generate import generate
 from llm.model import KVCache, Llama, LlamaConfig
 from llm.reference_models import REFERENCE_MODELS, ReferenceShape, training_flops_per_token
+from llm.runs import pick_device
 from llm.train import (
     autocast_context,
     build_parser,
@@ -28,7 +29,7 @@ from llm.train import (
 )
 
 
-def default_config(attention_impl: str = "torch") -> tuple[LlamaConfig, argparse.Namespace]:
+def default_config(attention_impl: str = "fused") -> tuple[LlamaConfig, argparse.Namespace]:
     """The model shape and optimizer settings of `python llm/train.py` with no flags."""
     args = build_parser().parse_args([])
     config = LlamaConfig(vocab_size=args.vocab_size, context_length=args.context_length, n_layers=args.n_layers,

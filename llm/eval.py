@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llm.generate import check_tokenizer, load_model, pick_device
+from llm.checkpoint import check_tokenizer, load_model
 from llm.prepare import PrepareError, prepare, read_token_file, saved_hf_source
+from llm.runs import pick_device
 
 HF_DEFAULT_CONTEXT = 1024  # --hf: windows of the model's context, at most this many tokens (CPU time grows with it)
 

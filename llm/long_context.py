@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llm.generate import check_tokenizer, load_model, pick_device
+from llm.checkpoint import check_tokenizer, load_model
 from llm.model import Llama, LlamaConfig
 from llm.prepare import PrepareError, prepare, read_token_file, saved_hf_source
+from llm.runs import pick_device
 
 BAND = 16  # positions averaged together in the figure and in the order check
 METHODS = ("none", "interpolation", "ntk")

@@ -76,7 +76,7 @@ def test_tiny_pipeline_trains_with_falling_loss_and_writes_everything(corpus, ru
 
 def test_handwritten_attention_matches_fused_outputs_and_gradients():
     handwritten = Llama(tiny_config(attention_impl="handwritten"))
-    fused = Llama(tiny_config(attention_impl="torch"))
+    fused = Llama(tiny_config(attention_impl="fused"))
     fused.load_state_dict(handwritten.state_dict())
     tokens = torch.randint(0, 97, (3, 24))
     targets = torch.randint(0, 97, (3, 24))

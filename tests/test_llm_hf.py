@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from data import fetch
-from llm.generate import generate, load_model
+from llm.checkpoint import load_model
+from llm.generate import generate
 from llm.hf import (
     CheckpointError,
     halves_to_neighbour_pairs,
