@@ -337,7 +337,9 @@ def test_token_files_of_a_dataset_are_streamed_in_chunks_that_do_not_grow_with_i
         source = HFSource(str(tmp_path / f"docs{rows}.jsonl"))
         train = open_hf_dataset(source, tmp_path / "data")["train"]
         chunks.clear()
-        preparation.pretokenize_hf({"train": train}, source, tokenizer, tmp_path / f"out{rows}", 400)
+        corpus = preparation.Corpus(f"docs{rows}", {}, {"train": train._fingerprint}, {"train": train}.__getitem__,
+                                    document_end=preparation.STORY_SEPARATOR)  # the training split alone
+        preparation.pretokenize(corpus, tokenizer, tmp_path / f"out{rows}", 400)
         tokens = read_token_file(tmp_path / f"out{rows}" / "train.bin")
         assert len(chunks) == -(-len(train) // 100) and sum(chunks) == len(tokens)  # one chunk per 100 documents
         largest[rows] = max(chunks)
