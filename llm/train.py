@@ -775,7 +775,7 @@ def evaluate_and_sample(args, best_path, prepared, device, out_dir: Path):
         for split in ("valid", "test"):
             metrics = split_metrics(model, prepared.token_files[split], prepared.text_files[split],
                                     args.context_length, max(args.batch_size, 32), device,
-                                    half_context_stride(args.context_length))
+                                    half_context_stride(args.context_length), split)
             results[split] = metrics
             print(f"{split}: loss {metrics['loss']:.4f} nats/token | {metrics['bits_per_byte']:.4f} bits/byte | "
                   f"word perplexity {metrics['word_perplexity']:.1f}")
