@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from llm.chat_template import IncrementalDecoder
 from llm.checkpoint import check_tokenizer, load_model, saved_tokenizer
 from llm.model import KVCache, Llama
 from llm.runs import (
@@ -106,18 +107,17 @@ def generate(
 
 
 class StreamPrinter:
-    """Print tokens as they arrive: decode everything so far and write only the new characters."""
+    """Print tokens as they arrive, each character once it is whole (IncrementalDecoder, llm/chat_template.py)."""
 
     def __init__(self, processor, prompt_ids):
-        self.processor, self.ids = processor, list(prompt_ids)
-        self.printed = len(processor.decode(self.ids))
+        self.decoder = IncrementalDecoder(processor, prompt_ids)
 
     def __call__(self, token_id: int):
-        self.ids.append(token_id)
-        text = self.processor.decode(self.ids)
-        sys.stdout.write(text[self.printed :])
+        sys.stdout.write(self.decoder.push(token_id))
         sys.stdout.flush()
-        self.printed = len(text)
+
+    def finish(self):
+        sys.stdout.write(self.decoder.flush())
 
 
 def nucleus_mass(text: str) -> float:
@@ -190,12 +190,13 @@ def main():
     for sample in range(args.num_samples):
         print(f"--- sample {sample + 1} ---", flush=True)
         sys.stdout.write(prompt)
+        printer = StreamPrinter(tokenizer, prompt_ids)
         generate(
             model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-            use_cache=not args.no_kv_cache, eos_id=tokenizer.eos_id(), generator=generator,
-            on_token=StreamPrinter(tokenizer, prompt_ids),
+            use_cache=not args.no_kv_cache, eos_id=tokenizer.eos_id(), generator=generator, on_token=printer,
             notice=print_notice if sample == 0 else (lambda message: None),  # a shortened prompt is said once
         )
+        printer.finish()
         print()
 
 
