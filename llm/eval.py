@@ -3,6 +3,7 @@
     python llm/eval.py                                     # runs/llm/best.pt on validation and test
     python llm/eval.py --checkpoint runs/llm/best.pt --json
     python llm/eval.py --hf HuggingFaceTB/SmolLM2-135M     # a real Llama on the same WikiText-2 test split
+    python llm/eval.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf          # the same, from a llama.cpp GGUF file
     python llm/eval.py --hf PATH --max-tokens 20000        # a quick look: the first 20,000 tokens only
 
 Every token is scored with a sliding window: windows of --context-length tokens that move by --stride tokens, so
@@ -41,8 +42,8 @@ def half_context_stride(context_length: int) -> int:
 
 
 def windows_per_batch(batch_size: int, context_length: int, vocab_size: int) -> int:
-    """At most batch_size windows, fewer where their fp32 logits (and the log-softmax beside them) pass the budget."""
-    per_window = 2 * context_length * vocab_size * 4  # bytes
+    """At most batch_size windows, fewer where their fp32 logits pass the budget (at least one window)."""
+    per_window = context_length * vocab_size * 4  # bytes
     return max(1, min(batch_size, LOGITS_BUDGET_BYTES // per_window))
 
 
@@ -68,8 +69,7 @@ def total_negative_log_likelihood(model, tokens: np.ndarray, context_length: int
         rows = [np.asarray(tokens[s : s + context_length + 1], dtype=np.int64) for s in batch_starts]
         block = torch.from_numpy(np.stack(rows)).to(device)  # (B, T+1)
         logits, _ = model(block[:, :-1])  # (B, T, V)
-        targets = block[:, 1:]  # (B, T)
-        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (B, T)
+        nll = token_losses(logits, block[:, 1:])  # (B, T)
         del logits
         before = scored
         total += float(nll[:, context_length - stride :].sum())
@@ -83,7 +83,7 @@ def total_negative_log_likelihood(model, tokens: np.ndarray, context_length: int
     if tail > 0:
         length = min(context_length, count)
         window = torch.from_numpy(np.asarray(tokens[-(length + 1) :], dtype=np.int64)).to(device)[None]  # (1, L+1)
-        logits, _ = model(window[:, :-1])
+        logits, _ = model(window[:, :-1])  # (1, L, V)
         nll = torch.nn.functional.cross_entropy(logits[0, -tail:].float(), window[0, -tail:], reduction="sum")
         total += float(nll)
         scored += tail
@@ -91,6 +91,15 @@ def total_negative_log_likelihood(model, tokens: np.ndarray, context_length: int
             progress.update(tail)
     model.train()
     return total, scored
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """-log p(target) at each position (B, T) from logits (B, T, V), `chunk` positions at a time: the log-softmax
+    of every position at once would take as much memory again as the logits (with a large vocabulary, hundreds of
+    MB a window)."""
+    return torch.cat([torch.nn.functional.cross_entropy(logits[:, start : start + chunk].float().transpose(1, 2),
+                                                        targets[:, start : start + chunk], reduction="none")
+                      for start in range(0, targets.size(1), chunk)], dim=1)
 
 
 def text_metrics(model, tokens, text: str, context_length: int, batch_size: int, device, stride=None,
@@ -175,6 +184,17 @@ def wikitext_texts(tokenizer, splits, max_tokens: int | None) -> dict:
     return texts
 
 
+def other_model(hf: str | None, gguf: str | None, device):
+    """A Llama someone else trained (--hf folder or hub name, --gguf file) in our model, and its own tokenizer."""
+    if gguf:
+        from llm.gguf_file import load_gguf
+
+        return load_gguf(gguf, device=device)
+    from llm.hf import load_hf_model
+
+    return load_hf_model(hf, device)
+
+
 def first_tokens(text: str, encode, max_tokens: int) -> tuple[np.ndarray, str]:
     """(tokens, text) of the beginning of `text` that --max-tokens scores."""
     cut, ids = beginning(text, encode, max_tokens)
@@ -226,12 +246,16 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="runs/llm/best.pt", help="checkpoint written by llm/train.py")
-    parser.add_argument("--hf", default=None, metavar="PATH_OR_NAME",
-                        help="score a Hugging Face Llama (local folder or hub name) on WikiText-2 instead, "
-                             "tokenized by its own tokenizer")
+    other = parser.add_mutually_exclusive_group()
+    other.add_argument("--hf", default=None, metavar="PATH_OR_NAME",
+                       help="score a Hugging Face Llama (local folder or hub name) on WikiText-2 instead, "
+                            "tokenized by its own tokenizer")
+    other.add_argument("--gguf", default=None, metavar="PATH",
+                       help="score a Llama GGUF file (llama.cpp's format, weights dequantized) on WikiText-2 instead, "
+                            "tokenized by its own tokenizer")
     parser.add_argument("--split", choices=sorted(SPLIT_CHOICES), default=None,
                         help="which split to score: valid, test or both (default: both for a checkpoint, as in "
-                             "the results table; test for --hf)")
+                             "the results table; test for --hf and --gguf)")
     parser.add_argument("--context-length", type=positive_int, default=None,
                         help="tokens per window (default: the model's own context, at most "
                              + ", ".join(f"{n:,} on {device}" for device, n in LONGEST_DEFAULT_WINDOW.items())
@@ -254,12 +278,10 @@ def main():
     args = build_parser().parse_args()
     try:
         device, facts = pick_device(args.device), {"max_tokens": args.max_tokens}
-        if args.hf:
-            from llm.hf import load_hf_model
-
-            model, tokenizer = load_hf_model(args.hf, device)
+        if args.hf or args.gguf:
+            model, tokenizer = other_model(args.hf, args.gguf, device)
             texts = wikitext_texts(tokenizer, SPLIT_CHOICES[args.split or "test"], args.max_tokens)
-            name = args.hf
+            name = args.hf or args.gguf
         else:
             model, texts, checkpoint = checkpoint_texts(args.checkpoint, device, SPLIT_CHOICES[args.split or "both"],
                                                         args.max_tokens)
