@@ -15,22 +15,23 @@ from pathlib import Path
 
 import torch
 
-from llm.generate import generate, pick_device
+from llm.generate import generate
 from llm.model import KVCache, Llama, LlamaConfig
 from llm.reference_models import REFERENCE_MODELS, ReferenceShape, training_flops_per_token
+from llm.runs import pick_device, positive_int, positive_int_list
 from llm.train import (
     autocast_context,
-    build_parser,
     choose_dtype,
     compiler_problem,
     make_optimizer,
     measure_matmul_peak,
 )
+from llm.train import parse_args as parse_training_args
 
 
-def default_config(attention_impl: str = "torch") -> tuple[LlamaConfig, argparse.Namespace]:
+def default_config(attention_impl: str = "fused") -> tuple[LlamaConfig, argparse.Namespace]:
     """The model shape and optimizer settings of `python llm/train.py` with no flags."""
-    args = build_parser().parse_args([])
+    args = parse_training_args([])
     config = LlamaConfig(vocab_size=args.vocab_size, context_length=args.context_length, n_layers=args.n_layers,
                          n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, d_model=args.d_model,
                          attention_impl=attention_impl)
@@ -238,31 +239,9 @@ def hf_generation_comparison(new_tokens: int, repeats: int, dtype_names) -> dict
     prompt = torch.randint(0, config.vocab_size, (16,)).tolist()
     results = {"new_tokens": new_tokens, "prompt_tokens": len(prompt), "parameters": ours.num_parameters()}
     for dtype_name in dtype_names:
-        dtype = getattr(torch, dtype_name)
-        reference.to(dtype)
-        ours.to(dtype)
-
-        def run_ours(count, stamps):
-            return generate(ours, prompt, count, temperature=0.0,  # noqa: B023 - the same model throughout
-                            on_token=lambda token: stamps.append(time.perf_counter()))
-
-        def run_reference(count, stamps):
-            output = reference.generate(torch.tensor([prompt]), max_new_tokens=count, do_sample=False,
-                                        streamer=TimeStamps(stamps))
-            return output[0, len(prompt):].tolist()
-
-        run_ours(8, []), run_reference(8, [])  # warm-up: first-call allocations and dispatch caches
-        speeds = {"ours": [], "transformers": []}
-        step_speeds = {"ours": [], "transformers": []}  # 1 / the median time between two new tokens
-        tokens = {}
-        for _ in range(repeats):  # alternate, so that a busy moment of the machine hits both alike
-            for name, run in (("ours", run_ours), ("transformers", run_reference)):
-                stamps = []
-                start = time.perf_counter()
-                tokens[name] = run(new_tokens, stamps)
-                speeds[name].append(len(tokens[name]) / (time.perf_counter() - start))
-                steps = sorted(later - earlier for earlier, later in zip(stamps, stamps[1:]))
-                step_speeds[name].append(1 / steps[len(steps) // 2])
+        reference.to(getattr(torch, dtype_name))
+        ours.to(getattr(torch, dtype_name))
+        speeds, step_speeds, tokens = time_both_generations(ours, reference, prompt, new_tokens, repeats)
         ratios = [mine / theirs for mine, theirs in zip(speeds["ours"], speeds["transformers"])]
         step_ratios = [mine / theirs for mine, theirs in zip(step_speeds["ours"], step_speeds["transformers"])]
         agree = next((i for i, (a, b) in enumerate(zip(tokens["ours"], tokens["transformers"])) if a != b),
@@ -273,19 +252,49 @@ def hf_generation_comparison(new_tokens: int, repeats: int, dtype_names) -> dict
                                "ours_step_tokens_per_s": spread(step_speeds["ours"]),
                                "transformers_step_tokens_per_s": spread(step_speeds["transformers"]),
                                "step_ratio": spread(step_ratios)}
-        ours_speed = results[dtype_name]["ours_tokens_per_s"]
-        hf_speed = results[dtype_name]["transformers_tokens_per_s"]
-        print(f"{dtype_name:8s} {new_tokens} new tokens: ours {ours_speed['median']:6.1f} tok/s "
-              f"({ours_speed['min']:.1f}-{ours_speed['max']:.1f}) | transformers {hf_speed['median']:6.1f} tok/s "
-              f"({hf_speed['min']:.1f}-{hf_speed['max']:.1f}) | ratio {results[dtype_name]['ratio']['median']:.2f}x "
-              f"({min(ratios):.2f}-{max(ratios):.2f}) | greedy tokens equal for the first {agree}")
-        ours_step = results[dtype_name]["ours_step_tokens_per_s"]
-        hf_step = results[dtype_name]["transformers_step_tokens_per_s"]
-        print(f"{'':8s} per decoding step (median): ours {ours_step['median']:6.1f} tok/s "
-              f"({ours_step['min']:.1f}-{ours_step['max']:.1f}) | transformers {hf_step['median']:6.1f} tok/s "
-              f"({hf_step['min']:.1f}-{hf_step['max']:.1f}) | ratio {results[dtype_name]['step_ratio']['median']:.2f}x "
-              f"({min(step_ratios):.2f}-{max(step_ratios):.2f})")
+        print_generation_comparison(dtype_name, new_tokens, results[dtype_name])
     return results
+
+
+def time_both_generations(ours, reference, prompt: list, new_tokens: int, repeats: int) -> tuple[dict, dict, dict]:
+    """Tokens/s of whole runs and of single decoding steps (1 / the median time between two new tokens), ours and
+    transformers' alternating, so that a busy moment of the machine hits both alike; and the tokens each made."""
+
+    def run_ours(count, stamps):
+        return generate(ours, prompt, count, temperature=0.0, on_token=lambda token: stamps.append(time.perf_counter()))
+
+    def run_reference(count, stamps):
+        output = reference.generate(torch.tensor([prompt]), max_new_tokens=count, do_sample=False,
+                                    streamer=TimeStamps(stamps))
+        return output[0, len(prompt):].tolist()
+
+    run_ours(8, []), run_reference(8, [])  # warm-up: first-call allocations and dispatch caches
+    speeds, step_speeds, tokens = {"ours": [], "transformers": []}, {"ours": [], "transformers": []}, {}
+    for _ in range(repeats):
+        for name, run in (("ours", run_ours), ("transformers", run_reference)):
+            stamps = []
+            start = time.perf_counter()
+            tokens[name] = run(new_tokens, stamps)
+            speeds[name].append(len(tokens[name]) / (time.perf_counter() - start))
+            steps = sorted(later - earlier for earlier, later in zip(stamps, stamps[1:]))
+            step_speeds[name].append(1 / steps[len(steps) // 2])
+    return speeds, step_speeds, tokens
+
+
+def print_generation_comparison(dtype_name: str, new_tokens: int, result: dict) -> None:
+    """Two lines: whole runs and single decoding steps, ours against transformers, median (range)."""
+    for label, ours_key, theirs_key, ratio_key in (
+        (f"{new_tokens} new tokens:", "ours_tokens_per_s", "transformers_tokens_per_s", "ratio"),
+        ("per decoding step (median):", "ours_step_tokens_per_s", "transformers_step_tokens_per_s", "step_ratio"),
+    ):
+        ours, theirs, ratio = result[ours_key], result[theirs_key], result[ratio_key]
+        line = (f"{dtype_name if ratio_key == 'ratio' else '':8s} {label} ours {ours['median']:6.1f} tok/s "
+                f"({ours['min']:.1f}-{ours['max']:.1f}) | transformers {theirs['median']:6.1f} tok/s "
+                f"({theirs['min']:.1f}-{theirs['max']:.1f}) | ratio {ratio['median']:.2f}x "
+                f"({ratio['min']:.2f}-{ratio['max']:.2f})")
+        if ratio_key == "ratio":
+            line += f" | greedy tokens equal for the first {result['greedy_tokens_equal_for']}"
+        print(line)
 
 
 def hf_import_cost(folder: Path, dtype_name: str) -> dict:
@@ -328,14 +337,15 @@ def hf_import_comparison(folder: Path, repeats: int) -> dict:
     return results
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--train-steps", type=int, default=5, help="timed optimizer steps per way and round")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--train-steps", type=positive_int, default=5, help="timed optimizer steps per way and round")
+    parser.add_argument("--rounds", type=positive_int, default=3,
                         help="rounds of timing, training and generation alike (ratios: median and range)")
     parser.add_argument("--skip-compile", action="store_true", help="skip the torch.compile measurements")
-    parser.add_argument("--gen-lengths", default="128,512,1024", help="comma-separated numbers of new tokens")
+    parser.add_argument("--gen-lengths", type=positive_int_list, default=[128, 512, 1024],
+                        help="comma-separated numbers of new tokens (default 128,512,1024)")
     parser.add_argument("--skip-bf16", action="store_true", help="skip the bf16 measurements")
     parser.add_argument("--skip-references", action="store_true",
                         help="skip the comparison with llama2.c's and nanoGPT's models (and our hand-written "
@@ -344,60 +354,42 @@ def main():
     parser.add_argument("--hf-generation", action="store_true",
                         help="instead: our model against transformers at the SmolLM2-135M shape (random weights): "
                              "greedy tokens/s in fp32 and bf16, and the cost of importing such a folder")
-    parser.add_argument("--hf-new-tokens", type=int, default=256, help="--hf-generation: new tokens per run")
-    parser.add_argument("--hf-repeats", type=int, default=3, help="--hf-generation: runs per measurement")
+    parser.add_argument("--hf-new-tokens", type=positive_int, default=256, help="--hf-generation: new tokens per run")
+    parser.add_argument("--hf-repeats", type=positive_int, default=3, help="--hf-generation: runs per measurement")
     parser.add_argument("--hf-out", default="runs/llm/bench_hf.json", help="--hf-generation: the JSON it writes")
-    args = parser.parse_args()
-    if args.hf_generation:
-        results = {"threads": torch.get_num_threads()}
-        print(f"SmolLM2-135M shape, random weights, {torch.get_num_threads()} threads")
-        results["generation"] = hf_generation_comparison(args.hf_new_tokens, args.hf_repeats,
-                                                         ["float32"] + ([] if args.skip_bf16 else ["bfloat16"]))
-        results["import"] = hf_import_comparison(Path(args.hf_out).parent / "smollm2-135m-shape", args.hf_repeats)
-        Path(args.hf_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.hf_out).write_text(json.dumps(results, indent=1))
-        return
-    try:
-        lengths = [int(n) for n in args.gen_lengths.split(",")]
-        if args.train_steps < 1 or args.rounds < 1 or min(lengths) < 1:
-            raise ValueError
-    except ValueError:
-        sys.exit("error: --train-steps and --rounds must be positive and --gen-lengths a list of positive integers")
-    try:
-        device = pick_device(args.device)
-    except ValueError as error:
-        sys.exit(f"error: {error}")
-    config, train_args = default_config()
-    results = {"device": str(device), "threads": torch.get_num_threads(), "config": config.to_dict()}
-    flops_per_token = Llama(config).flops_per_token()
-    print(f"device {device}, {torch.get_num_threads()} threads; default model, {flops_per_token / 1e6:.1f} MFLOP/token")
+    return parser
 
-    precisions = ["float32"]
-    if not args.skip_bf16:
-        choice, reason = choose_dtype(device)  # on a CPU without bf16 units, bf16 is a slow emulation: skipped
-        results["auto_dtype"] = {"choice": choice, "measurement": reason}
-        if choice == "bfloat16" or device.type != "cpu":
-            precisions.append("bfloat16")
-        else:
-            print(f"bf16 skipped: --dtype auto picks {choice} here ({reason})")
-    problem = "" if args.skip_compile else compiler_problem(device.type)
-    if problem:
-        print(f"compiled runs skipped: {problem}")
-    results["compile_problem"] = problem
-    results["training"] = compare_training(config, train_args, device, args.train_steps, args.rounds, precisions,
-                                           compile_too=not (args.skip_compile or problem))
-    results["train_tokens_per_s_float32"] = results["training"]["ways"]["eager_float32"]["tokens_per_s"]["median"]
-    if not args.skip_references:
-        ways = [(name, False) for name in precisions]  # eager and compiled in each precision
-        if not (args.skip_compile or problem):
-            ways += [(name, True) for name in precisions]
-        results["references"] = compare_references(config, train_args, device, args.train_steps, args.rounds, ways)
 
+def bench_hf_generation(args) -> None:
+    """--hf-generation: ours against transformers at the SmolLM2-135M shape, generation and import."""
+    results = {"threads": torch.get_num_threads()}
+    print(f"SmolLM2-135M shape, random weights, {torch.get_num_threads()} threads")
+    results["generation"] = hf_generation_comparison(args.hf_new_tokens, args.hf_repeats,
+                                                     ["float32"] + ([] if args.skip_bf16 else ["bfloat16"]))
+    results["import"] = hf_import_comparison(Path(args.hf_out).parent / "smollm2-135m-shape", args.hf_repeats)
+    Path(args.hf_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.hf_out).write_text(json.dumps(results, indent=1))
+
+
+def precisions_to_time(device, skip_bf16: bool, results: dict) -> list:
+    """fp32, and bf16 where it runs at speed: on a CPU without bf16 units it is a slow emulation, skipped."""
+    if skip_bf16:
+        return ["float32"]
+    choice, reason = choose_dtype(device)
+    results["auto_dtype"] = {"choice": choice, "measurement": reason}
+    if choice == "bfloat16" or device.type != "cpu":
+        return ["float32", "bfloat16"]
+    print(f"bf16 skipped: --dtype auto picks {choice} here ({reason})")
+    return ["float32"]
+
+
+def compare_generation(config, device, lengths: list, rounds: int) -> dict:
+    """Greedy tokens/s with the KV cache and with recomputation, alternating, for each number of new tokens."""
     torch.manual_seed(0)
-    model = Llama(config).to(device).eval()
+    model, results = Llama(config).to(device).eval(), {}
     for new_tokens in lengths:
         cached, recomputed = [], []
-        for _ in range(args.rounds):  # alternate, so that a busy moment of the machine hits both alike
+        for _ in range(rounds):  # alternate, so that a busy moment of the machine hits both alike
             cached.append(generation_throughput(model, new_tokens, True, device))
             recomputed.append(generation_throughput(model, new_tokens, False, device))
         cached, recomputed = spread(cached), spread(recomputed)
@@ -408,6 +400,34 @@ def main():
         print(f"generate {new_tokens:5d} new tokens: KV cache {cached['median']:7.1f} tok/s | recompute "
               f"{recomputed['median']:7.1f} tok/s | speed-up {speedups['median']:5.1f}x "
               f"[{speedups['min']:.1f}-{speedups['max']:.1f}] | cache {cache_bytes / 2**20:.2f} MiB")
+    return results
+
+
+def main():
+    args = build_parser().parse_args()
+    if args.hf_generation:
+        return bench_hf_generation(args)
+    try:
+        device = pick_device(args.device)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    config, train_args = default_config()
+    results = {"device": str(device), "threads": torch.get_num_threads(), "config": config.to_dict()}
+    flops_per_token = Llama(config).flops_per_token()
+    print(f"device {device}, {torch.get_num_threads()} threads; default model, {flops_per_token / 1e6:.1f} MFLOP/token")
+    precisions = precisions_to_time(device, args.skip_bf16, results)
+    problem = "" if args.skip_compile else compiler_problem(device.type)
+    if problem:
+        print(f"compiled runs skipped: {problem}")
+    results["compile_problem"] = problem
+    compile_too = not (args.skip_compile or problem)
+    results["training"] = compare_training(config, train_args, device, args.train_steps, args.rounds, precisions,
+                                           compile_too)
+    results["train_tokens_per_s_float32"] = results["training"]["ways"]["eager_float32"]["tokens_per_s"]["median"]
+    if not args.skip_references:
+        ways = [(name, compiled) for compiled in ([False, True] if compile_too else [False]) for name in precisions]
+        results["references"] = compare_references(config, train_args, device, args.train_steps, args.rounds, ways)
+    results.update(compare_generation(config, device, args.gen_lengths, args.rounds))
     results["peak_memory_mb"] = peak_memory_mb(device)
     print(f"peak memory of this process: {results['peak_memory_mb']:.0f} MiB")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

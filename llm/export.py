@@ -16,8 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from llm.generate import load_model
-from llm.hf import CheckpointError, export_hf
+from llm.checkpoint import load_model, saved_tokenizer
+from llm.hf import export_hf
 
 
 def main():
@@ -31,11 +31,8 @@ def main():
         if out.exists() and not args.overwrite:
             raise ValueError(f"{out} already exists; choose another --out or pass --overwrite")
         model, checkpoint = load_model(args.checkpoint, "cpu")
-        tokenizer_path = Path(checkpoint.get("tokenizer_path", ""))
-        if not tokenizer_path.is_file():
-            raise ValueError(f"the tokenizer {str(tokenizer_path)!r} of this checkpoint is missing; rerun llm/train.py")
-        export_hf(model, tokenizer_path, out)
-    except (ValueError, CheckpointError, OSError) as error:
+        export_hf(model, saved_tokenizer(checkpoint), out)
+    except (ValueError, OSError) as error:  # CheckpointError is a ValueError
         sys.exit(f"error: {error}")
     print(f"wrote {out}: config.json, model.safetensors ({model.num_parameters():,} parameters, float32), "
           f"tokenizer.json, tokenizer.model")

@@ -10,9 +10,18 @@ from pathlib import Path
 
 import torch
 
-from llm.model import KVCache, Llama, LlamaConfig
-from llm.prepare import file_sha256
-from llm.runs import load_checkpoint, non_negative_float, non_negative_int, positive_float, positive_int, seed_int
+from llm.chat_template import IncrementalDecoder
+from llm.checkpoint import check_tokenizer, load_model, saved_tokenizer
+from llm.model import KVCache, Llama
+from llm.runs import (
+    RunError,
+    non_negative_float,
+    non_negative_int,
+    pick_device,
+    positive_float,
+    positive_int,
+    seed_int,
+)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -75,7 +84,7 @@ def generate(
         else:
             feed = tokens[-window:]  # no cache, the prefill, or a full window prefilled again
             if use_cache:
-                cache.length = 0
+                cache.clear()
         logits, _ = model(torch.tensor([feed], dtype=torch.long, device=device), cache=cache)  # (1, len(feed), V)
         last_logits = logits[:, -1, :].float()  # (1, V)
         if return_logits:
@@ -97,64 +106,29 @@ def generate(
     return generated
 
 
-def load_model(checkpoint_path: str, device) -> tuple[Llama, dict]:
-    """Load a checkpoint written by llm/train.py; raise ValueError with a readable reason if it is not one."""
-    path = Path(checkpoint_path)
-    # on the CPU, tensors only; the model moves to the device below
-    checkpoint = load_checkpoint(path, "llm", ("model", "config"))
-    try:
-        model = Llama(LlamaConfig(**checkpoint["config"])).to(device)
-        model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, TypeError, ValueError) as error:
-        raise ValueError(f"checkpoint {path} does not match its config: {str(error).splitlines()[0]}") from None
-    return model, checkpoint
-
-
-def check_tokenizer(checkpoint: dict, tokenizer_path, checkpoint_path) -> None:
-    """Refuse, in one line (ValueError), a tokenizer other than the one the checkpoint recorded (by sha256)."""
-    recorded = checkpoint.get("tokenizer_sha256")
-    if recorded and file_sha256(Path(tokenizer_path)) != recorded:
-        raise ValueError(f"the tokenizer {tokenizer_path} is not the one {checkpoint_path} was trained with "
-                         f"(its sha256 differs: the text or the vocabulary changed since); refusing to score or "
-                         f"generate with ids that mean other pieces")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device (use auto, cpu, cuda or mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available here")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"--device {name}: MPS is not available here")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {name!r}: use auto, cpu, cuda or mps")
-    return device
-
-
 class StreamPrinter:
-    """Print tokens as they arrive: decode everything so far and write only the new characters."""
+    """Print tokens as they arrive, each character once it is whole (IncrementalDecoder, llm/chat_template.py)."""
 
     def __init__(self, processor, prompt_ids):
-        self.processor, self.ids = processor, list(prompt_ids)
-        self.printed = len(processor.decode(self.ids))
+        self.decoder = IncrementalDecoder(processor, prompt_ids)
 
     def __call__(self, token_id: int):
-        self.ids.append(token_id)
-        text = self.processor.decode(self.ids)
-        sys.stdout.write(text[self.printed :])
+        sys.stdout.write(self.decoder.push(token_id))
         sys.stdout.flush()
-        self.printed = len(text)
+
+    def finish(self):
+        sys.stdout.write(self.decoder.flush())
 
 
-def main():
+def nucleus_mass(text: str) -> float:
+    """--top-p: a number in (0, 1]."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in (0, 1]")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="runs/llm/best.pt", help="checkpoint written by llm/train.py")
     parser.add_argument("--hf", default=None, metavar="PATH_OR_NAME",
@@ -165,58 +139,64 @@ def main():
     parser.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 = greedy; higher = more random")
     parser.add_argument("--top-k", type=non_negative_int, default=0,
                         help="sample only among the k most likely tokens (0 = all)")
-    parser.add_argument("--top-p", type=positive_float, default=0.95,
+    parser.add_argument("--top-p", type=nucleus_mass, default=0.95,
                         help="nucleus sampling: smallest set with this mass, in (0, 1]")
     parser.add_argument("--num-samples", type=positive_int, default=1, help="how many continuations to print")
     parser.add_argument("--seed", type=seed_int, default=1337, help="random seed of the sampler")
     parser.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix each step")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    args = parser.parse_args()
-    try:
-        if args.temperature < 0:
-            raise ValueError("--temperature must be >= 0")
-        if not 0 < args.top_p <= 1:
-            raise ValueError("--top-p must lie in (0, 1]")
-        if args.max_new_tokens < 1 or args.num_samples < 1 or args.top_k < 0:
-            raise ValueError("--max-new-tokens and --num-samples must be positive, --top-k >= 0")
-        if args.prompt_file:
-            try:
-                prompt = Path(args.prompt_file).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as error:
-                raise ValueError(f"cannot read prompt file {args.prompt_file}: {error}") from None
-        else:
-            prompt = args.prompt if args.prompt is not None else " = The history of"
-        if not prompt.strip():
-            raise ValueError("the prompt is empty")
-        device = pick_device(args.device)
-        if args.hf:
-            from llm.hf import describe, load_hf_model
+    return parser
 
-            model, processor = load_hf_model(args.hf, device)
-            print(f"{args.hf}: {describe(model)}", file=sys.stderr)
-        else:
-            model, checkpoint = load_model(args.checkpoint, device)
-            tokenizer_path = checkpoint.get("tokenizer_path", "")
-            if not Path(tokenizer_path).is_file():
-                raise ValueError(f"the tokenizer {tokenizer_path!r} of this checkpoint is missing; rerun llm/train.py")
-            check_tokenizer(checkpoint, tokenizer_path, args.checkpoint)
+
+def read_prompt(args) -> str:
+    """--prompt-file, else --prompt, else a WikiText-style heading; an empty prompt is refused."""
+    if args.prompt_file:
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise RunError(f"cannot read prompt file {args.prompt_file}: {error}") from None
+    else:
+        prompt = args.prompt if args.prompt is not None else " = The history of"
+    if not prompt.strip():
+        raise RunError("the prompt is empty")
+    return prompt.rstrip("\n")
+
+
+def model_and_tokenizer(args, device):
+    """The model to sample from and its tokenizer: a Hugging Face folder (--hf) or one of our checkpoints."""
+    if args.hf:
+        from llm.hf import describe, load_hf_model
+
+        model, tokenizer = load_hf_model(args.hf, device)
+        print(f"{args.hf}: {describe(model)}", file=sys.stderr)
+        return model, tokenizer
+    import sentencepiece as spm
+
+    model, checkpoint = load_model(args.checkpoint, device)
+    tokenizer_path = saved_tokenizer(checkpoint)
+    check_tokenizer(checkpoint, tokenizer_path, args.checkpoint)
+    return model, spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+
+
+def main():
+    args = build_parser().parse_args()
+    try:
+        prompt = read_prompt(args)
+        model, tokenizer = model_and_tokenizer(args, pick_device(args.device))
     except ValueError as error:
         sys.exit(f"error: {error}")
-    if not args.hf:
-        import sentencepiece as spm
-
-        processor = spm.SentencePieceProcessor(model_file=tokenizer_path)
-    prompt_ids = processor.encode(prompt.rstrip("\n"))
+    prompt_ids = tokenizer.encode(prompt)
     generator = torch.Generator().manual_seed(args.seed)
     for sample in range(args.num_samples):
         print(f"--- sample {sample + 1} ---", flush=True)
-        sys.stdout.write(prompt.rstrip("\n"))
+        sys.stdout.write(prompt)
+        printer = StreamPrinter(tokenizer, prompt_ids)
         generate(
             model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-            use_cache=not args.no_kv_cache, eos_id=processor.eos_id(), generator=generator,
-            on_token=StreamPrinter(processor, prompt_ids),
+            use_cache=not args.no_kv_cache, eos_id=tokenizer.eos_id(), generator=generator, on_token=printer,
             notice=print_notice if sample == 0 else (lambda message: None),  # a shortened prompt is said once
         )
+        printer.finish()
         print()
 
 

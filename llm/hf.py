@@ -6,7 +6,7 @@ A Hugging Face Llama folder holds config.json (the shape), model.safetensors (or
 shards listed in model.safetensors.index.json) and the tokenizer (tokenizer.json, or a SentencePiece
 tokenizer.model). Its tensors map one to one onto ours, except that we keep the query/key/value projections in one
 matrix (rows [W_q; W_k; W_v]) and the SwiGLU gate/up projections in one matrix (rows [W_gate; W_up]): importing
-concatenates them, exporting splits them. The table of names is HF_NAMES below (and in llm/README.md).
+concatenates them, exporting splits them. Both read the one table of names, HF_NAMES below (and in llm/README.md).
 
 Rotary pairing: we rotate the pairs (x_i, x_{i+d/2}) (the two halves of a head), as Hugging Face does. Meta's
 original checkpoints and llama2.c rotate neighbours (x_{2i}, x_{2i+1}); their query/key rows need the permutation
@@ -18,34 +18,31 @@ import os
 import re
 import shutil
 import tempfile
-import unittest.mock
 from pathlib import Path
 
 import torch
 
 from llm.model import Llama, LlamaConfig
+from llm.runs import CheckpointError
 
-# Hugging Face name -> our name, per layer N. The two fused matrices take their rows in the order listed.
+# Our tensor -> the Hugging Face tensors it holds, per layer N: the one table of names, read by import and export.
+# Two of ours fuse several of theirs, one block of rows after another in the order listed.
 HF_NAMES = {
-    "model.embed_tokens.weight": "embedding.weight",
-    "model.layers.N.input_layernorm.weight": "blocks.N.attention_norm.weight",
-    "model.layers.N.self_attn.q_proj.weight": "blocks.N.attention.qkv_proj.weight (first rows)",
-    "model.layers.N.self_attn.k_proj.weight": "blocks.N.attention.qkv_proj.weight (middle rows)",
-    "model.layers.N.self_attn.v_proj.weight": "blocks.N.attention.qkv_proj.weight (last rows)",
-    "model.layers.N.self_attn.o_proj.weight": "blocks.N.attention.out_proj.weight",
-    "model.layers.N.post_attention_layernorm.weight": "blocks.N.ffn_norm.weight",
-    "model.layers.N.mlp.gate_proj.weight": "blocks.N.ffn.gate_up_proj.weight (first half of the rows)",
-    "model.layers.N.mlp.up_proj.weight": "blocks.N.ffn.gate_up_proj.weight (second half of the rows)",
-    "model.layers.N.mlp.down_proj.weight": "blocks.N.ffn.down_proj.weight",
-    "model.norm.weight": "final_norm.weight",
-    "lm_head.weight": "output_proj.weight (untied models only; tied ones reuse embed_tokens)",
+    "embedding.weight": ["model.embed_tokens.weight"],
+    "blocks.N.attention_norm.weight": ["model.layers.N.input_layernorm.weight"],
+    "blocks.N.attention.qkv_proj.weight": ["model.layers.N.self_attn.q_proj.weight",  # [W_q; W_k; W_v]
+                                           "model.layers.N.self_attn.k_proj.weight",
+                                           "model.layers.N.self_attn.v_proj.weight"],
+    "blocks.N.attention.out_proj.weight": ["model.layers.N.self_attn.o_proj.weight"],
+    "blocks.N.ffn_norm.weight": ["model.layers.N.post_attention_layernorm.weight"],
+    "blocks.N.ffn.gate_up_proj.weight": ["model.layers.N.mlp.gate_proj.weight",  # [W_gate; W_up]
+                                         "model.layers.N.mlp.up_proj.weight"],
+    "blocks.N.ffn.down_proj.weight": ["model.layers.N.mlp.down_proj.weight"],
+    "final_norm.weight": ["model.norm.weight"],
+    "output_proj.weight": ["lm_head.weight"],  # untied models only: tied ones reuse embed_tokens
 }
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # owner/name as on huggingface.co (or a bare legacy name)
 DOWNLOADED_FILES = ["*.json", "*.safetensors", "tokenizer.model"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint we cannot read or do not support; printed as one line."""
 
 
 # ---------------------------------------------------------------------------------------------- configuration
@@ -80,7 +77,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> LlamaConfig:
     return LlamaConfig(
         vocab_size=hf["vocab_size"], context_length=hf.get("max_position_embeddings", 2048),
         n_layers=hf["num_hidden_layers"], n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        d_model=d_model, ffn_hidden_size=hf["intermediate_size"],
+        d_model=d_model, ffn_hidden=hf["intermediate_size"],
         rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         **scaling,
@@ -115,45 +112,41 @@ def hf_config_from_ours(config: LlamaConfig, eos_id: int | None, bos_id: int | N
 # ------------------------------------------------------------------------------------------------------ weights
 
 
+def layer_names(config: LlamaConfig) -> list[tuple[str, list[str]]]:
+    """HF_NAMES written out for every layer of this model: (our name, [their names]); no lm_head when tied."""
+    pairs = []
+    for ours, theirs in HF_NAMES.items():
+        if ours == "output_proj.weight" and config.tie_embeddings:
+            continue
+        for n in range(config.n_layers) if ".N." in ours else [None]:
+            number = f".{n}."
+            pairs.append((ours.replace(".N.", number), [name.replace(".N.", number) for name in theirs]))
+    return pairs
+
+
+def fused_rows(config: LlamaConfig, names: list[str]) -> list[int]:
+    """The rows each of these Hugging Face matrices takes inside our fused one (q, k, v or gate, up)."""
+    query, key_value = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    rows = {"q_proj": query, "k_proj": key_value, "v_proj": key_value, "gate_proj": config.ffn_hidden,
+            "up_proj": config.ffn_hidden}
+    return [rows[name.split(".")[-2]] for name in names]
+
+
 def ours_from_hf_tensors(get, config: LlamaConfig, dtype=torch.float32) -> dict:
     """Our state dict from Hugging Face tensors; get(name) returns one tensor (read lazily, one at a time)."""
-    state = {"embedding.weight": get("model.embed_tokens.weight").to(dtype),
-             "final_norm.weight": get("model.norm.weight").to(dtype)}
-    if not config.tie_embeddings:
-        state["output_proj.weight"] = get("lm_head.weight").to(dtype)
-    for n in range(config.n_layers):
-        hf, ours = f"model.layers.{n}.", f"blocks.{n}."
-        state[ours + "attention_norm.weight"] = get(hf + "input_layernorm.weight").to(dtype)
-        state[ours + "attention.qkv_proj.weight"] = torch.cat(
-            [get(hf + f"self_attn.{name}_proj.weight").to(dtype) for name in ("q", "k", "v")])  # (H+2Hkv)*hd rows
-        state[ours + "attention.out_proj.weight"] = get(hf + "self_attn.o_proj.weight").to(dtype)
-        state[ours + "ffn_norm.weight"] = get(hf + "post_attention_layernorm.weight").to(dtype)
-        state[ours + "ffn.gate_up_proj.weight"] = torch.cat(
-            [get(hf + "mlp.gate_proj.weight").to(dtype), get(hf + "mlp.up_proj.weight").to(dtype)])  # 2*ffn rows
-        state[ours + "ffn.down_proj.weight"] = get(hf + "mlp.down_proj.weight").to(dtype)
+    state = {}
+    for ours, theirs in layer_names(config):
+        parts = [get(name).to(dtype) for name in theirs]
+        state[ours] = parts[0] if len(parts) == 1 else torch.cat(parts)  # fused: their rows one block after another
     return state
 
 
 def hf_tensors_from_ours(model: Llama) -> dict:
     """Hugging Face names -> tensors (contiguous copies) of our model; the inverse of ours_from_hf_tensors."""
-    config, state = model.config, model.state_dict()
-    tensors = {"model.embed_tokens.weight": state["embedding.weight"], "model.norm.weight": state["final_norm.weight"]}
-    if not config.tie_embeddings:
-        tensors["lm_head.weight"] = state["output_proj.weight"]
-    query_rows, key_rows, value_rows = model.blocks[0].attention.qkv_sizes
-    for n in range(config.n_layers):
-        hf, ours = f"model.layers.{n}.", f"blocks.{n}."
-        query, key, value = state[ours + "attention.qkv_proj.weight"].split([query_rows, key_rows, value_rows])
-        gate, up = state[ours + "ffn.gate_up_proj.weight"].chunk(2)
-        tensors.update({
-            hf + "input_layernorm.weight": state[ours + "attention_norm.weight"],
-            hf + "self_attn.q_proj.weight": query, hf + "self_attn.k_proj.weight": key,
-            hf + "self_attn.v_proj.weight": value,
-            hf + "self_attn.o_proj.weight": state[ours + "attention.out_proj.weight"],
-            hf + "post_attention_layernorm.weight": state[ours + "ffn_norm.weight"],
-            hf + "mlp.gate_proj.weight": gate, hf + "mlp.up_proj.weight": up,
-            hf + "mlp.down_proj.weight": state[ours + "ffn.down_proj.weight"],
-        })
+    config, state, tensors = model.config, model.state_dict(), {}
+    for ours, theirs in layer_names(config):
+        parts = state[ours].split(fused_rows(config, theirs)) if len(theirs) > 1 else [state[ours]]
+        tensors.update(zip(theirs, parts))
     return {name: tensor.detach().cpu().contiguous().clone() for name, tensor in tensors.items()}
 
 
@@ -172,14 +165,21 @@ def halves_to_neighbour_pairs(weight: torch.Tensor, n_heads: int) -> torch.Tenso
     return weight.view(n_heads, 2, head_dim // 2, columns).transpose(1, 2).reshape(rows, columns)
 
 
-def model_from_state(config: LlamaConfig, state: dict, source: str) -> Llama:
-    """Build the model without initialising weights (on the meta device) and move the given tensors in.
+class ImportedLlama(Llama):
+    """Our Llama, built to receive weights read from a file: no random initialisation.
 
-    Random initialisation would be thrown away at once; on the meta device normal_ would also load torch's slow
-    Python reference kernels (seconds), so it is switched off while the empty model is built.
+    It would be thrown away at once, and on the meta device (where the empty model is built) normal_ also loads
+    torch's slow Python reference kernels (a second or more).
     """
-    with torch.device("meta"), unittest.mock.patch("torch.nn.init.normal_", lambda tensor, *args, **kwargs: tensor):
-        model = Llama(config)
+
+    def _init_weights(self, module):
+        pass
+
+
+def model_from_state(config: LlamaConfig, state: dict, source: str) -> Llama:
+    """Build the model without weights (on the meta device, no memory) and move the given tensors in."""
+    with torch.device("meta"):
+        model = ImportedLlama(config)
     try:
         model.load_state_dict(state, assign=True)
     except RuntimeError as error:
@@ -263,7 +263,8 @@ def resolve_checkpoint(name_or_path: str) -> Path:
 
 
 class HFTokenizer:
-    """A checkpoint's own tokenizer with the calls generate.py makes: encode, decode, eos_id.
+    """A checkpoint's own tokenizer with the calls generate.py makes (encode, decode, eos_id) and those a chat
+    makes: apply_chat_template(messages), stop_ids (ids that end an assistant turn), chat_template, vocab_size.
 
     tokenizer.json is read with `tokenizers` (its post-processor adds the beginning-of-sequence token where the
     model expects one); a folder with only a SentencePiece tokenizer.model is read with `sentencepiece`.
@@ -287,6 +288,14 @@ class HFTokenizer:
         else:
             raise CheckpointError(f"{folder}: no tokenizer.json or tokenizer.model")
         self.eos = self.find_eos(folder, settings)
+        self.vocab_size = (self.sentencepiece.get_piece_size() if self.sentencepiece is not None
+                           else self.tokenizer.get_vocab_size())
+        self.special_tokens = {name: token.get("content") if isinstance(token, dict) else token
+                               for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+                               if (token := settings.get(name))}
+        self.chat_template = find_chat_template(folder, settings)
+        self.stop_ids = self.find_stop_ids(folder)
+        self.stop_strings = ()
 
     def find_eos(self, folder: Path, settings: dict) -> int | None:
         """The end-of-sequence id: generation_config.json, else config.json, else the tokenizer's eos_token."""
@@ -314,6 +323,31 @@ class HFTokenizer:
 
     def eos_id(self) -> int | None:
         return self.eos
+
+    def find_stop_ids(self, folder: Path) -> tuple[int, ...]:
+        """Every end-of-sequence id generation_config.json lists (an instruct model often has several), the
+        tokenizer's own, and the end-of-turn markers of the common chat formats where the vocabulary has them."""
+        listed = read_json(folder / "generation_config.json").get("eos_token_id")
+        ids = [*(listed if isinstance(listed, list) else [listed]), self.eos]
+        if self.sentencepiece is None:
+            ids += [self.tokenizer.token_to_id(marker) for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>")]
+        return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation written in the checkpoint's own chat template (see llm/chat_template.py)."""
+        from llm.chat_template import render_chat_template
+
+        return render_chat_template(self.chat_template, messages, add_generation_prompt, **self.special_tokens)
+
+
+def find_chat_template(folder: Path, settings: dict) -> str | None:
+    """chat_template.jinja (transformers writes it there since 4.43), else tokenizer_config.json's chat_template."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    template = settings.get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((item.get("template") for item in template if item.get("name") == "default"), None)
+    return template or None
 
 
 def read_json(path: Path) -> dict:
@@ -422,6 +456,22 @@ def write_json(path: Path, value: dict):
 # -------------------------------------------------------------------------------- Meta's original checkpoints
 
 
+# Meta's original layout names the same tensors otherwise (Hugging Face name -> Meta's, per layer N).
+META_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.N.input_layernorm.weight": "layers.N.attention_norm.weight",
+    "model.layers.N.post_attention_layernorm.weight": "layers.N.ffn_norm.weight",
+    "model.layers.N.self_attn.q_proj.weight": "layers.N.attention.wq.weight",
+    "model.layers.N.self_attn.k_proj.weight": "layers.N.attention.wk.weight",
+    "model.layers.N.self_attn.v_proj.weight": "layers.N.attention.wv.weight",
+    "model.layers.N.self_attn.o_proj.weight": "layers.N.attention.wo.weight",
+    "model.layers.N.mlp.gate_proj.weight": "layers.N.feed_forward.w1.weight",
+    "model.layers.N.mlp.up_proj.weight": "layers.N.feed_forward.w3.weight",
+    "model.layers.N.mlp.down_proj.weight": "layers.N.feed_forward.w2.weight",
+}
+
+
 def load_meta_checkpoint(folder, context_length: int = 4096, dtype=torch.float32) -> Llama:
     """A checkpoint in Meta's original layout (params.json + consolidated.00.pth), whose RoPE rotates neighbours.
 
@@ -443,29 +493,20 @@ def load_meta_checkpoint(folder, context_length: int = 4096, dtype=torch.float32
     config = LlamaConfig(
         vocab_size=weights["tok_embeddings.weight"].shape[0], context_length=context_length,
         n_layers=params["n_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads, d_model=params["dim"],
-        ffn_hidden_size=weights["layers.0.feed_forward.w1.weight"].shape[0],
+        ffn_hidden=weights["layers.0.feed_forward.w1.weight"].shape[0],
         rope_theta=float(params.get("rope_theta", 10000.0)), norm_eps=float(params.get("norm_eps", 1e-5)),
         tie_embeddings="output.weight" not in weights, **scaling,
     )
-    meta_names = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-                  "lm_head.weight": "output.weight"}
-    layer_names = {"input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
-                   "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-                   "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-                   "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
-                   "mlp.down_proj": "feed_forward.w2"}
 
-    def get(name: str) -> torch.Tensor:
-        if name in meta_names:
-            return weights[meta_names[name]]
-        layer, rest = name.removeprefix("model.layers.").split(".", 1)
-        module = rest.removesuffix(".weight")
-        tensor = weights[f"layers.{layer}.{layer_names[module]}.weight"]
-        if module == "self_attn.q_proj":
-            return neighbour_pairs_to_halves(tensor, n_heads)
-        if module == "self_attn.k_proj":
-            return neighbour_pairs_to_halves(tensor, n_kv_heads)
-        return tensor
+    def get(name: str) -> torch.Tensor:  # a Hugging Face name -> Meta's tensor, query/key rows permuted
+        layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)  # (number, the rest of the name)
+        if layer is None:
+            meta = META_NAMES[name]
+        else:
+            meta = META_NAMES["model.layers.N." + layer[2]].replace(".N.", f".{layer[1]}.")
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            return neighbour_pairs_to_halves(weights[meta], n_heads if "q_proj" in name else n_kv_heads)
+        return weights[meta]
 
     return model_from_state(config, ours_from_hf_tensors(get, config, dtype), str(folder))
 

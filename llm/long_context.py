@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from llm.generate import check_tokenizer, load_model, pick_device
+from llm.checkpoint import check_tokenizer, load_model
 from llm.model import Llama, LlamaConfig
 from llm.prepare import PrepareError, prepare, read_token_file, saved_hf_source
+from llm.runs import pick_device
 
 BAND = 16  # positions averaged together in the figure and in the order check
 METHODS = ("none", "interpolation", "ntk")
@@ -35,7 +37,8 @@ def loss_by_position(model: Llama, tokens: np.ndarray, length: int, max_windows:
     count = (len(tokens) - 1) // length
     count = min(count, max_windows) if max_windows else count
     losses = []
-    for first in range(0, count, batch_size):
+    for first in tqdm(range(0, count, batch_size), desc=f"windows of {length}", unit="batch", file=sys.stderr,
+                      dynamic_ncols=True, leave=False):
         rows = [np.asarray(tokens[i * length : i * length + length + 1], dtype=np.int64)
                 for i in range(first, min(count, first + batch_size))]
         block = torch.from_numpy(np.stack(rows)).to(device)  # (B, L+1)

@@ -29,10 +29,10 @@ class LlamaConfig:
     rope_high_frequency_factor: float = 4.0  # llama3: pairs faster than original_context / this keep their speed
     rope_original_context: int = 8192  # llama3: the context length the model was first trained at
     norm_eps: float = 1e-5  # the epsilon of every RMSNorm (Eq. 1)
-    ffn_hidden_size: int = 0  # the SwiGLU hidden size; 0 = derived from d_model (see ffn_hidden)
+    ffn_hidden: int = 0  # the SwiGLU hidden size; 0 = 2/3 of 4*d_model, rounded up (set in __post_init__)
     tie_embeddings: bool = True  # logits through the embedding matrix (True) or a separate output projection
     dropout: float = 0.0
-    attention_impl: str = "torch"  # handwritten | torch (fused scaled_dot_product_attention)
+    attention_impl: str = "fused"  # handwritten (the softmax written out) | fused (scaled_dot_product_attention)
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -41,22 +41,18 @@ class LlamaConfig:
             raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
         if (self.d_model // self.n_heads) % 2:
             raise ValueError("the head size d_model / n_heads must be even for rotary embeddings")
-        if self.attention_impl not in ("handwritten", "torch"):
-            raise ValueError(f"attention_impl must be handwritten or torch, not {self.attention_impl!r}")
+        if self.attention_impl not in ("handwritten", "fused"):
+            raise ValueError(f"attention_impl must be handwritten or fused, not {self.attention_impl!r}")
         if self.rope_scaling not in ("none", "interpolation", "ntk", "llama3"):
             raise ValueError(f"rope_scaling must be none, interpolation, ntk or llama3, not {self.rope_scaling!r}")
+        if not self.ffn_hidden:  # an imported checkpoint brings its own width
+            # SwiGLU's 3 matrices at 2/3 of 4*d_model cost what a 4*d_model MLP's 2 do; rounded up to a multiple
+            hidden = int(2 * 4 * self.d_model / 3)
+            self.ffn_hidden = self.ffn_multiple_of * math.ceil(hidden / self.ffn_multiple_of)
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
-
-    @property
-    def ffn_hidden(self) -> int:
-        """SwiGLU hidden size: 2/3 of 4*d_model (so its 3 matrices cost what a 4*d_model MLP's 2 do), rounded up."""
-        if self.ffn_hidden_size:  # an imported checkpoint brings its own
-            return self.ffn_hidden_size
-        hidden = int(2 * 4 * self.d_model / 3)
-        return self.ffn_multiple_of * math.ceil(hidden / self.ffn_multiple_of)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,13 +138,17 @@ def fused_causal_attention(query, key, value, query_start: int = 0) -> torch.Ten
 
 
 class KVCache:
-    """Keys and values of every layer for positions generated so far, sized for n_kv_heads (not n_heads)."""
+    """Keys and values of every layer for positions generated so far, sized for n_kv_heads (not n_heads).
+
+    The cache keeps its own length: each layer writes the same new positions, and once the last layer has written
+    them the length moves past them.
+    """
 
     def __init__(self, config: LlamaConfig, batch_size: int, max_length: int, device, dtype=torch.float32):
         shape = (config.n_layers, batch_size, config.n_kv_heads, max_length, config.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled so far
+        self.length = 0  # positions filled so far (by every layer)
         self.max_length = max_length
 
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor):
@@ -156,7 +156,14 @@ class KVCache:
         end = self.length + key.size(2)
         self.keys[layer, :, :, self.length : end] = key
         self.values[layer, :, :, self.length : end] = value
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        keys, values = self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        if layer == self.keys.size(0) - 1:  # the last layer: the new positions are complete
+            self.length = end
+        return keys, values
+
+    def clear(self):
+        """Forget every position (the next forward pass fills the cache from position 0 again)."""
+        self.length = 0
 
     def num_bytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() * 2
@@ -176,7 +183,7 @@ class Attention(nn.Module):
         self.out_proj.is_residual_output = True
         self.attend = handwritten_causal_attention if config.attention_impl == "handwritten" else fused_causal_attention
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, start: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, start: int = 0, attention_mask=None):
         batch, length, _ = x.shape  # (B, T, d_model)
         query, key, value = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)  # (B, T, H*hd), (B, T, Hkv*hd) twice
         query = query.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
@@ -186,17 +193,20 @@ class Attention(nn.Module):
         if cache is not None:
             key, value = cache.update(layer, key, value)  # each (B, Hkv, start+T, hd)
         group = self.n_heads // self.n_kv_heads
-        if length == 1 and cache is not None and self.attend is fused_causal_attention:
-            # generating: the one new position may see every cached key, so no mask is needed, and each key/value
+        if length == 1 and cache is not None and (self.attend is fused_causal_attention or attention_mask is not None):
+            # generating: the one new position may see every cached key (of its row: attention_mask), and each key/value
             # head can take its `group` query heads as if they were query positions: the cache is read in place
             grouped = query.reshape(batch, self.n_kv_heads, group, self.head_dim)  # (B, Hkv, group, hd)
-            attended = F.scaled_dot_product_attention(grouped, key, value)  # (B, Hkv, group, hd)
+            attended = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask)  # (B,Hkv,group,hd)
             attended = attended.reshape(batch, self.n_heads, 1, self.head_dim)  # (B, H, 1, hd)
             return self.out_proj(attended.transpose(1, 2).reshape(batch, 1, -1))  # (B, 1, d_model)
         if group > 1:  # each key/value head serves `group` query heads
             key = key.repeat_interleave(group, dim=1)  # (B, H, Tk, hd)
             value = value.repeat_interleave(group, dim=1)
-        attended = self.attend(query, key, value, start)  # (B, H, T, hd)
+        if attention_mask is not None:  # rows of different lengths: each query sees the keys its mask allows
+            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)  # (B, H, T, hd)
+        else:
+            attended = self.attend(query, key, value, start)  # (B, H, T, hd)
         return self.out_proj(attended.transpose(1, 2).reshape(batch, length, -1))  # (B, T, d_model)
 
 
@@ -225,8 +235,8 @@ class Block(nn.Module):
         self.ffn = SwiGLU(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, start=0):
-        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache, layer, start))
+    def forward(self, x, cos, sin, cache=None, layer=0, start=0, attention_mask=None):
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache, layer, start, attention_mask))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))  # (B, T, d_model)
 
 
@@ -271,19 +281,26 @@ class Llama(nn.Module):
         length = context_length or self.config.context_length
         return 6 * self.num_parameters() + 12 * self.config.n_layers * self.config.d_model * length
 
-    def forward(self, tokens, targets=None, cache: KVCache | None = None):
-        """tokens (B, T) -> logits (B, T, vocab); with targets also the mean cross-entropy."""
-        start = cache.length if cache is not None else 0
+    def forward(self, tokens, targets=None, cache: KVCache | None = None, positions=None, attention_mask=None):
+        """tokens (B, T) -> logits (B, T, vocab); with targets also the mean cross-entropy.
+
+        Rows at different lengths (a server decoding several conversations in one batch) pass positions (B, T),
+        each token's own position, and attention_mask (B, 1, T, Tk), True where a token may see a key; their cache
+        (llm/batching.py) keeps each row's length itself.
+        """
+        start = cache.length if cache is not None and positions is None else 0
         length = tokens.size(1)
-        if start + length > self.rope_cos.size(0):
+        if positions is not None:
+            cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, head_dim/2): each row turned by its own positions
+            sin = self.rope_sin[positions].unsqueeze(1)
+        elif start + length > self.rope_cos.size(0):
             raise ValueError(f"sequence of {start + length} positions exceeds the rope table ({self.rope_cos.size(0)})")
-        cos = self.rope_cos[start : start + length]  # (T, head_dim/2)
-        sin = self.rope_sin[start : start + length]
+        else:
+            cos = self.rope_cos[start : start + length]  # (T, head_dim/2)
+            sin = self.rope_sin[start : start + length]
         x = self.dropout(self.embedding(tokens))  # (B, T, d_model)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, layer, start)
-        if cache is not None:
-            cache.length += length
+            x = block(x, cos, sin, cache, layer, start, attention_mask)  # the last block's write advances the cache
         x = self.final_norm(x)
         output_weight = self.embedding.weight if self.output_proj is None else self.output_proj.weight  # (vocab, d)
         logits = F.linear(x, output_weight)  # (B, T, vocab): x W^T in one call, without a transposed copy

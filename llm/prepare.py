@@ -4,8 +4,9 @@
     python llm/prepare.py pretokenize --vocab-size 4096     # encode train/valid/test into .bin token files
     python llm/prepare.py pretokenize --hf-dataset roneneldan/TinyStories   # any dataset `datasets` can open
 
-Each stage writes a small stamp (JSON) of its inputs beside its output; when a later call finds the same
-stamp, the stage is reused instead of recomputed.
+One pipeline for every corpus: WikiText-2, a text file of your own and a dataset opened through `datasets` differ
+only in where the text comes from (open_corpus). Each stage writes a small stamp (JSON) of its inputs beside its
+output; when a later call finds the same stamp, the stage is reused instead of recomputed.
 """
 
 import argparse
@@ -14,6 +15,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +56,25 @@ class PreparedData:
     token_files: dict  # split -> Path of its .bin file
     text_files: dict  # split -> Path of its raw text (for bytes and words of bits-per-byte / word perplexity)
     vocab_size: int
+
+
+@dataclass
+class Corpus:
+    """A corpus, wherever its text comes from (see open_corpus).
+
+    The raw text of each split lies on disk (the tokenizer learns from the training text; bits per byte and word
+    perplexity divide by the bytes and words of the others), and each split is also a `datasets.Dataset` of
+    documents, which the last stage encodes into a token file.
+    """
+
+    name: str  # the data folder's name: it changes with anything that changes the text
+    text_files: dict  # split -> Path of its raw text
+    fingerprints: dict  # split -> what identifies its documents (a token file is reused while it is unchanged)
+    documents: Callable  # split -> datasets.Dataset whose text_column holds the documents (opened when needed)
+    text_column: str = "text"
+    # appended to every document: STORY_SEPARATOR (end-of-sequence) where each row is a whole document, nothing
+    # where the text marks its own documents (a text file holds one long text, stories separated by STORY_SEPARATOR)
+    document_end: str = ""
 
 
 def file_sha256(path: Path) -> str:
@@ -162,23 +183,33 @@ def split_text_file(text_path: Path, folder: Path) -> dict:
     return paths
 
 
-def corpus_text_files(dataset: str, text_file: str | None, data_root: Path) -> tuple[str, dict]:
-    """Return (corpus name, split -> raw text path) for wikitext-2 or a user's --text-file."""
+def text_corpus(dataset: str, text_file: str | None, data_root: Path) -> Corpus:
+    """WikiText-2 (through the data helper) or a user's --text-file (split 90/5/5 by lines): one long text a split."""
     if text_file:
-        name = "text-" + file_sha256(Path(text_file))[:12] if Path(text_file).is_file() else "text"
         if not Path(text_file).is_file():
             raise PrepareError(f"text file {text_file} does not exist")
-        return name, split_text_file(Path(text_file), data_root / name / "text")
-    if dataset == "wikitext-2":
+        name = "text-" + file_sha256(Path(text_file))[:12]
+        text_files = split_text_file(Path(text_file), data_root / name / "text")
+    elif dataset == "wikitext-2":
         from data import DataError, fetch
 
         try:
             folder = fetch("wikitext-2")
         except DataError as error:
             raise PrepareError(str(error)) from None
-        return dataset, {split: folder / f"{split}.raw" for split in SPLITS}
-    raise PrepareError(f"unknown dataset {dataset!r} (choose wikitext-2 or tinystories, or give --text-file "
-                       "or --hf-dataset)")
+        name, text_files = dataset, {split: folder / f"{split}.raw" for split in SPLITS}
+    else:
+        raise PrepareError(f"unknown dataset {dataset!r} (choose wikitext-2 or tinystories, or give --text-file "
+                           "or --hf-dataset)")
+    fingerprints = {split: "sha256:" + file_sha256(path) for split, path in text_files.items()}
+    return Corpus(name, text_files, fingerprints, documents=lambda split: one_document(text_files[split]))
+
+
+def one_document(text_path: Path):
+    """A split's whole text as a dataset of one row."""
+    import datasets
+
+    return datasets.Dataset.from_dict({"text": [Path(text_path).read_text(encoding="utf-8")]})
 
 
 def stage_is_current(stamp_path: Path, stamp: dict, outputs) -> bool:
@@ -341,27 +372,46 @@ def write_split_texts(splits: dict, source: HFSource, folder: Path) -> dict:
     return paths
 
 
+def dataset_corpus(source: HFSource, data_root: Path, log=print) -> Corpus:
+    """Any text dataset `datasets` opens (--hf-dataset, --dataset tinystories): each row is one document."""
+    log(f"dataset: {source.name} (through datasets)")
+    name = hf_corpus_name(source)
+    splits = open_hf_dataset(source, data_root)
+    text_files = write_split_texts(splits, source, data_root / name / "text")
+    fingerprints = {split: dataset._fingerprint for split, dataset in splits.items()}
+    return Corpus(name, text_files, fingerprints, documents=splits.__getitem__, text_column=source.text_column,
+                  document_end=STORY_SEPARATOR)
+
+
+def open_corpus(dataset: str, text_file: str | None, data_root: Path, hf: HFSource | None = None, log=print):
+    """Where the text comes from: a --text-file, else a dataset through `datasets` (--hf-dataset, tinystories),
+    else WikiText-2."""
+    hf = hf or source_from_args(dataset)
+    if text_file or hf is None:
+        return text_corpus(dataset, text_file, data_root)
+    return dataset_corpus(hf, data_root, log)
+
+
 class DocumentEncoder:
-    """The Dataset.map function: each row (a document) -> its ids followed by end-of-sequence.
+    """The Dataset.map function: each row (a document, with document_end appended) -> its ids.
 
     It holds only the tokenizer's path, so it pickles into the worker processes of num_proc, where each worker
     loads the tokenizer once.
     """
 
-    def __init__(self, tokenizer_path: str):
-        self.tokenizer_path = tokenizer_path
+    def __init__(self, tokenizer_path: str, document_end: str = ""):
+        self.tokenizer_path, self.document_end = tokenizer_path, document_end
         self.processor = None
 
     def __getstate__(self):
-        return {"tokenizer_path": self.tokenizer_path, "processor": None}
+        return {"tokenizer_path": self.tokenizer_path, "document_end": self.document_end, "processor": None}
 
     def __call__(self, texts: list) -> dict:
         if self.processor is None:
             import sentencepiece as spm
 
             self.processor = spm.SentencePieceProcessor(model_file=self.tokenizer_path)
-        eos_id = self.processor.eos_id()
-        return {"ids": [np.append(encode_text(self.processor, text or ""), eos_id).astype(np.int32)
+        return {"ids": [encode_text(self.processor, (text or "") + self.document_end).astype(np.int32)
                         for text in texts]}
 
 
@@ -370,28 +420,27 @@ def map_workers(rows: int) -> int | None:
     return min(os.cpu_count() or 1, 8) if rows >= 50_000 else None
 
 
-def pretokenize_hf(splits: dict, source: HFSource, tokenizer_path: Path, folder: Path, vocab_size: int) -> dict:
-    """Tokenize every split with Dataset.map(batched=True, num_proc=...), then stream the ids into token files.
-
-    map writes its output as Arrow files on disk; TokenFileWriter copies them batch by batch into the token file.
-    Neither step holds the corpus in memory. A split is reused while its fingerprint and the tokenizer match.
-    """
+def pretokenize(corpus: Corpus, tokenizer_path: Path, folder: Path, vocab_size: int) -> dict:
+    """Encode every split into folder/<split>.bin: Dataset.map(batched=True, num_proc=...) writes the ids as Arrow
+    files on disk, and TokenFileWriter copies them batch by batch into the token file, so neither step holds the
+    corpus in memory. A split is reused while its documents and the tokenizer are unchanged."""
     import datasets
 
     token_files = {}
-    for split, dataset in splits.items():
+    for split in corpus.fingerprints:
         token_path = folder / f"{split}.bin"
-        stamp = {"source": vars(source), "fingerprint": dataset._fingerprint,
-                 "tokenizer_sha256": file_sha256(tokenizer_path), "vocab_size": vocab_size}
+        stamp = {"corpus": corpus.name, "documents": corpus.fingerprints[split], "text_column": corpus.text_column,
+                 "document_end": corpus.document_end, "tokenizer_sha256": file_sha256(tokenizer_path),
+                 "vocab_size": vocab_size}
         stamp_path = folder / f"{split}.stamp.json"
         if not stage_is_current(stamp_path, stamp, [token_path]):
             stamp_path.unlink(missing_ok=True)
-            cache_file = folder / f"{split}.ids.arrow"
-            mapped = dataset.map(DocumentEncoder(str(tokenizer_path)), batched=True, input_columns=[source.text_column],
-                                 remove_columns=dataset.column_names, num_proc=map_workers(len(dataset)),
-                                 features=datasets.Features({"ids": datasets.Sequence(datasets.Value("int32"))}),
-                                 cache_file_name=str(cache_file), load_from_cache_file=False,
-                                 desc=f"tokenizing {split}")
+            documents = corpus.documents(split)
+            mapped = documents.map(DocumentEncoder(str(tokenizer_path), corpus.document_end), batched=True,
+                                   input_columns=[corpus.text_column], remove_columns=documents.column_names,
+                                   num_proc=map_workers(len(documents)), desc=f"tokenizing {split}",
+                                   features=datasets.Features({"ids": datasets.Sequence(datasets.Value("int32"))}),
+                                   cache_file_name=str(folder / f"{split}.ids.arrow"), load_from_cache_file=False)
             with TokenFileWriter(token_path, vocab_size) as writer:
                 for batch in mapped.with_format("arrow").iter(batch_size=TOKEN_WRITE_ROWS):
                     writer.write(batch.column("ids").combine_chunks().flatten().to_numpy())
@@ -507,54 +556,25 @@ def encode_text(processor, text: str) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def pretokenize(text_files: dict, tokenizer_path: Path, folder: Path, vocab_size: int) -> dict:
-    """Encode each split once into folder/<split>.bin; reused while tokenizer and text are unchanged."""
-    import sentencepiece as spm
-
-    processor = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
-    token_files = {}
-    for split, text_path in text_files.items():
-        token_path = folder / f"{split}.bin"
-        stamp = {"text_sha256": file_sha256(text_path), "tokenizer_sha256": file_sha256(tokenizer_path)}
-        stamp_path = folder / f"{split}.stamp.json"
-        if not stage_is_current(stamp_path, stamp, [token_path]):
-            stamp_path.unlink(missing_ok=True)
-            text = Path(text_path).read_text(encoding="utf-8")
-            write_token_file(token_path, encode_text(processor, text), vocab_size)
-            write_stamp(stamp_path, stamp, [token_path])
-        token_files[split] = token_path
-    return token_files
-
-
 def prepare(dataset: str, vocab_size: int, data_root: Path, text_file: str | None = None, log=print,
-            hf: HFSource | None = None) -> PreparedData:
+            hf: HFSource | None = None, stop_after: str = "pretokenize") -> PreparedData:
     """Run (or reuse) every stage and return where the tokenizer and token files are.
 
-    `hf` (or --dataset tinystories) reads the corpus through `datasets` instead of the data helper.
+    `hf` (or --dataset tinystories) reads the corpus through `datasets`, `text_file` a user's text, and otherwise
+    WikiText-2; stop_after="tokenizer" leaves the token files alone.
     """
     if vocab_size < 300:
         raise PrepareError(f"--vocab-size must be at least 300 (256 byte tokens + specials), got {vocab_size}")
-    corpus, text_files, encode = corpus_stages(dataset, text_file, Path(data_root), hf, log)
-    folder = Path(data_root) / f"{corpus}-bpe{vocab_size}"
+    corpus = open_corpus(dataset, text_file, Path(data_root), hf, log)
+    folder = Path(data_root) / f"{corpus.name}-bpe{vocab_size}"
     folder.mkdir(parents=True, exist_ok=True)
     log(f"tokenizer: {folder / 'tokenizer.model'}")
-    tokenizer_path = train_tokenizer(text_files["train"], folder / "tokenizer", vocab_size)
-    log(f"token files: {folder}/{{train,valid,test}}.bin")
-    token_files = encode(tokenizer_path, folder, vocab_size)
-    return PreparedData(folder, tokenizer_path, token_files, text_files, vocab_size)
-
-
-def corpus_stages(dataset: str, text_file: str | None, data_root: Path, hf: HFSource | None = None, log=print):
-    """(corpus name, split -> raw text path, the function that writes the token files) for any corpus."""
-    hf = hf or source_from_args(dataset)
-    if hf is None or text_file:
-        corpus, text_files = corpus_text_files(dataset, text_file, data_root)
-        return corpus, text_files, lambda tokenizer, folder, vocab: pretokenize(text_files, tokenizer, folder, vocab)
-    corpus = hf_corpus_name(hf)
-    log(f"dataset: {hf.name} (through datasets)")
-    splits = open_hf_dataset(hf, data_root)
-    text_files = write_split_texts(splits, hf, data_root / corpus / "text")
-    return corpus, text_files, lambda tokenizer, folder, vocab: pretokenize_hf(splits, hf, tokenizer, folder, vocab)
+    tokenizer_path = train_tokenizer(corpus.text_files["train"], folder / "tokenizer", vocab_size)
+    token_files = {}
+    if stop_after == "pretokenize":
+        log(f"token files: {folder}/{{train,valid,test}}.bin")
+        token_files = pretokenize(corpus, tokenizer_path, folder, vocab_size)
+    return PreparedData(folder, tokenizer_path, token_files, corpus.text_files, vocab_size)
 
 
 def main():
@@ -562,26 +582,21 @@ def main():
     parser.add_argument("stage", choices=["tokenizer", "pretokenize"], help="which stage to run (or reuse)")
     parser.add_argument("--dataset", default="wikitext-2", help=f"wikitext-2 or tinystories ({TINYSTORIES})")
     parser.add_argument("--text-file", default=None, help="train on your own UTF-8 text file instead")
-    parser.add_argument("--vocab-size", type=int, default=4096, help="number of BPE tokens")
+    parser.add_argument("--vocab-size", type=int, default=4096, help="number of BPE tokens (at least 300)")
     parser.add_argument("--data-dir", default="runs/llm/data", help="where tokenizers and token files are kept")
     add_hf_dataset_arguments(parser)
     args = parser.parse_args()
     try:
-        if args.vocab_size < 300:
-            raise PrepareError(f"--vocab-size must be at least 300, got {args.vocab_size}")
         hf = source_from_args(args.dataset, args.hf_dataset, args.hf_config, args.hf_split, args.text_column)
-        corpus, text_files, encode = corpus_stages(args.dataset, args.text_file, Path(args.data_dir), hf)
-        folder = Path(args.data_dir) / f"{corpus}-bpe{args.vocab_size}"
-        tokenizer_path = train_tokenizer(text_files["train"], folder / "tokenizer", args.vocab_size)
-        show_tokenizer(tokenizer_path)
-        if args.stage == "pretokenize":
-            token_files = encode(tokenizer_path, folder, args.vocab_size)
-            for split, path in token_files.items():
-                tokens = read_token_file(path)
-                size = Path(text_files[split]).stat().st_size
-                print(f"{split}: {len(tokens):,} tokens ({tokens.dtype}), {size / max(1, len(tokens)):.2f} bytes/token")
+        prepared = prepare(args.dataset, args.vocab_size, Path(args.data_dir), args.text_file, hf=hf,
+                           stop_after=args.stage)
     except PrepareError as error:
         sys.exit(f"error: {error}")
+    show_tokenizer(prepared.tokenizer_path)
+    for split, path in prepared.token_files.items():
+        tokens = read_token_file(path)
+        size = Path(prepared.text_files[split]).stat().st_size
+        print(f"{split}: {len(tokens):,} tokens ({tokens.dtype}), {size / max(1, len(tokens)):.2f} bytes/token")
 
 
 def add_hf_dataset_arguments(parser: argparse.ArgumentParser):

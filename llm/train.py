@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +23,29 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from llm.generate import StreamPrinter, generate, load_model, pick_device
+from llm.checkpoint import (
+    SETTING_LABELS,
+    TRAINING_FIELDS,
+    load_model,
+    restore_training_state,
+    saved_settings,
+    take_saved_settings,
+    training_state,
+)
+from llm.generate import StreamPrinter, generate
 from llm.model import Llama, LlamaConfig
 from llm.prepare import PrepareError, add_hf_dataset_arguments, file_sha256, prepare, read_token_file, source_from_args
 from llm.runs import (
     EXIT_INTERRUPTED,
     CheckpointError,
+    RunError,
     StopFlag,
     check_run_folder,
     fraction,
     load_checkpoint,
     non_negative_float,
     non_negative_int,
+    pick_device,
     positive_float,
     positive_int,
     probability,
@@ -42,6 +54,7 @@ from llm.runs import (
     save_checkpoint,
     seed_int,
     warn_if_threads_changed,
+    write_text_atomically,
 )
 
 # Larger shapes for a GPU (not the default; see the README).
@@ -60,21 +73,9 @@ PRESETS = {
 # --quick: the default model and batch, with the schedule compressed to fewer steps (warmup and cosine decay
 # scaled with it), in a folder of its own so it never meets the default run. A learner's first run.
 QUICK = dict(max_steps=800, warmup_steps=50, eval_every=200, out_dir="runs/llm-quick")
-
-# The settings that define a run: a resume takes them from the saved run, and refuses one given anew with
-# another value (world_size is the process count; corpus names the tokenized training data).
-FIXED_ON_RESUME = (
-    "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "context_length", "rope_theta", "dropout",
-    "attention_impl", "batch_size", "grad_accum", "world_size", "max_steps", "lr", "min_lr_ratio", "warmup_steps",
-    "weight_decay", "beta2", "grad_clip", "eval_every", "eval_batches", "seed", "corpus",
-)
-SETTING_LABELS = {"world_size": "the process count", "corpus": "the training data (--dataset, --text-file)"}
 # The files a training run writes into its --out-dir (--overwrite removes exactly these; the data folder stays).
 RUN_FILES = ("last.pt", "best.pt", "last.pt.tmp", "best.pt.tmp", "metrics.jsonl", "metrics.jsonl.tmp", "loss.png",
              "results.json")
-# Where the data of a run lives: a resume without these flags finds its data where the saved run found it.
-DATA_SETTINGS = ("dataset", "text_file", "data_dir", "hf_dataset", "hf_config", "hf_split", "text_column")
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--context-length", type=positive_int, default=128, help="tokens per training sequence")
     model.add_argument("--rope-theta", type=positive_float, default=10000.0, help="RoPE base")
     model.add_argument("--dropout", type=probability, default=0.0, help="dropout on residual branches")
-    model.add_argument("--attention-impl", default="torch", choices=["handwritten", "torch"],
-                       help="hand-written masked softmax or fused scaled_dot_product_attention")
+    model.add_argument("--attention-impl", default="fused", choices=["handwritten", "fused"],
+                       help="hand-written masked softmax or torch's fused scaled_dot_product_attention")
     train = parser.add_argument_group("training")
     train.add_argument("--preset", default=None, choices=sorted(PRESETS), help="a larger GPU configuration")
     train.add_argument("--quick", action="store_true",
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-samples", type=non_negative_int, default=3, help="samples printed at the end")
     train.add_argument("--sample-tokens", type=positive_int, default=80, help="tokens per sample")
     train.add_argument("--stop-at-step", type=non_negative_int, default=0,
-                       help="stop after this step as if interrupted (tests)")
+                       help=argparse.SUPPRESS)  # tests: stop after this step as a Ctrl-C would (but exit 0)
     train.add_argument("--no-final-eval", action="store_true", help="skip the full validation pass at the end")
     return parser
 
@@ -141,7 +142,9 @@ def preset_settings(args) -> dict:
     return QUICK if args.quick else PRESETS.get(args.preset, {})
 
 
-def parse_args(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """The run's settings: a flag given wins over the preset it names (--quick, --preset), which wins over the
+    defaults."""
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = preset_settings(args)
@@ -151,22 +154,16 @@ def parse_args(argv=None):
     return args
 
 
-def explicitly_given(argv) -> set:
-    """The settings written on the command line, by a flag or by the preset it names (not left at a default)."""
+NOT_GIVEN = object()  # the default of every setting while settings_given parses
+
+
+def settings_given(argv=None) -> set:
+    """The settings written on the command line, by a flag or by the preset it names (a resume checks these
+    against the saved run and takes every other setting from it)."""
     parser = build_parser()
-    for action in parser._actions:  # a flag left out then leaves no attribute at all
-        action.default = argparse.SUPPRESS
-    given = set(vars(parser.parse_args(argv)))
+    parser.set_defaults(**dict.fromkeys(vars(parser.parse_args([])), NOT_GIVEN))
+    given = {name for name, value in vars(parser.parse_args(argv)).items() if value is not NOT_GIVEN}
     return given | set(preset_settings(parse_args(argv)))
-
-
-def take_saved_settings(args, argv, saved: dict, world_size: int) -> None:
-    """A resumed run keeps the settings of the saved run; a setting given anew with another value is refused."""
-    given = explicitly_given(argv)
-    for name in FIXED_ON_RESUME + DATA_SETTINGS:
-        if name in saved and name not in given and hasattr(args, name):
-            setattr(args, name, saved[name])
-    refuse_changed_settings(saved, {**vars(args), "world_size": world_size}, FIXED_ON_RESUME, SETTING_LABELS)
 
 
 def learning_rate(step: int, args) -> float:
@@ -386,6 +383,95 @@ def plot_curves(metrics_path: Path, png_path: Path):
     plt.close(figure)
 
 
+# ---------------------------------------------------------------------------------------------------- set-up
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, set up once before the first step (and restored from last.pt on --resume)."""
+
+    args: argparse.Namespace
+    distributed: bool
+    rank: int
+    world_size: int
+    device: torch.device
+    prepared: object  # llm.prepare.PreparedData: tokenizer, token files and raw texts
+    sampler: "BatchSampler"
+    val_tokens: np.ndarray
+    tokenizer_sha256: str
+    model: Llama
+    optimizer: torch.optim.AdamW
+    scaler: torch.amp.GradScaler
+    dtype_name: str
+    dtype_reason: str
+    resumed: bool = False
+    start_step: int = 0
+    best_val_loss: float = float("inf")
+    last_saved_step: int | None = None  # the step of the newest last.pt (None: nothing saved yet)
+    train_model: torch.nn.Module | None = None  # the model as the loop calls it: compiled and/or DDP-wrapped
+    compiled: bool = False
+    peak_flops: float = 1.0  # the matmul FLOP/s that MFU is measured against
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.args.out_dir)
+
+    @property
+    def global_batch(self) -> int:
+        return self.args.batch_size * self.args.grad_accum * self.world_size
+
+    @property
+    def autocast(self):
+        return autocast_context(self.device, self.dtype_name)
+
+    def log(self, *arguments, **keywords):
+        """print, on rank 0 only."""
+        if self.is_main:
+            print(*arguments, **keywords)
+
+    def facts(self) -> dict:
+        """What a checkpoint records about the run besides its settings (see llm/checkpoint.py: training_state)."""
+        return {"tokenizer_path": str(self.prepared.tokenizer_path.resolve()),
+                "tokenizer_sha256": self.tokenizer_sha256, "world_size": self.world_size,
+                "corpus": self.prepared.folder.name, "dtype": self.dtype_name}
+
+    def save(self, name: str, step: int):
+        """Write last.pt or best.pt of this run at `step` (rank 0 only)."""
+        if self.is_main:
+            save_checkpoint(self.out_dir / name, training_state(self.model, self.optimizer, self.scaler, self.args,
+                                                                step, self.best_val_loss, self.facts()))
+
+
+def same_on_every_rank(values: list, distributed: bool) -> list:
+    """Rank 0's values on every rank (what rank 0 prepared, measured or decided, every process then uses)."""
+    if distributed:
+        dist.broadcast_object_list(values, src=0)
+    return values
+
+
+def join_processes(device: torch.device) -> torch.device:
+    """torchrun started this process: join the others (gloo on a CPU, NCCL on GPUs); each rank takes its GPU."""
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return device
+
+
+def open_saved_run(args, given: set, world_size: int) -> dict | None:
+    """Check the run folder before any work; on --resume load last.pt and take the saved run's settings."""
+    check_run_folder(Path(args.out_dir), args.resume, args.overwrite)
+    if not args.resume:
+        return None
+    checkpoint = load_checkpoint(Path(args.out_dir) / "last.pt", "llm", TRAINING_FIELDS)
+    take_saved_settings(args, given, saved_settings(checkpoint), world_size)
+    return checkpoint
+
+
 def prepare_on_rank_zero(args, distributed: bool, is_main: bool, log):
     """Rank 0 runs (or reuses) the data pipeline; the other ranks wait for it and read what it made."""
     outcome = [None]
@@ -395,51 +481,14 @@ def prepare_on_rank_zero(args, distributed: bool, is_main: bool, log):
             outcome[0] = prepare(args.dataset, args.vocab_size, Path(args.data_dir), args.text_file, log=log, hf=hf)
         except (PrepareError, ValueError, OSError) as error:
             outcome[0] = PrepareError(str(error))
-    if distributed:
-        dist.broadcast_object_list(outcome, src=0)
+    outcome = same_on_every_rank(outcome, distributed)
     if isinstance(outcome[0], Exception):
         raise outcome[0]
     return outcome[0]
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
-    is_main = rank == 0
-    log = print if is_main else (lambda *a, **k: None)
-    out_dir = Path(args.out_dir)
-    metrics_path, last_path, best_path = out_dir / "metrics.jsonl", out_dir / "last.pt", out_dir / "best.pt"
-    try:
-        device = pick_device(args.device)
-        # before any work: never start over a run that is there, unless asked to (its files go once this run starts)
-        check_run_folder(out_dir, args.resume, args.overwrite)
-        checkpoint = None
-        if args.resume:
-            checkpoint = load_checkpoint(last_path, "llm", required=("model", "optimizer", "config", "args", "step",
-                                                                     "best_val_loss", "rng_cpu"))
-            take_saved_settings(args, argv, {**checkpoint["args"], **{key: checkpoint[key] for key in
-                                             ("world_size", "corpus") if key in checkpoint}}, world_size)
-        if distributed:
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend)
-            if device.type == "cuda":
-                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-                torch.cuda.set_device(device)
-        if is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        prepared = prepare_on_rank_zero(args, distributed, is_main, log)
-        if checkpoint is not None and checkpoint.get("corpus", prepared.folder.name) != prepared.folder.name:
-            refuse_changed_settings(checkpoint, {"corpus": prepared.folder.name}, ["corpus"], SETTING_LABELS)
-        train_tokens = read_token_file(prepared.token_files["train"])
-        val_tokens = read_token_file(prepared.token_files["valid"])
-        if len(val_tokens) < args.context_length + 1:
-            raise ValueError(f"the validation split has {len(val_tokens)} tokens, fewer than one window")
-        sampler = BatchSampler(train_tokens, args.context_length, args.seed)
-        tokenizer_sha256 = file_sha256(prepared.tokenizer_path)
-    except (PrepareError, CheckpointError, ValueError, OSError) as error:
-        sys.exit(f"error: {error}")
-
+def build_model(args, device: torch.device) -> Llama:
+    """The model of these settings, initialised from the seed; a shape that cannot be built ends in one line."""
     torch.manual_seed(args.seed)
     try:
         config = LlamaConfig(
@@ -447,209 +496,286 @@ def main(argv=None):
             n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, d_model=args.d_model, rope_theta=args.rope_theta,
             dropout=args.dropout, attention_impl=args.attention_impl,
         )
-        model = Llama(config).to(device)
+        return Llama(config).to(device)
     except ValueError as error:
         sys.exit(f"error: {error}")
     except (RuntimeError, MemoryError) as error:  # a shape far too large for this machine
         sys.exit(f"error: the model does not fit in memory ({str(error).strip().splitlines()[0][-120:]})")
-    optimizer = make_optimizer(model, args)
-    if args.dtype == "auto" and checkpoint is not None and "dtype" in checkpoint:  # a resume keeps its precision
-        dtype_name, dtype_reason = checkpoint["dtype"], "the precision of the saved run"
-    else:
-        dtype_name, dtype_reason = (args.dtype, "--dtype") if args.dtype != "auto" else choose_dtype(device)
-    if distributed:  # every rank must train in the precision rank 0 measured
-        decision = [dtype_name, dtype_reason]
-        dist.broadcast_object_list(decision, src=0)
-        dtype_name, dtype_reason = decision
-    autocast = autocast_context(device, dtype_name)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype_name == "float16")
-    log(f"model: {model.num_parameters():,} parameters ({model.num_parameters(False):,} without the embedding)")
 
-    start_step, best_val_loss, last_saved_step = 0, float("inf"), None
-    if checkpoint is not None:
-        try:
-            if checkpoint["config"] != config.to_dict():
-                raise ValueError(f"--resume: {last_path} was trained with another model configuration")
-            if checkpoint.get("tokenizer_sha256") != tokenizer_sha256:
-                raise ValueError(f"--resume: {last_path} was trained with another tokenizer")
-            model.load_state_dict(checkpoint["model"])  # copies the CPU tensors into the model on its device
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scaler.load_state_dict(checkpoint.get("scaler", {}) or scaler.state_dict())
-            start_step, best_val_loss = int(checkpoint["step"]), float(checkpoint["best_val_loss"])
-            torch.set_rng_state(checkpoint["rng_cpu"])
-            if device.type == "cuda" and "rng_cuda" in checkpoint:
-                torch.cuda.set_rng_state(checkpoint["rng_cuda"], device)
-        except (RuntimeError, KeyError, ValueError, TypeError) as error:
-            sys.exit(f"error: {last_path} does not fit this run: {str(error).splitlines()[0]}")
-        last_saved_step = start_step
-        if is_main and metrics_path.exists():  # forget metrics logged after the checkpoint
-            kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-            temporary = metrics_path.with_name(metrics_path.name + ".tmp")
-            temporary.write_text("".join(line + "\n" for line in kept))
-            os.replace(temporary, metrics_path)  # a crash here keeps the old file whole
-        log(f"resumed from {last_path} at step {start_step}")
-        warn_if_threads_changed(checkpoint.get("threads"))
 
-    estimated_seconds = None
+def choose_precision(args, checkpoint: dict | None, device: torch.device) -> list:
+    """[dtype name, why]: --dtype as given; auto keeps a resumed run's precision, else measures (choose_dtype)."""
+    if args.dtype != "auto":
+        return [args.dtype, "--dtype"]
+    if checkpoint is not None and "dtype" in checkpoint:
+        return [checkpoint["dtype"], "the precision of the saved run"]
+    return list(choose_dtype(device))
+
+
+def set_up(args, given: set) -> tuple[Run, dict | None]:
+    """Everything before the first step: the processes, the run folder (and the saved run on --resume), the data,
+    the model, its optimizer and precision. A problem a user can cause ends here in one line."""
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    try:
+        device = pick_device(args.device)
+        checkpoint = open_saved_run(args, given, world_size)  # before any work: never start over a run that is there
+        if distributed:
+            device = join_processes(device)
+        if rank == 0:
+            Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        prepared = prepare_on_rank_zero(args, distributed, rank == 0, log)
+        if checkpoint is not None:
+            refuse_changed_settings(checkpoint, {"corpus": prepared.folder.name}, ["corpus"], SETTING_LABELS)
+        val_tokens = read_token_file(prepared.token_files["valid"])
+        if len(val_tokens) < args.context_length + 1:
+            raise ValueError(f"the validation split has {len(val_tokens)} tokens, fewer than one window")
+        sampler = BatchSampler(read_token_file(prepared.token_files["train"]), args.context_length, args.seed)
+        tokenizer_sha256 = file_sha256(prepared.tokenizer_path)
+    except (PrepareError, RunError, ValueError, OSError) as error:
+        sys.exit(f"error: {error}")
+    model = build_model(args, device)
+    dtype_name, dtype_reason = same_on_every_rank(choose_precision(args, checkpoint, device), distributed)
+    run = Run(args, distributed, rank, world_size, device, prepared, sampler, val_tokens, tokenizer_sha256, model,
+              make_optimizer(model, args), torch.amp.GradScaler(device.type, enabled=dtype_name == "float16"),
+              dtype_name, dtype_reason)
+    run.log(f"model: {model.num_parameters():,} parameters ({model.num_parameters(False):,} without the embedding)")
+    return run, checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------- restore
+
+
+def restore(run: Run, checkpoint: dict) -> None:
+    """--resume: weights, optimizer, scaler and random generators from last.pt; metrics logged after it forgotten."""
+    last_path = run.out_dir / "last.pt"
+    try:
+        run.start_step, run.best_val_loss = restore_training_state(checkpoint, run.model, run.optimizer, run.scaler,
+                                                                   run.tokenizer_sha256)
+    except CheckpointError as error:
+        sys.exit(f"error: {last_path} does not fit this run: {error}")
+    run.resumed, run.last_saved_step = True, run.start_step
+    if run.is_main:
+        forget_metrics_after(run.out_dir / "metrics.jsonl", run.start_step)
+    run.log(f"resumed from {last_path} at step {run.start_step}")
+    warn_if_threads_changed(checkpoint.get("threads"))
+
+
+def forget_metrics_after(metrics_path: Path, step: int) -> None:
+    """Drop the metrics logged after `step` (the resumed run logs those steps again); the file is replaced whole."""
+    if metrics_path.exists():
+        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        write_text_atomically(metrics_path, "".join(line + "\n" for line in kept))
+
+
+def compile_and_wrap(run: Run) -> None:
+    """torch.compile when it pays (decide_compile), DDP around it for several processes, and the run's header."""
+    args, estimated_seconds = run.args, None
     if args.compile == "auto":
-        remaining_steps = max(0, args.max_steps - start_step)
-        estimated_seconds = remaining_steps * eager_step_seconds(model, args.batch_size, args.context_length,
-                                                                 args.grad_accum, device, autocast)
-    compiled, compile_reason = decide_compile(args.compile, device, estimated_seconds)
-    if distributed:  # every rank runs the same way as rank 0
-        decision = [compiled, compile_reason]
-        dist.broadcast_object_list(decision, src=0)
-        compiled, compile_reason = decision
-    if compiled and args.compile == "auto":  # should compiling fail after all, train eager rather than stop
+        remaining_steps = max(0, args.max_steps - run.start_step)
+        estimated_seconds = remaining_steps * eager_step_seconds(run.model, args.batch_size, args.context_length,
+                                                                 args.grad_accum, run.device, run.autocast)
+    decision = decide_compile(args.compile, run.device, estimated_seconds)
+    run.compiled, compile_reason = same_on_every_rank(list(decision), run.distributed)  # every rank runs alike
+    if run.compiled and args.compile == "auto":  # should compiling fail after all, train eager rather than stop
         torch._dynamo.config.suppress_errors = True
-    train_model = torch.compile(model) if compiled else model
-    if distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(train_model)
+    run.train_model = torch.compile(run.model) if run.compiled else run.model
+    if run.distributed:
+        run.train_model = torch.nn.parallel.DistributedDataParallel(run.train_model)
+    if run.is_main:  # the peak that MFU is measured against
+        run.peak_flops = measure_matmul_peak(run.device, getattr(torch, run.dtype_name))
+    tokens_per_step = run.global_batch * args.context_length
+    epochs = args.max_steps * tokens_per_step / max(1, len(run.sampler.tokens))
+    run.log(f"global batch {run.global_batch} x {args.context_length} = {tokens_per_step:,} tokens/step; "
+            f"{args.max_steps} steps = {epochs:.2f} epochs; "
+            f"matmul peak {run.peak_flops / 1e9:.1f} GFLOP/s in {run.dtype_name}")
+    run.log(f"dtype {run.dtype_name} ({run.dtype_reason})")
+    run.log(f"compile: {compile_reason}")
 
-    def checkpoint_state(step: int) -> dict:
-        state = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "config": config.to_dict(), "args": {k: v for k, v in vars(args).items()}, "step": step,
-            "best_val_loss": best_val_loss, "rng_cpu": torch.get_rng_state(),
-            "tokenizer_path": str(prepared.tokenizer_path.resolve()), "tokenizer_sha256": tokenizer_sha256,
-            "world_size": world_size, "corpus": prepared.folder.name, "dtype": dtype_name,
-            "threads": torch.get_num_threads(),
-        }
-        if device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(device)  # a CPU tensor: it loads on any machine
-        return state
 
-    global_batch = args.batch_size * args.grad_accum * world_size
-    tokens_per_step = global_batch * args.context_length
-    peak_flops = measure_matmul_peak(device, getattr(torch, dtype_name)) if is_main else 1.0  # MFU's reference
-    flops_per_token = model.flops_per_token()
-    log(f"global batch {global_batch} x {args.context_length} = {tokens_per_step:,} tokens/step; "
-        f"{args.max_steps} steps = {args.max_steps * tokens_per_step / max(1, len(train_tokens)):.2f} epochs; "
-        f"matmul peak {peak_flops / 1e9:.1f} GFLOP/s in {dtype_name}")
-    log(f"dtype {dtype_name} ({dtype_reason})")
-    log(f"compile: {compile_reason}")
+# ---------------------------------------------------------------------------------------------------- the loop
 
-    stop = StopFlag()
-    if is_main and checkpoint is None:
-        remove_run_files(out_dir, RUN_FILES)  # --overwrite (or leftovers of a run that never saved a checkpoint)
-    metrics_file = open(metrics_path, "a") if is_main else None
-    progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
-                    disable=not is_main, dynamic_ncols=True)
-    model.train()
-    status, step, diverged = "finished", start_step, ""
-    interval_start, interval_tokens = time.perf_counter(), 0
+
+@dataclass
+class LoopEnd:
+    """How the loop ended: status finished | interrupted | diverged, after `completed_steps` steps."""
+
+    status: str
+    completed_steps: int
+    diverged_loss: str = ""  # diverged: which loss was not finite, "training" or "validation"
+
+
+def train_loop(run: Run) -> LoopEnd:
+    """Optimizer steps from start_step to max_steps, validation and checkpoints every eval_every steps; stops early
+    at a Ctrl-C (after the step in flight) or a loss that is not finite (before anything of that step is saved)."""
+    args, stop, meter = run.args, StopFlag(), Throughput()
+    if run.is_main and not run.resumed:
+        remove_run_files(run.out_dir, RUN_FILES)  # --overwrite (or leftovers of a run that never saved a checkpoint)
+    metrics = open(run.out_dir / "metrics.jsonl", "a") if run.is_main else None
+    progress = tqdm(range(run.start_step, args.max_steps), initial=run.start_step, total=args.max_steps,
+                    disable=not run.is_main, dynamic_ncols=True)
+    flops_per_token, end = run.model.flops_per_token(), LoopEnd("finished", run.start_step)
+    run.model.train()
     for step in progress:
         lr = learning_rate(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        for micro in range(args.grad_accum):
-            first = step * global_batch + (micro * world_size + rank) * args.batch_size
-            inputs, targets = sampler.windows(first, args.batch_size)
-            inputs, targets = inputs.to(device), targets.to(device)
-            # DDP: synchronise gradients only on the last micro-batch of the step
-            sync = nullcontext() if not distributed or micro == args.grad_accum - 1 else train_model.no_sync()
-            with sync, autocast:
-                _, loss = train_model(inputs, targets)
-            scaler.scale(loss / args.grad_accum).backward()
-            step_loss += loss.detach() / args.grad_accum
-        if distributed:
-            dist.all_reduce(step_loss)
-            step_loss /= world_size
-        loss_value = float(step_loss)
-        if not math.isfinite(loss_value):
-            status, diverged = "diverged", "training"
+        loss, grad_norm = training_step(run, step, lr)
+        if grad_norm is None:
+            end = LoopEnd("diverged", step + 1, "training")
             break
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        completed = step + 1
-        interval_tokens += tokens_per_step
-        elapsed = time.perf_counter() - interval_start
-        tokens_per_second = interval_tokens / max(elapsed, 1e-9)
-        mfu = tokens_per_second * flops_per_token / peak_flops / world_size
-        record = {"step": completed, "train_loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+        end.completed_steps = completed = step + 1
+        tokens_per_second, elapsed = meter.add(run.global_batch * args.context_length)
+        mfu = tokens_per_second * flops_per_token / run.peak_flops / run.world_size
+        record = {"step": completed, "train_loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens_per_second, "mfu": mfu}
-        if step == start_step:  # the first step compiles (or warms up): its time is not training throughput
+        if step == run.start_step:  # the first step compiles (or warms up): its time is not training throughput
             record["first_step_s"] = elapsed
-            if compiled:
+            if run.compiled:
                 progress.write(f"compiled in {elapsed:.0f} s (the first step; tokens/s counts from the second)")
-            interval_start, interval_tokens = time.perf_counter(), 0
-        progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_second:,.0f}",
-                             mfu=f"{mfu:.0%}")
+            meter.restart()
+        progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_second:,.0f}", mfu=f"{mfu:.0%}")
         if completed % args.eval_every == 0 or completed == args.max_steps:
-            val_loss, _ = evaluate_loss(model, val_tokens, args.context_length, args.batch_size, device, autocast,
-                                        args.eval_batches * global_batch, rank, world_size)
-            if not math.isfinite(val_loss):
-                status, diverged = "diverged", "validation"
+            record["val_loss"] = validate_and_save(run, completed, loss, progress)
+            if not math.isfinite(record["val_loss"]):
+                end = LoopEnd("diverged", completed, "validation")
                 break
-            record["val_loss"] = val_loss
-            if val_loss < best_val_loss:
-                best_val_loss = val_loss
-                if is_main:
-                    save_checkpoint(best_path, checkpoint_state(completed))
-            if is_main:
-                save_checkpoint(last_path, checkpoint_state(completed))
-                progress.write(f"step {completed}: train {loss_value:.3f}, val {val_loss:.3f}")
-            last_saved_step = completed
-            interval_start, interval_tokens = time.perf_counter(), 0  # evaluation time is not training time
-        if is_main:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-        stop_requested = stop.requested
-        if distributed:  # every rank stops at the same step, whichever rank the Ctrl-C reached first
-            flag = torch.tensor(float(stop_requested), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop_requested = bool(flag.item())
-        if stop_requested or completed == args.stop_at_step:
-            status = "interrupted"
+            meter.restart()  # evaluation time is not training time
+        if metrics is not None:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+        if stop_requested(run, stop) or completed == args.stop_at_step:
+            end.status = "interrupted"
             break
     progress.close()
     stop.close()
-    if is_main:
-        metrics_file.close()
-    if status == "diverged":
-        good = ("no checkpoint was written yet" if last_saved_step is None
-                else f"{last_path} (step {last_saved_step}) holds the last good state")
-        if is_main:
-            sys.stderr.write(f"error: the {diverged} loss is not finite at step {step + 1}; "
-                             f"stopped without saving: {good}\n")
-        if distributed:
-            dist.destroy_process_group()
+    if metrics is not None:
+        metrics.close()
+    return end
+
+
+class Throughput:
+    """Training tokens per second since the last restart (compiling and validating are not training time)."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self):
+        self.start, self.tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> tuple[float, float]:
+        """Count one step's tokens; return tokens/s and the seconds since the restart."""
+        self.tokens += tokens
+        elapsed = time.perf_counter() - self.start
+        return self.tokens / max(elapsed, 1e-9), elapsed
+
+
+def training_step(run: Run, step: int, lr: float) -> tuple[float, float | None]:
+    """One optimizer step over grad_accum micro-batches: (mean loss, gradient norm before clipping).
+
+    A loss that is not finite skips the update and returns no gradient norm (the caller stops the run).
+    """
+    args, optimizer = run.args, run.optimizer
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    step_loss = torch.zeros((), device=run.device)
+    for micro in range(args.grad_accum):
+        first = step * run.global_batch + (micro * run.world_size + run.rank) * args.batch_size
+        inputs, targets = run.sampler.windows(first, args.batch_size)
+        inputs, targets = inputs.to(run.device), targets.to(run.device)
+        # DDP: synchronise gradients only on the last micro-batch of the step
+        last_micro = micro == args.grad_accum - 1
+        sync = nullcontext() if not run.distributed or last_micro else run.train_model.no_sync()
+        with sync, run.autocast:
+            _, loss = run.train_model(inputs, targets)
+        run.scaler.scale(loss / args.grad_accum).backward()
+        step_loss += loss.detach() / args.grad_accum
+    if run.distributed:
+        dist.all_reduce(step_loss)
+        step_loss /= run.world_size
+    loss_value = float(step_loss)
+    if not math.isfinite(loss_value):
+        return loss_value, None
+    run.scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip or float("inf"))
+    run.scaler.step(optimizer)
+    run.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, float(grad_norm)
+
+
+def validate_and_save(run: Run, completed: int, train_loss: float, progress) -> float:
+    """The validation loss after `completed` steps; best.pt when it is the lowest yet, and last.pt, unless it is
+    not finite (then nothing is saved and the caller stops)."""
+    args = run.args
+    val_loss, _ = evaluate_loss(run.model, run.val_tokens, args.context_length, args.batch_size, run.device,
+                                run.autocast, args.eval_batches * run.global_batch, run.rank, run.world_size)
+    if not math.isfinite(val_loss):
+        return val_loss
+    if val_loss < run.best_val_loss:
+        run.best_val_loss = val_loss
+        run.save("best.pt", completed)
+    run.save("last.pt", completed)
+    run.last_saved_step = completed
+    if run.is_main:
+        progress.write(f"step {completed}: train {train_loss:.3f}, val {val_loss:.3f}")
+    return val_loss
+
+
+def stop_requested(run: Run, stop: StopFlag) -> bool:
+    """Was Ctrl-C pressed? Under DDP every rank stops at the same step, whichever rank the Ctrl-C reached first."""
+    requested = stop.requested
+    if run.distributed:
+        flag = torch.tensor(float(requested), device=run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        requested = bool(flag.item())
+    return requested
+
+
+# ------------------------------------------------------------------------------------------------------ finish
+
+
+def finish(run: Run, end: LoopEnd) -> None:
+    """Save last.pt (and best.pt if no validation wrote one) and plot the curves; a diverged run saves nothing."""
+    if end.status == "diverged" or not run.is_main:
+        return
+    run.save("last.pt", end.completed_steps)
+    if end.status == "finished" and not (run.out_dir / "best.pt").exists():
+        run.save("best.pt", end.completed_steps)
+    plot_curves(run.out_dir / "metrics.jsonl", run.out_dir / "loss.png")
+
+
+def report(run: Run, end: LoopEnd) -> None:
+    """What the reader sees last: why a run stopped (and its exit status), or the test metrics and samples."""
+    last_path = run.out_dir / "last.pt"
+    if end.status == "diverged":
+        last_good_state = ("no checkpoint was written yet" if run.last_saved_step is None
+                           else f"{last_path} (step {run.last_saved_step}) holds the last good state")
+        if run.is_main:
+            sys.stderr.write(f"error: the {end.diverged_loss} loss is not finite at step {end.completed_steps}; "
+                             f"stopped without saving: {last_good_state}\n")
         sys.exit(1)
-    if is_main:
-        completed_steps = step + 1 if args.max_steps > start_step else start_step
-        save_checkpoint(last_path, checkpoint_state(completed_steps))
-        if status == "finished" and not best_path.exists():
-            save_checkpoint(best_path, checkpoint_state(completed_steps))
-        plot_curves(metrics_path, out_dir / "loss.png")
-    if distributed:
-        dist.destroy_process_group()
-    if not is_main:
-        return
-    if status == "interrupted":
-        print(f"stopped at step {completed_steps}; resume with: python llm/train.py --out-dir {out_dir} --resume")
-        if stop_requested and not distributed:  # a Ctrl-C (not --stop-at-step): the shell learns it was stopped
-            sys.exit(EXIT_INTERRUPTED)  # (under torchrun a rank's non-zero exit would be reported as a crash)
-        return
-    finish(args, best_path, prepared, device, out_dir)
+    if end.status == "interrupted":
+        run.log(f"stopped at step {end.completed_steps}; resume with: python llm/train.py --out-dir {run.out_dir} "
+                "--resume")
+        if end.completed_steps != run.args.stop_at_step:  # a Ctrl-C, not the test hook: the shell's status for it
+            sys.exit(EXIT_INTERRUPTED)
+    elif run.is_main:
+        evaluate_and_sample(run.args, run.out_dir / "best.pt", run.prepared, run.device, run.out_dir)
 
 
-def finish(args, best_path, prepared, device, out_dir: Path):
+def evaluate_and_sample(args, best_path, prepared, device, out_dir: Path):
     """Validation and test metrics of the best checkpoint (saved to results.json), then a few samples."""
     import sentencepiece as spm
 
     from llm.eval import half_context_stride, split_metrics
 
-    model, checkpoint = load_model(str(best_path), device)
+    model, checkpoint = load_model(best_path, device)
     if not args.no_final_eval:
         results = {"step": checkpoint["step"]}
         for split in ("valid", "test"):
             metrics = split_metrics(model, prepared.token_files[split], prepared.text_files[split],
                                     args.context_length, max(args.batch_size, 32), device,
-                                    half_context_stride(args.context_length))
+                                    half_context_stride(args.context_length), split)
             results[split] = metrics
             print(f"{split}: loss {metrics['loss']:.4f} nats/token | {metrics['bits_per_byte']:.4f} bits/byte | "
                   f"word perplexity {metrics['word_perplexity']:.1f}")
@@ -664,6 +790,22 @@ def finish(args, best_path, prepared, device, out_dir: Path):
         generate(model, prompt_ids, args.sample_tokens, temperature=0.8, top_p=0.95, eos_id=processor.eos_id(),
                  generator=generator, on_token=StreamPrinter(processor, prompt_ids))
         print()
+
+
+def main(argv=None):
+    """Set up, restore (--resume), compile, the loop, finish; then the test metrics and samples of the best model."""
+    args = parse_args(argv)
+    run, checkpoint = set_up(args, settings_given(argv))
+    if checkpoint is not None:
+        restore(run, checkpoint)
+    compile_and_wrap(run)
+    try:
+        end = train_loop(run)
+        finish(run, end)
+    finally:
+        if run.distributed:
+            dist.destroy_process_group()  # once, on every rank, however the loop ended
+    report(run, end)
 
 
 if __name__ == "__main__":

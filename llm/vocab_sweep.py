@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from llm.checkpoint import load_model
 from llm.eval import split_metrics
-from llm.generate import load_model
 from llm.model import Llama, LlamaConfig
 from llm.prepare import PrepareError, prepare
 from llm.runs import positive_int

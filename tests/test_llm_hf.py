@@ -10,7 +10,8 @@ import torch
 from conftest import train_llm_in_process as train_in_process
 
 from data import fetch
-from llm.generate import generate, load_model
+from llm.checkpoint import load_model
+from llm.generate import generate
 from llm.hf import (
     CheckpointError,
     halves_to_neighbour_pairs,
@@ -233,12 +234,13 @@ def test_generate_and_eval_run_an_hf_folder_and_a_hub_name_offline_fails_in_one_
     monkeypatch.setattr("data.fetch", lambda name: short)
     monkeypatch.setattr("sys.argv", ["eval.py", "--hf", str(folder), "--json"])
     evaluation.main()
-    scored = json.loads(capsys.readouterr().out)
+    output = json.loads(capsys.readouterr().out)
+    scored = output["test"]
     # every token of the text, as the checkpoint's own SentencePiece model encodes it, was scored
     import sentencepiece as spm
 
     processor = spm.SentencePieceProcessor(model_file=checkpoint["tokenizer_path"])
-    assert scored["tokens"] == len(processor.encode(test_text)) - 1 and scored["context_length"] == 32
+    assert scored["tokens"] == len(processor.encode(test_text)) - 1 and output["context_length"] == 32
     assert 2.0 < scored["bits_per_byte"] < 8.0
     # a hub name with the hub unreachable: one line that says so and how to pass a folder
     result = run_cli("llm/generate.py", "--hf", "someone/tiny-llama", "--prompt", "Hello",
@@ -281,9 +283,10 @@ def test_hf_dataset_json_lines_and_save_to_disk_train_and_their_stages_are_reuse
                      "--out-dir", str(tmp_path / "disk-run"))
     checkpoint = torch.load(tmp_path / "disk-run" / "last.pt", weights_only=True)
     assert checkpoint["args"]["hf_dataset"] == str(tmp_path / "saved")
-    from llm.eval import evaluate_checkpoint  # finds the checkpoint's data again through its saved arguments
+    from llm.eval import checkpoint_texts, evaluate  # finds the checkpoint's data again through its saved arguments
 
-    results, _ = evaluate_checkpoint(str(tmp_path / "disk-run" / "last.pt"), "cpu", splits=("valid",))
+    model, texts, _ = checkpoint_texts(str(tmp_path / "disk-run" / "last.pt"), "cpu", ("valid",), None)
+    results = evaluate(model, texts, "cpu", "disk-run")
     assert results["valid"]["tokens"] > 1000
 
 
@@ -332,7 +335,9 @@ def test_token_files_of_a_dataset_are_streamed_in_chunks_that_do_not_grow_with_i
         source = HFSource(str(tmp_path / f"docs{rows}.jsonl"))
         train = open_hf_dataset(source, tmp_path / "data")["train"]
         chunks.clear()
-        preparation.pretokenize_hf({"train": train}, source, tokenizer, tmp_path / f"out{rows}", 400)
+        corpus = preparation.Corpus(f"docs{rows}", {}, {"train": train._fingerprint}, {"train": train}.__getitem__,
+                                    document_end=preparation.STORY_SEPARATOR)  # the training split alone
+        preparation.pretokenize(corpus, tokenizer, tmp_path / f"out{rows}", 400)
         tokens = read_token_file(tmp_path / f"out{rows}" / "train.bin")
         assert len(chunks) == -(-len(train) // 100) and sum(chunks) == len(tokens)  # one chunk per 100 documents
         largest[rows] = max(chunks)

@@ -3,8 +3,9 @@ be combined with --preset, and a resume checks its settings like any other flag'
 
 import pytest
 
+from llm.checkpoint import take_saved_settings
 from llm.runs import CheckpointError
-from llm.train import QUICK, build_parser, parse_args, take_saved_settings
+from llm.train import QUICK, build_parser, parse_args, settings_given
 
 SCHEDULE = ("max_steps", "warmup_steps", "eval_every", "out_dir")
 
@@ -43,15 +44,15 @@ def saved_args(argv) -> dict:
 def test_resume_with_quick_continues_a_quick_run_and_refuses_another():
     argv = ["--quick", "--resume"]
     args = parse_args(argv)
-    take_saved_settings(args, argv, saved_args(["--quick"]), world_size=1)  # the same settings: accepted
+    take_saved_settings(args, settings_given(argv), saved_args(["--quick"]), world_size=1)  # the same: accepted
     assert args.max_steps == QUICK["max_steps"]
     args = parse_args(argv)  # a default run resumed with --quick: the preset's steps are a changed setting
     with pytest.raises(CheckpointError, match=f"^--max-steps was 5000 in the saved run and is {QUICK['max_steps']}"):
-        take_saved_settings(args, argv, saved_args([]), world_size=1)
+        take_saved_settings(args, settings_given(argv), saved_args([]), world_size=1)
 
 
 def test_resume_without_quick_takes_the_quick_schedule_from_the_saved_run():
     argv = ["--out-dir", QUICK["out_dir"], "--resume"]  # what the stop message tells the reader to type
     args = parse_args(argv)
-    take_saved_settings(args, argv, saved_args(["--quick"]), world_size=1)
+    take_saved_settings(args, settings_given(argv), saved_args(["--quick"]), world_size=1)
     assert {name: getattr(args, name) for name in SCHEDULE} == {name: QUICK[name] for name in SCHEDULE}

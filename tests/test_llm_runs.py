@@ -451,7 +451,7 @@ def test_ddp_ctrl_c_on_one_rank_stops_all_together_and_validation_matches_one_pr
     except subprocess.TimeoutExpired:
         process.kill()
         pytest.fail("the ranks did not stop together: one waits for the other in a collective")
-    assert process.returncode == 0, stderr[-2000:]
+    assert "exitcode: 130" in stderr, stderr[-2000:]  # every rank saved (rank 0) and exited as interrupted
     saved = torch.load(distributed / "last.pt", weights_only=True)
     assert f"stopped at step {saved['step']}; resume with" in stdout
     assert 4 <= saved["step"] == logged(distributed)[-1]["step"] < 300

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from conftest import tiny_llama_config as tiny_config
 
 from data import fetch
-from llm.generate import check_tokenizer, generate
+from llm.checkpoint import check_tokenizer
+from llm.generate import generate
 from llm.model import Llama, LlamaConfig, apply_rope
 from llm.prepare import file_sha256, prepare
 from llm.train import COMPILE_PAYS_OFF_S, choose_dtype, compiler_problem, decide_compile
