@@ -75,6 +75,9 @@ def build_parser():
                         help="folder with the four MNIST IDX files (default: fetched by the data helper)")
     parser.add_argument("--seed", type=seed_int, default=0, help="seed of the initialisation, shuffling and dropout")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    parser.add_argument("--threads", type=int_in_range(1, 1024), default=None,
+                        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else 1; the README measures 1 "
+                             "against 2)")
     parser.add_argument("--out-dir", default="runs/cnn", help="folder for checkpoints, metrics.jsonl and plots")
     parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
     parser.add_argument("--overwrite", action="store_true", help="replace the run already in OUT_DIR")
@@ -330,6 +333,8 @@ def check_finite(loss, which, step, last_good):
 def main(argv=None):
     """Entry point: user errors end with one line on stderr and exit status 1."""
     arguments = parse_arguments(argv)
+    if arguments.threads or "OMP_NUM_THREADS" not in os.environ:  # --threads, else OMP_NUM_THREADS, else 1
+        torch.set_num_threads(arguments.threads or 1)
     try:
         record = train(arguments)
     except (UserError, DataError, MnistError, ValueError) as error:

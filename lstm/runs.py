@@ -44,6 +44,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+
+def int_in_range(low: int, high: int):
+    """An argparse type for integers in [low, high]."""
+
+    def parse(text: str) -> int:
+        value = _number(text, int)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], got {text}")
+        return value
+
+    parse.__name__ = f"integer in [{low}, {high}]"
+    return parse
+
 def non_negative_int(text: str) -> int:
     """An integer >= 0."""
     value = _number(text, int)
