@@ -22,7 +22,9 @@ def parse_arguments(argv=None):
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", default="runs/cnn/best.pt", help="checkpoint written by train.py")
-    parser.add_argument("--figures-dir", default=None, help="where the PNGs go (default: the checkpoint's folder)")
+    parser.add_argument("--figures-dir", default=None,
+                        help="where the PNGs go (default: the checkpoint's folder; with --test-images N its "
+                             "sub-folder first-N-test-images, so that the whole test set's figures stay)")
     parser.add_argument("--test-images", type=non_negative_int, default=0,
                         help="use only the first N test images (0: all 10,000)")
     parser.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files (default: data helper)")
@@ -94,6 +96,18 @@ def show_confusion(confusion, path):
     plt.close(figure)
 
 
+def figures_folder(arguments) -> Path:
+    """The folder for the PNGs, created before any work; figures of part of the test set get a folder of their own."""
+    run = Path(arguments.checkpoint).parent
+    default = run / f"first-{arguments.test_images}-test-images" if arguments.test_images else run
+    figures = Path(arguments.figures_dir) if arguments.figures_dir else default
+    try:
+        figures.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunError(f"cannot create the figures folder {figures} ({error.strerror})") from None
+    return figures
+
+
 def main(argv=None):
     """Evaluate, draw the figures, print the metrics."""
     arguments = parse_arguments(argv)
@@ -101,6 +115,7 @@ def main(argv=None):
         device = pick_device(arguments.device)
         model, settings = load_model(arguments.checkpoint, device)
         images, labels = load_split("test", arguments.data_dir, arguments.test_images)
+        figures = figures_folder(arguments)
     except (RunError, DataError, MnistError, ValueError) as error:
         sys.exit(f"error: {str(error).strip().splitlines()[0]}")
     images, labels = images.to(device), labels.to(device)
@@ -110,8 +125,6 @@ def main(argv=None):
     confusion = torch.zeros(10, 10, dtype=torch.long)
     confusion.index_put_((labels.cpu(), predictions.cpu()), torch.ones(len(labels), dtype=torch.long), accumulate=True)
 
-    figures = Path(arguments.figures_dir or Path(arguments.checkpoint).parent)
-    figures.mkdir(parents=True, exist_ok=True)
     show_confusion(confusion, figures / "confusion.png")
     show_digits(images[:40], [f"pred {p}" for p in predictions[:40].tolist()], figures / "predictions.png")
     wrong = (predictions != labels).nonzero().flatten()[:40]

@@ -7,6 +7,7 @@
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the test metrics as one JSON object")
     parser.add_argument("--max-length", type=positive_int, default=100, help="longer texts are cut at punctuation")
     parser.add_argument("--confusion-png", default=None,
-                        help="where to draw the tag confusion matrix (default: confusion.png beside the checkpoint)")
+                        help="where to draw the tag confusion matrix, a .png in a folder that exists (default: "
+                             "confusion.png beside the checkpoint, confusion-first-N.png with --limit N)")
     parser.add_argument("--limit", type=non_negative_int, default=0,
                         help="score only the first N test sentences (0: all)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
@@ -59,6 +61,20 @@ def print_confusion(counts, tags) -> None:
     print(" " * 7 + "".join(f"{tag:>{width}}" for tag in tags))
     for tag, row in zip(tags, counts):
         print(f"{tag:>7}" + "".join(f"{c:>{width}}" for c in row))
+
+
+def confusion_path(args) -> Path:
+    """Where the confusion matrix goes, checked before any work: a scored part of the test set gets its own name,
+    so that it never replaces the picture of the whole test set."""
+    default_name = f"confusion-first-{args.limit}.png" if args.limit else "confusion.png"
+    path = Path(args.confusion_png) if args.confusion_png else Path(args.checkpoint).parent / default_name
+    if path.suffix.lower() != ".png" or path.is_dir():
+        raise RunError(f"--confusion-png must name a .png file, not {path}")
+    if not path.parent.is_dir():
+        raise RunError(f"--confusion-png {path}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise RunError(f"--confusion-png {path}: the folder {path.parent} is not writable")
+    return path
 
 
 def draw_confusion(counts, tags, path: Path) -> None:
@@ -96,6 +112,7 @@ def main(argv=None) -> int:
             if not entities:
                 print("no entities found")
             return 0
+        picture = None if args.json else confusion_path(args)
         test_set = load_file("test", args.max_length, log=lambda message: None)
         if args.limit:
             test_set = test_set[: args.limit]
@@ -117,9 +134,8 @@ def main(argv=None) -> int:
         print(f"token accuracy {scores['token_accuracy']:.4f} (high even for a tagger that finds no entity)")
         counts = confusion_table(gold, predicted, tags)
         print_confusion(counts, tags)
-        picture = Path(args.confusion_png) if args.confusion_png else Path(args.checkpoint).parent / "confusion.png"
         draw_confusion(counts, tags, picture)
-        print(f"confusion matrix drawn to {picture}")
+        print(f"confusion matrix of {len(test_set)} test sentences drawn to {picture}")
     except (RunError, DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -54,13 +54,47 @@ def entity_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict:
     }
 
 
+def is_chinese(char: str) -> bool:
+    """A CJK ideograph (the basic block and extension A): the characters MSRA is written in."""
+    return "\u3400" <= char <= "\u9fff"
+
+
+def in_a_word(char: str) -> bool:
+    """A letter or digit of a script that writes words with spaces between them (Latin, Cyrillic, digits...)."""
+    return char.isalnum() and not is_chinese(char)
+
+
+def whole_words(text: str, start: int, end: int) -> tuple[int, int]:
+    """The span text[start:end] without the spaces at its ends, widened so that it does not cut a word in two.
+
+    The tagger reads one character at a time and may end an entity inside a word such as "visited"; the entity
+    then takes the whole word. A span of spaces only comes back empty (start == end).
+    """
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    if start == end:
+        return start, end
+    while start > 0 and in_a_word(text[start - 1]) and in_a_word(text[start]):
+        start -= 1
+    while end < len(text) and in_a_word(text[end - 1]) and in_a_word(text[end]):
+        end += 1
+    return start, end
+
+
 def tag_text(model, text: str, char_to_id, tags, device, max_length: int) -> list[tuple[int, int, str, str]]:
-    """Entities in free text as (start, end, type, surface), long text cut at punctuation into pieces."""
-    text = text.strip()
-    if not text:
+    """Entities in free text as (start, end, type, surface), where surface == text[start:end] in the text as given.
+
+    Spaces at the ends of the text are not tagged (MSRA has none); a long text is cut at punctuation into pieces;
+    no entity starts or ends with a space or inside a word (whole_words), and one that would overlap the entity
+    before it after widening is left out.
+    """
+    first = len(text) - len(text.lstrip())  # where the tagged text starts in the text as given
+    chars = list(text.strip())
+    if not chars:
         raise RunError("the text to tag is empty")
-    chars = list(text)
-    if not any("\u3400" <= char <= "\u9fff" for char in chars):
+    if not any(is_chinese(char) for char in chars):
         raise RunError("the text has no Chinese characters: this tagger was trained on Chinese news text")
     bounds = [0, *split_points(chars, max_length), len(chars)]
     pieces = [(chars[a:b], ["O"] * (b - a)) for a, b in zip(bounds, bounds[1:])]
@@ -68,6 +102,7 @@ def tag_text(model, text: str, char_to_id, tags, device, max_length: int) -> lis
     entities = []
     for offset, piece_tags in zip(bounds, predicted):
         for start, end, kind in tags_to_spans(piece_tags):
-            entities.append((offset + start, offset + end, kind, text[offset + start : offset + end]))
+            start, end = whole_words(text, first + offset + start, first + offset + end)
+            if start < end and (not entities or entities[-1][1] <= start):
+                entities.append((start, end, kind, text[start:end]))
     return entities
-

@@ -13,6 +13,7 @@ A folder that holds a run needs --resume, a new --out-dir, or --overwrite.
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="random seed (init, split, batch order, dropout)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--threads", type=int_in_range(1, 1024), default=None,
+                        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else 1; the README measures 1 "
+                             "against 2)")
     parser.add_argument("--out-dir", default="runs/gru", help="checkpoints, metrics.jsonl and curves go here")
     parser.add_argument("--stop-after", type=non_negative_int, default=0,
                         help="end after this many epochs, keeping the schedule of --epochs (continue with --resume)")
@@ -372,6 +376,8 @@ def train(args) -> int:
 def main(argv=None) -> int:
     """Run train() and turn user errors into one line on stderr; a run stopped by Ctrl-C exits with 130."""
     args = parse_args(argv)
+    if args.threads or "OMP_NUM_THREADS" not in os.environ:  # --threads, else OMP_NUM_THREADS, else 1
+        torch.set_num_threads(args.threads or 1)
     try:
         return train(args)
     except (RunError, DataError, ValueError) as error:

@@ -84,6 +84,9 @@ def main():
         factors = sorted({int(f) for f in args.factors.split(",")})
         if min(factors) < 1 or (args.max_windows is not None and args.max_windows < 1) or args.batch_size < 1:
             raise ValueError("--factors, --max-windows and --batch-size must be positive")
+        existing = next(folder for folder in (Path(args.out_dir), *Path(args.out_dir).parents) if folder.exists())
+        if not existing.is_dir():  # checked before the work; the folder itself is made when there is a result
+            raise ValueError(f"--out-dir {args.out_dir} cannot be made: {existing} is a file")
         device = pick_device(args.device)
         base_model, checkpoint = load_model(args.checkpoint, device)
         train_args = checkpoint.get("args", {})

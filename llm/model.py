@@ -121,8 +121,10 @@ def handwritten_causal_attention(query, key, value, query_start: int = 0) -> tor
     key_positions = torch.arange(key.size(-2), device=query.device)
     future = key_positions[None, :] > query_positions[:, None]  # (Tq, Tk): True where a key lies in the future
     scores = scores.masked_fill(future, float("-inf"))
-    # softmax by hand: subtract the row maximum so exp never overflows, exponentiate, normalise
-    scores = scores - scores.amax(dim=-1, keepdim=True)
+    # softmax by hand: subtract the row maximum so exp never overflows, exponentiate, normalise. The shift leaves the
+    # softmax unchanged, so it is a constant for the gradient (detach): its backward would add exactly nothing, and
+    # compiled in bf16 it divides by zero (llm/README.md, Lab notes)
+    scores = scores - scores.amax(dim=-1, keepdim=True).detach()
     weights = scores.exp()
     weights = weights / weights.sum(dim=-1, keepdim=True)  # (B, H, Tq, Tk), rows sum to 1
     return weights @ value  # (B, H, Tq, hd)

@@ -86,6 +86,17 @@ def plot_context(runs, labels, curves, path: Path, window: int):
     print(f"wrote {path}")
 
 
+def png_folder_made(flag: str, path: Path) -> Path:
+    """Check an output picture before any work: a .png name, its folder made if missing; else one line and exit 1."""
+    if path.suffix.lower() != ".png" or path.is_dir():
+        fail(f"{flag} must name a .png file, not {path}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        fail(f"{flag} {path}: cannot create the folder {path.parent} ({error.strerror})")
+    return path
+
+
 def main(argv=None):
     """Read, print the table, plot."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,7 +111,9 @@ def main(argv=None):
         parser.error("--window must be at least 2")
     if args.labels and len(args.labels) != len(args.run_dirs):
         parser.error(f"--labels gives {len(args.labels)} labels for {len(args.run_dirs)} runs")
-    out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "lm_curves.png"
+    out = png_folder_made("--out", Path(args.out) if args.out else Path(args.run_dirs[0]) / "lm_curves.png")
+    if args.context_out:
+        png_folder_made("--context-out", Path(args.context_out))
     try:
         runs = [(Path(run_dir), *read_run(Path(run_dir))) for run_dir in args.run_dirs]
         # Scored before anything is drawn, so that a bad checkpoint or window leaves no half-written output.

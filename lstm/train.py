@@ -11,6 +11,7 @@
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,7 @@ from lstm.runs import (  # noqa: E402
     StopFlag,
     check_run_folder,
     finite_float,
+    int_in_range,
     load_checkpoint,
     pick_device,
     positive_float,
@@ -130,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="adding: the LSTM's starting forget-gate bias (0: gates start at sigma(0) = 0.5)")
     parser.add_argument("--seed", type=seed_int, default=0, help="random seed, in [0, 2**32)")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    parser.add_argument("--threads", type=int_in_range(1, 1024), default=None,
+                        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else 1; the README measures 1 "
+                             "against 2)")
     parser.add_argument("--out-dir", default="runs/lstm", help="checkpoints, metrics.jsonl and plots go here")
     parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
     parser.add_argument("--overwrite", action="store_true", help="replace the run already in OUT_DIR")
@@ -601,6 +606,8 @@ def train_adding(args, device, out_dir: Path, stop: StopFlag):
 def main(argv=None):
     """Parse, run the chosen task, and turn user mistakes into one line on stderr; a Ctrl-C stop exits with 130."""
     args = parse_args(argv)
+    if args.threads or "OMP_NUM_THREADS" not in os.environ:  # --threads, else OMP_NUM_THREADS, else 1
+        torch.set_num_threads(args.threads or 1)
     stop = None
     try:
         device = pick_device(args.device)

@@ -73,11 +73,14 @@ def evaluate(arguments):
     if arguments.predict:
         predict_names(model, arguments.predict, alphabet, languages, device)
         return
+    try:  # before the work: a folder that cannot be made ends the run here, not after scoring
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot create --out-dir {out_dir} ({error.strerror})") from None
     split_seed = state["train_arguments"]["split_seed"]
     test_pairs = stratified_split(load_pairs(), split_seed)["test"]
     character_ids, lengths, labels = encode_split(test_pairs, alphabet, languages)
     scores = classification_metrics(labels, predict_probabilities(model, character_ids, lengths, device))
-    out_dir.mkdir(parents=True, exist_ok=True)
     plot_confusion(scores["confusion"], languages, out_dir / "confusion.png")
     majority = labels.bincount().max().item() / len(labels)
     metrics = {"test_accuracy": round(scores["accuracy"], 4), "macro_f1": round(scores["macro_f1"], 4),

@@ -3,6 +3,7 @@
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from rnn.runs import (  # noqa: E402
     RunError,
     StopFlag,
     check_run_folder,
+    int_in_range,
     load_checkpoint,
     non_negative_float,
     non_negative_int,
@@ -85,6 +87,9 @@ def build_parser():
     parser.add_argument("--limit", type=non_negative_int, default=0,
                         help="use only this many training names (0: all; for tests)")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    parser.add_argument("--threads", type=int_in_range(1, 1024), default=None,
+                        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else 1; the README measures 1 "
+                             "against 2)")
     parser.add_argument("--out-dir", default="runs/rnn", help="folder for checkpoints, metrics.jsonl and plots")
     parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
     parser.add_argument("--overwrite", action="store_true", help="replace the run already in OUT_DIR")
@@ -401,6 +406,8 @@ def train(arguments, given=()):
 def main(argv=None):
     """Entry point: user errors end as one `error:` line on stderr; a run stopped by Ctrl-C exits with 130."""
     arguments = parse_arguments(argv)
+    if arguments.threads or "OMP_NUM_THREADS" not in os.environ:  # --threads, else OMP_NUM_THREADS, else 1
+        torch.set_num_threads(arguments.threads or 1)
     try:
         status = train(arguments, flags_given(argv))
     except (DataError, RunError, ValueError, OSError) as exception:

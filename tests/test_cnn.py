@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_one_line_error
 
+import cnn.eval as cnn_eval
 from cnn import layers
 from cnn.eval import load_model
 from cnn.mnist import MnistError, load_split, read_idx
@@ -205,7 +206,24 @@ def test_checkpoint_round_trip_through_eval_cli(tmp_path, run_cli):
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
     assert metrics["test_accuracy"] > 0.6 and metrics["test_loss"] > 0 and metrics["impl"] == "torch"
     for name in ["confusion", "predictions", "misclassified", "filters", "feature_maps_block1"]:
-        assert (tmp_path / f"{name}.png").exists()
+        assert (tmp_path / "first-500-test-images" / f"{name}.png").exists()  # a part of the test set: own folder
+        assert not (tmp_path / f"{name}.png").exists()
+
+
+def test_eval_refuses_a_figures_folder_it_cannot_create_before_evaluating(tmp_path, capsys, monkeypatch):
+    train(tiny_run_arguments(tmp_path, "--impl", "torch", "--epochs", "1"))
+    before = sorted(path.name for path in tmp_path.iterdir())
+
+    def no_work(*arguments):
+        raise AssertionError("evaluated before the figures folder was checked")
+
+    monkeypatch.setattr(cnn_eval, "evaluate", no_work)
+    with pytest.raises(SystemExit) as exit_info:
+        cnn_eval.main(["--checkpoint", str(tmp_path / "best.pt"), "--figures-dir", str(tmp_path / "best.pt" / "below"),
+                       "--test-images", "50"])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: cannot create the figures folder") and len(message.splitlines()) == 1
+    assert "Traceback" not in capsys.readouterr().err and sorted(path.name for path in tmp_path.iterdir()) == before
 
 
 @pytest.mark.slow

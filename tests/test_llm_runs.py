@@ -365,6 +365,7 @@ def test_every_bad_flag_and_file_of_every_llm_cli_is_one_line_and_harms_nothing(
                          "--factors": [ZERO, NEGATIVE, NAN, "100000000"], "--device": ["foo"]}.items():
         cases += [(llm.long_context, ["--checkpoint", checkpoint, "--out-dir", str(tmp_path / "long"), flag, value])
                   for value in values]
+    cases.append((llm.long_context, ["--checkpoint", checkpoint, "--out-dir", str(run_folder / "loss.png" / "long")]))
     for path in garbage_files.values():
         cases += [(llm.eval, ["--checkpoint", str(path)]), (llm.generate, ["--checkpoint", str(path)]),
                   (llm.long_context, ["--checkpoint", str(path), "--out-dir", str(tmp_path / "long")])]

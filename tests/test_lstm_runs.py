@@ -232,6 +232,11 @@ def test_every_bad_checkpoint_file_gets_one_line(bad_files, reference_run, tmp_p
     before = folder_bytes(compare_run)
     code, _, err = call_main(lstm.compare.main, [compare_run, "--context-out", tmp_path / "context.png"], capsys)
     assert code == 1 and "is not a readable lstm checkpoint" in err, err
+    for flag, path in (("--out", compare_run / "metrics.jsonl" / "curves.png"), ("--context-out", compare_run),
+                       ("--out", tmp_path / "curves.jpg")):  # refused before the best.pt above is read
+        code, out, err = call_main(lstm.compare.main, [compare_run, flag, path, "--context-out" if
+                                                       flag == "--out" else "--out", tmp_path / "other.png"], capsys)
+        assert code == 1 and out == "" and err.startswith(f"error: {flag} ") and len(err.splitlines()) == 1, err
     (compare_run / "metrics.jsonl").write_text("garbage\n")
     before = folder_bytes(compare_run)
     code, _, err = call_main(lstm.compare.main, [compare_run], capsys)

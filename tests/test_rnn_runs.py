@@ -247,6 +247,21 @@ def garbage_files(folder):
     return sorted(folder.iterdir())
 
 
+
+def test_eval_refuses_an_out_dir_it_cannot_create_before_scoring(reference, tmp_path, monkeypatch):
+    out_dir = copy_of(reference, tmp_path)
+    before = folder_bytes(out_dir)
+
+    def no_work(*arguments, **options):
+        raise AssertionError("the test split was scored before --out-dir was checked")
+
+    monkeypatch.setattr(rnn_eval, "predict_probabilities", no_work)
+    below_a_file = out_dir / "metrics.jsonl" / "figures"
+    with pytest.raises(SystemExit) as exit_status:
+        rnn_eval.main(["--checkpoint", str(out_dir / "best.pt"), "--out-dir", str(below_a_file)])
+    assert exit_status.value.code == f"error: cannot create --out-dir {below_a_file} (Not a directory)"
+    assert folder_bytes(out_dir) == before
+
 def test_eval_and_resume_refuse_files_that_are_not_rnn_checkpoints_in_one_line(reference, tmp_path):
     out_dir = copy_of(reference, tmp_path)
     before = folder_bytes(out_dir)

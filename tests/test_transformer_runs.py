@@ -230,6 +230,10 @@ def test_every_cli_refuses_out_of_range_flags_and_unreadable_checkpoints_with_on
     refused(train_module.main, [*RUN, "--out-dir", str(a_file)], capsys)
     refused(train_module.main, [*RUN, "--out-dir", str(a_file / "below")], capsys)
     refused(eval_module.main, ["--checkpoint", checkpoint, "--out-dir", str(a_file)], capsys)
+    with pytest.MonkeyPatch.context() as patch:  # a folder that cannot be made is refused before any decoding
+        patch.setattr(eval_module, "translate", lambda *arguments: pytest.fail("decoded before --out-dir was checked"))
+        message = refused(eval_module.main, ["--checkpoint", checkpoint, "--out-dir", str(a_file / "below")], capsys)
+    assert message == f"error: cannot create --out-dir {a_file / 'below'} (Not a directory)"
     refused(figures.main, ["--out", str(a_file)], capsys)
     refused(figures.main, ["--out", str(run / "picture.png")], capsys)
     assert folder_bytes(run) == before

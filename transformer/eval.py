@@ -135,6 +135,11 @@ def evaluate(args):
     if args.translate is not None:
         print(translate_text(model, processor, args.translate, args.beam_size, args.length_penalty, device))
         return
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.checkpoint).parent
+    try:  # before decoding the split: a folder that cannot be made ends the run here
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunError(f"cannot create --out-dir {out_dir} ({error.strerror})") from None
     split = checkpoint["split"]
     pairs = split_pairs(load_pairs(), split["seed"], split["valid_fraction"], split["test_fraction"])[args.split]
     if args.limit:
@@ -173,8 +178,6 @@ def evaluate(args):
     for i in range(0, min(len(pairs), step * args.examples), step):
         row = [pairs[i][0], pairs[i][1]] + [outputs[b][i] for b in results]
         print("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |")
-    out_dir = Path(args.out_dir) if args.out_dir else Path(args.checkpoint).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
     translation = plot_attention(model, processor, args.heatmap_sentence, out_dir / "attention.png", device)
     print(f"\nattention of '{args.heatmap_sentence}' -> '{translation}' drawn in {out_dir / 'attention.png'}")
 
