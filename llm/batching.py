@@ -191,7 +191,7 @@ class Engine:
         single = KVCache(self.model.config, 1, len(prompt_ids), weight.device, weight.dtype)
         for start in range(0, len(prompt_ids), PREFILL_CHUNK):
             chunk = torch.tensor([prompt_ids[start : start + PREFILL_CHUNK]], device=weight.device)  # (1, T)
-            logits, _ = self.model(chunk, cache=single)  # (1, T, vocab)
+            logits, _ = self.model(chunk, cache=single, last_only=True)  # (1, 1, vocab)
         return logits[0, -1], single
 
     def step(self):

@@ -1,6 +1,7 @@
 """Side-by-side speed measurements of the default model, all in one run so the ratios are fair.
 
     python llm/bench.py     # matmul peaks; training tokens/s + MFU, eager/compiled x fp32/bf16; KV-cache generation
+    python llm/bench.py --chat   # the chat on SmolLM2-135M-Instruct: decoding against transformers, the server
 
 Numbers depend on the machine and its thread count (set OMP_NUM_THREADS to compare).
 """
@@ -339,6 +340,9 @@ def hf_import_comparison(folder: Path, repeats: int) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--chat", action="store_true",
+                        help="instead: the chat on SmolLM2-135M-Instruct against transformers, its cache across "
+                             "turns, and the server under concurrent streams (llm/chat_bench.py)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--train-steps", type=positive_int, default=5, help="timed optimizer steps per way and round")
     parser.add_argument("--rounds", type=positive_int, default=3,
@@ -404,6 +408,10 @@ def compare_generation(config, device, lengths: list, rounds: int) -> dict:
 
 
 def main():
+    if "--chat" in sys.argv[1:]:  # the chat's own bench, with its own flags (python llm/chat_bench.py --help)
+        from llm.chat_bench import main as chat_bench
+
+        return chat_bench([argument for argument in sys.argv[1:] if argument != "--chat"])
     args = build_parser().parse_args()
     if args.hf_generation:
         return bench_hf_generation(args)

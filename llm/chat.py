@@ -17,6 +17,7 @@ import torch
 
 from llm.chat_model import add_model_arguments, model_from_arguments
 from llm.conversation import ChatSession, ContextFull, Sampling
+from llm.fast_decoding import prepare_for_decoding
 from llm.runs import non_negative_float, non_negative_int, positive_int, seed_int
 
 HELP = "commands: /reset (start again), /system TEXT (set the system prompt), /quit (or Ctrl-D); Ctrl-C stops an answer"
@@ -44,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sample only among the k most likely tokens (0 = all)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=512, help="the longest answer, in tokens")
     parser.add_argument("--seed", type=seed_int, default=None, help="random seed of the sampler (default: random)")
+    parser.add_argument("--show-prompt", action="store_true",
+                        help="print (to stderr) the text the model reads each turn: the chat template at work")
     return parser
 
 
@@ -70,6 +73,9 @@ class AnswerInterrupts:
 def answer(session: ChatSession, text: str, args, generator, should_stop=lambda: False):
     """Stream the answer to `text` onto stdout; one line on stderr when it could not be given or ended oddly."""
     written = False
+    if args.show_prompt:
+        conversation = session.messages() + [{"role": "user", "content": text}]
+        print(session.tokenizer.apply_chat_template(conversation), file=sys.stderr, end="", flush=True)
     try:
         for piece in session.reply(text, sampling_of(args), args.max_new_tokens, generator, should_stop):
             sys.stdout.write(piece)
@@ -141,6 +147,7 @@ def main(argv=None):
             raise ValueError("this model has no chat template")
     except ValueError as error:
         sys.exit(f"error: {error}")
+    prepare_for_decoding(model)
     generator = torch.Generator().manual_seed(args.seed if args.seed is not None else torch.seed() % 2**32)
     session = ChatSession(model, tokenizer, system=args.system)
     if interactive:

@@ -142,7 +142,7 @@ class ChatSession:
                 return None
             chunk = ids[start : start + PREFILL_CHUNK]
             self.cache.length = len(self.cached_ids)
-            logits, _ = self.model(torch.tensor([chunk], device=device), cache=self.cache)  # (1, len(chunk), vocab)
+            logits, _ = self.model(torch.tensor([chunk], device=device), cache=self.cache, last_only=True)  # (1, 1, V)
             self.cached_ids.extend(chunk)
         return logits[0, -1]  # (vocab,)
 

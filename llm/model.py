@@ -283,12 +283,14 @@ class Llama(nn.Module):
         length = context_length or self.config.context_length
         return 6 * self.num_parameters() + 12 * self.config.n_layers * self.config.d_model * length
 
-    def forward(self, tokens, targets=None, cache: KVCache | None = None, positions=None, attention_mask=None):
+    def forward(self, tokens, targets=None, cache: KVCache | None = None, positions=None, attention_mask=None,
+                last_only: bool = False):
         """tokens (B, T) -> logits (B, T, vocab); with targets also the mean cross-entropy.
 
         Rows at different lengths (a server decoding several conversations in one batch) pass positions (B, T),
         each token's own position, and attention_mask (B, 1, T, Tk), True where a token may see a key; their cache
-        (llm/batching.py) keeps each row's length itself.
+        (llm/batching.py) keeps each row's length itself. last_only: the logits (B, 1, vocab) of the last position
+        alone, all that reading a prompt needs to choose the next token.
         """
         start = cache.length if cache is not None and positions is None else 0
         length = tokens.size(1)
@@ -303,9 +305,11 @@ class Llama(nn.Module):
         x = self.dropout(self.embedding(tokens))  # (B, T, d_model)
         for layer, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, layer, start, attention_mask)  # the last block's write advances the cache
-        x = self.final_norm(x)
-        output_weight = self.embedding.weight if self.output_proj is None else self.output_proj.weight  # (vocab, d)
-        logits = F.linear(x, output_weight)  # (B, T, vocab): x W^T in one call, without a transposed copy
+        x = self.final_norm(x[:, -1:] if last_only else x)
+        if self.output_proj is None:
+            logits = F.linear(x, self.embedding.weight)  # (B, T, vocab): x E^T in one call, without a transposed copy
+        else:
+            logits = self.output_proj(x)  # (B, T, vocab)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))

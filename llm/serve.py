@@ -24,6 +24,7 @@ import torch
 from llm.batching import Engine, Request
 from llm.chat_model import add_model_arguments, model_from_arguments
 from llm.chat_template import IncrementalDecoder
+from llm.fast_decoding import prepare_for_decoding
 from llm.openai_api import (
     APIError,
     Job,
@@ -236,6 +237,7 @@ def main(argv=None):
             raise ValueError("this model has no chat template")
     except ValueError as error:
         sys.exit(f"error: {error}")
+    prepare_for_decoding(model)
     import uvicorn
 
     server = Server(model, tokenizer, default_model_name(args), args.max_batch, args.max_body_bytes)

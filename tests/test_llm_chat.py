@@ -17,6 +17,7 @@ from chat_fixtures import save_tiny_chat_model
 
 from llm.chat_model import load_chat_model
 from llm.conversation import ChatSession, ContextFull, Sampling, common_prefix_length, pick_token
+from llm.fast_decoding import PackedLinear, fastest_layout, packing_available, prepare_for_decoding
 from llm.generate import generate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +121,32 @@ def test_greedy_and_top_k_1_pick_the_most_likely_token_and_a_seed_repeats_a_draw
     assert nucleus <= {1, 2}  # tokens 1 and 2 hold over half the mass between them; the rest is never drawn
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["row", "column", "packed"])
+def test_every_weight_layout_gives_the_scores_and_greedy_tokens_of_the_plain_model(tiny_folder, layout, dtype):
+    if layout == "packed" and not packing_available(dtype):
+        pytest.skip("this PyTorch has no oneDNN packing")
+    plain, _ = load_chat_model(hf=str(tiny_folder), dtype=dtype)
+    laid_out, _ = load_chat_model(hf=str(tiny_folder), dtype=dtype)
+    choices = prepare_for_decoding(laid_out, choose=lambda weight: layout)
+    assert set(choices.values()) == {layout}
+    if layout == "packed":
+        assert isinstance(laid_out.output_proj, PackedLinear) and isinstance(laid_out.blocks[0].ffn.down_proj,
+                                                                             PackedLinear)
+    tokens = torch.randint(0, 320, (2, 30))
+    with torch.inference_mode():
+        expected, _ = plain(tokens)
+        got, _ = laid_out(tokens)
+    torch.testing.assert_close(got.float(), expected.float(), atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
+    assert generate(laid_out, tokens[0, :5].tolist(), 12, temperature=0) == generate(plain, tokens[0, :5].tolist(),
+                                                                                    12, temperature=0)
+
+
+def test_the_fastest_layout_is_measured_per_shape_and_one_of_the_three():
+    weight = torch.randn(96, 64)
+    assert fastest_layout(weight) in ("row", "column", "packed")
+
+
 # ---------------------------------------------------------------------------------------------- llm/chat.py
 
 
@@ -134,6 +161,10 @@ def test_chat_cli_answers_a_prompt_flag_and_a_piped_stdin_once_and_refuses_bad_i
     piped = run_chat("--hf", str(tiny_folder), "--max-new-tokens", "5", "--temperature", "0", stdin="Hello\n")
     assert flag.returncode == 0 and piped.returncode == 0, flag.stderr + piped.stderr
     assert flag.stdout == piped.stdout and flag.stdout.strip()
+    shown = run_chat("--hf", str(tiny_folder), "--prompt", "Hello", "--max-new-tokens", "2", "--show-prompt",
+                     "--system", "Be brief.")
+    assert "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n" in (
+        shown.stderr)
     for arguments, stdin, expected in [
         (["--temperature", "-1", "--prompt", "x"], None, "--temperature"),
         (["--top-p", "1.5", "--prompt", "x"], None, "--top-p"),

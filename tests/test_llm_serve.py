@@ -18,7 +18,7 @@ from chat_fixtures import RunningServer, save_tiny_chat_model
 from llm.batching import Engine, Request
 from llm.conversation import Sampling
 from llm.generate import generate
-from llm.model import Llama, LlamaConfig
+from llm.model import KVCache, Llama, LlamaConfig
 from llm.openai_api import APIError, StopStrings, parse_chat, parse_completion
 
 SMOLLM2 = Path(os.environ.get("HCL_DATA_MIRROR", "/nonexistent")) / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,6 +34,20 @@ def tiny_float64_llama(context_length: int = 128) -> Llama:
     for parameter in model.parameters():
         parameter.data.normal_(0, 0.2)
     return model
+
+
+def test_last_only_gives_the_last_logits_of_a_full_forward_and_the_default_path_is_unchanged():
+    model = tiny_float64_llama()
+    tokens = torch.randint(0, 300, (3, 20))
+    with torch.inference_mode():
+        full, _ = model(tokens)
+        last, _ = model(tokens, last_only=True)
+        cache = KVCache(model.config, 3, 20, "cpu", torch.float64)
+        model(tokens[:, :12], cache=cache)
+        cached_last, _ = model(tokens[:, 12:], cache=cache, last_only=True)
+    assert last.shape == (3, 1, 300)
+    torch.testing.assert_close(last, full[:, -1:], rtol=0, atol=1e-12)
+    torch.testing.assert_close(cached_last, full[:, -1:], rtol=0, atol=1e-12)
 
 
 class Collected:
