@@ -10,8 +10,9 @@ nothing chapter-specific: each chapter passes in its own file names, checkpoint 
     device              pick_device: --device auto picks CUDA, then MPS, then the CPU
     run folder          check_run_folder (before any work), remove_run_files (--overwrite)
     Ctrl-C              StopFlag (stop at a step boundary), EXIT_INTERRUPTED (the exit status afterwards)
-    checkpoints         save_checkpoint and load_checkpoint, write_text_atomically (metrics files),
-                        rng_states and restore_rng_states, refuse_changed_settings, warn_if_threads_changed
+    checkpoints         save_checkpoint and load_checkpoint (unreadable_reason: why a file is not one),
+                        write_text_atomically (metrics files), rng_states and restore_rng_states,
+                        refuse_changed_settings, warn_if_threads_changed
 """
 
 import argparse
