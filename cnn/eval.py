@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from cnn.mnist import PIXEL_MEAN, PIXEL_STD, MnistError, load_split  # noqa: E402
 from cnn.model import CNNConfig, build_model  # noqa: E402
-from cnn.runs import UserError, non_negative_int, pick_device  # noqa: E402
+from cnn.runs import RunError, non_negative_int, pick_device  # noqa: E402
 from cnn.train import evaluate, load_run_checkpoint  # noqa: E402
 from data import DataError  # noqa: E402
 
@@ -43,7 +43,7 @@ def load_model(path, device):
         model = build_model(CNNConfig(**settings["config"]), settings["impl"]).to(device)
         model.load_state_dict(checkpoint["model"])
     except (TypeError, KeyError, ValueError, RuntimeError) as error:
-        raise UserError(f"{path} does not fit the network it describes: {str(error).splitlines()[0]}") from None
+        raise RunError(f"{path} does not fit the network it describes: {str(error).splitlines()[0]}") from None
     return model.eval(), settings
 
 
@@ -101,7 +101,7 @@ def main(argv=None):
         device = pick_device(arguments.device)
         model, settings = load_model(arguments.checkpoint, device)
         images, labels = load_split("test", arguments.data_dir, arguments.test_images)
-    except (UserError, DataError, MnistError, ValueError) as error:
+    except (RunError, DataError, MnistError, ValueError) as error:
         sys.exit(f"error: {str(error).strip().splitlines()[0]}")
     images, labels = images.to(device), labels.to(device)
     test_loss, test_accuracy = evaluate(model, images, labels)

@@ -18,8 +18,8 @@ import torch
 from data import DataError
 from gru.corpus import TAGS, build_vocab, load_file
 from gru.model import HandwrittenGRU, Tagger, TaggerConfig, TorchGRU
-from gru.runs import UserError, positive_int
-from gru.tagging import pick_device, predict
+from gru.runs import RunError, pick_device, positive_int
+from gru.tagging import predict
 
 # (batch, length, input size, hidden size, bidirectional); the first row is the default tagger's shape: batch 32,
 # MSRA sentences of 45 characters on average, embedding 128, hidden 128 per direction, both directions
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         bench_gru(device, args.repeats)
         if not args.skip_tagging:
             bench_tagging(device, args.repeats, args.tag_sentences)
-    except (UserError, DataError) as error:
+    except (RunError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -18,12 +18,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from data import DataError  # noqa: E402
 from gru.corpus import load_file  # noqa: E402
-from gru.runs import non_negative_int, positive_int  # noqa: E402
+from gru.runs import RunError, load_checkpoint, non_negative_int, pick_device, positive_int  # noqa: E402
 from gru.tagging import (  # noqa: E402
-    UserError,
     entity_scores,
-    load_checkpoint,
-    pick_device,
     predict,
     tag_text,
     tagger_from_checkpoint,
@@ -84,7 +81,7 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         device = pick_device(args.device)
-        checkpoint = load_checkpoint(Path(args.checkpoint), "gru")
+        checkpoint = load_checkpoint(Path(args.checkpoint), "gru", ("model", "config", "vocab", "tags"))
         model = tagger_from_checkpoint(checkpoint, device)
         vocab, tags = checkpoint["vocab"], checkpoint["tags"]
         char_to_id = {char: i for i, char in enumerate(vocab)}
@@ -123,7 +120,7 @@ def main(argv=None) -> int:
         picture = Path(args.confusion_png) if args.confusion_png else Path(args.checkpoint).parent / "confusion.png"
         draw_confusion(counts, tags, picture)
         print(f"confusion matrix drawn to {picture}")
-    except (UserError, DataError, ValueError) as error:
+    except (RunError, DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -1,4 +1,4 @@
-"""What train.py and eval.py share: the device, checkpoints, tagging sentences, entity-level scores."""
+"""What train.py and eval.py share: a tagger from its checkpoint, tagging sentences, entity-level scores."""
 
 import torch
 from seqeval.metrics import classification_report
@@ -6,19 +6,7 @@ from seqeval.scheme import IOBES
 
 from gru.corpus import collate, make_batches, split_points, tags_to_spans
 from gru.model import Tagger, TaggerConfig
-from gru.runs import UserError, load_checkpoint  # noqa: F401 (eval.py and bench.py import them from here)
-
-
-def pick_device(name: str) -> torch.device:
-    """--device auto picks CUDA, then MPS, then the CPU; a device that is not there is a UserError."""
-    mps_available = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available else "cpu")
-    if name not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device must be auto, cpu, cuda or mps, not {name!r}")
-    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not mps_available):
-        raise UserError(f"--device {name} is not available on this machine")
-    return torch.device(name)
+from gru.runs import RunError
 
 
 def tagger_from_checkpoint(checkpoint: dict, device: torch.device) -> Tagger:
@@ -28,7 +16,7 @@ def tagger_from_checkpoint(checkpoint: dict, device: torch.device) -> Tagger:
         model.load_state_dict(checkpoint["model"])
     except (TypeError, ValueError, RuntimeError) as error:
         reason = str(error).splitlines()[0][:100]
-        raise UserError(f"the checkpoint's weights do not fit its config ({reason})") from None
+        raise RunError(f"the checkpoint's weights do not fit its config ({reason})") from None
     return model.to(device).eval()
 
 
@@ -70,10 +58,10 @@ def tag_text(model, text: str, char_to_id, tags, device, max_length: int) -> lis
     """Entities in free text as (start, end, type, surface), long text cut at punctuation into pieces."""
     text = text.strip()
     if not text:
-        raise UserError("the text to tag is empty")
+        raise RunError("the text to tag is empty")
     chars = list(text)
     if not any("\u3400" <= char <= "\u9fff" for char in chars):
-        raise UserError("the text has no Chinese characters: this tagger was trained on Chinese news text")
+        raise RunError("the text has no Chinese characters: this tagger was trained on Chinese news text")
     bounds = [0, *split_points(chars, max_length), len(chars)]
     pieces = [(chars[a:b], ["O"] * (b - a)) for a, b in zip(bounds, bounds[1:])]
     predicted = predict(model, pieces, char_to_id, tags, device)

@@ -17,8 +17,8 @@ import time
 import torch
 
 from lstm.model import HandwrittenLSTM
-from lstm.runs import positive_int
-from lstm.train import UserError, fail, pick_device
+from lstm.runs import RunError, pick_device, positive_int
+from lstm.train import fail
 
 DEFAULT_SIZES = ["32x50x128x1", "64x100x256x1", "64x100x512x1", "64x100x128x2"]
 IMPLEMENTATIONS = ("hand", "autograd", "torch")
@@ -29,11 +29,11 @@ def parse_size(text: str):
     try:
         batch, length, hidden, layers = (int(part) for part in text.split("x"))
     except ValueError:
-        raise UserError(f"size {text!r} is not batch x length x hidden x layers, e.g. 64x100x256x1") from None
+        raise RunError(f"size {text!r} is not batch x length x hidden x layers, e.g. 64x100x256x1") from None
     if min(batch, length, hidden, layers) <= 0:
-        raise UserError(f"size {text!r} has a part that is not positive")
+        raise RunError(f"size {text!r} has a part that is not positive")
     if batch * length * hidden * max(layers, 4) > 2**31:
-        raise UserError(f"size {text!r} is too large to time here")
+        raise RunError(f"size {text!r} is too large to time here")
     return batch, length, hidden, layers
 
 
@@ -78,7 +78,7 @@ def main(argv=None):
     try:
         sizes = [parse_size(size) for size in args.sizes]
         device = pick_device(args.device)
-    except UserError as error:
+    except RunError as error:
         fail(str(error))
     torch.manual_seed(0)
     print(f"device {device}, {torch.get_num_threads()} thread(s); each run: median of {args.repeats} "

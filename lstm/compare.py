@@ -17,9 +17,9 @@ import torch  # noqa: E402
 
 from data import DataError  # noqa: E402
 from lstm.eval import load_language_model, loss_by_position  # noqa: E402
-from lstm.runs import CheckpointError, positive_int  # noqa: E402
+from lstm.runs import RunError, positive_int  # noqa: E402
 from lstm.tasks import load_corpus  # noqa: E402
-from lstm.train import UserError, fail  # noqa: E402
+from lstm.train import fail  # noqa: E402
 
 CONTEXT_BANDS = [(0, 1), (1, 2), (2, 5), (5, 10), (10, 20), (20, 50), (50, 100), (100, 200), (200, 400)]
 
@@ -105,7 +105,7 @@ def main(argv=None):
         runs = [(Path(run_dir), *read_run(Path(run_dir))) for run_dir in args.run_dirs]
         # Scored before anything is drawn, so that a bad checkpoint or window leaves no half-written output.
         curves = context_curves(runs, args.window) if args.context_out else None
-    except (UserError, CheckpointError, DataError, OSError, ValueError) as error:
+    except (RunError, DataError, OSError, ValueError) as error:
         fail(str(error))
     labels = args.labels or [run_label(run_dir, summary) for run_dir, _, summary in runs]
     print("| run | model | hidden | parameters | test bpc | best validation bpc | wall-clock |")

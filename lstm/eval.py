@@ -14,9 +14,9 @@ from torch.nn import functional as F
 
 from data import DataError
 from lstm.model import CharConfig, CharLanguageModel, generate
-from lstm.runs import CheckpointError, load_checkpoint, positive_float, positive_int, seed_int
+from lstm.runs import RunError, load_checkpoint, pick_device, positive_float, positive_int, seed_int
 from lstm.tasks import load_corpus
-from lstm.train import UserError, evaluate_bpc, fail, pick_device
+from lstm.train import evaluate_bpc, fail
 
 
 def parse_args(argv=None):
@@ -37,14 +37,14 @@ def parse_args(argv=None):
 
 def load_language_model(path, device):
     """The model and its vocabulary from a train.py language-model checkpoint."""
-    checkpoint = load_checkpoint(path, "lstm")
+    checkpoint = load_checkpoint(path, "lstm", ("model", "config"))
     if "vocabulary" not in checkpoint:
-        raise UserError(f"{path} is not a language-model checkpoint (an adding-problem one?)")
+        raise RunError(f"{path} is not a language-model checkpoint (an adding-problem one?)")
     try:
         model = CharLanguageModel(CharConfig(**checkpoint["config"])).to(device)
         model.load_state_dict(checkpoint["model"])
     except (TypeError, ValueError, RuntimeError):
-        raise UserError(f"{path} is not a readable lstm checkpoint (its weights do not fit its config)") from None
+        raise RunError(f"{path} is not a readable lstm checkpoint (its weights do not fit its config)") from None
     model.eval()
     return model, checkpoint
 
@@ -86,12 +86,12 @@ def main(argv=None):
         model, checkpoint = load_language_model(args.checkpoint, device)
         corpus = load_corpus(checkpoint["books"])
         if corpus.vocabulary != checkpoint["vocabulary"]:
-            raise UserError("the books on disk do not give the vocabulary the checkpoint was trained with")
+            raise RunError("the books on disk do not give the vocabulary the checkpoint was trained with")
         result = {"checkpoint": args.checkpoint, "step": checkpoint["step"], "cell": model.config.cell,
                   "impl": model.config.impl}
         if args.sample:
             if not args.prompt:
-                raise UserError("--prompt is empty: give at least one character to start from")
+                raise RunError("--prompt is empty: give at least one character to start from")
             prompt_ids = corpus.encode(args.prompt)
             generator = torch.Generator().manual_seed(args.seed)
             pieces = []
@@ -114,7 +114,7 @@ def main(argv=None):
             else:
                 print(f"{args.split} bpc {bpc:.4f} ({len(text):,} characters, {model.config.cell} "
                       f"{model.config.impl}, step {checkpoint['step']})")
-    except (UserError, CheckpointError, DataError, FileNotFoundError, ValueError) as error:
+    except (RunError, DataError, FileNotFoundError, ValueError) as error:
         fail(str(error))
 
 

@@ -18,9 +18,9 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from lstm.model import AddingConfig, AddingModel  # noqa: E402
-from lstm.runs import CheckpointError, load_checkpoint, positive_int, seed_int  # noqa: E402
+from lstm.runs import RunError, load_checkpoint, positive_int, seed_int  # noqa: E402
 from lstm.tasks import adding_batch  # noqa: E402
-from lstm.train import MAX_BATCH_ELEMENTS, UserError, fail  # noqa: E402
+from lstm.train import MAX_BATCH_ELEMENTS, fail  # noqa: E402
 
 
 def input_gradient_norms(model: AddingModel, inputs, targets) -> torch.Tensor:
@@ -45,8 +45,8 @@ def forget_gate_per_unit(model: AddingModel, inputs) -> torch.Tensor:
     return torch.sigmoid(gates[..., hidden_size : 2 * hidden_size]).mean(dim=(0, 1))  # the forget block, eq. (2)
 
 
-def main(argv=None):
-    """Measure, print, plot."""
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default="runs/lstm-adding", help="where train.py --task adding wrote checkpoints")
     parser.add_argument("--length", type=positive_int, default=100,
@@ -56,35 +56,41 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.length < 2:
         parser.error("--length must be at least 2")
+    return args
+
+
+def load_trained(args) -> tuple[dict, dict]:
+    """The trained LSTM's and RNN's checkpoints at --length, and their configs; one line and exit if unusable."""
     run_dir = Path(args.run_dir)
     try:
         if args.batch_size * args.length * 2 > MAX_BATCH_ELEMENTS:
-            raise UserError(f"--batch-size {args.batch_size} x --length {args.length} is more than this script builds")
-        trained = {cell: load_checkpoint(run_dir / f"adding-{cell}-{args.length}-best.pt", "lstm")
+            raise RunError(f"--batch-size {args.batch_size} x --length {args.length} is more than this script builds")
+        trained = {cell: load_checkpoint(run_dir / f"adding-{cell}-{args.length}-best.pt", "lstm", ("model", "config"))
                    for cell in ("lstm", "rnn")}
-    except CheckpointError as error:
-        hint = " (run `python lstm/train.py --task adding` first)" if str(error).startswith("no checkpoint") else ""
-        fail(f"{error}{hint}")
-    except UserError as error:
-        fail(str(error))
+    except RunError as error:
+        missing = str(error).startswith("checkpoint ") and str(error).endswith("does not exist")
+        fail(f"{error}{' (run `python lstm/train.py --task adding` first)' if missing else ''}")
     try:
         configs = {cell: AddingConfig.from_checkpoint(trained[cell]["config"]) for cell in ("lstm", "rnn")}
     except (TypeError, AttributeError):
         fail(f"the checkpoints in {run_dir} are not readable lstm checkpoints (their config is not an adding one)")
+    return trained, configs
+
+
+def measure(args, trained: dict, configs: dict) -> tuple[dict, dict]:
+    """The input-gradient norms (and the LSTM's forget gates) of fresh and trained models, printed as measured."""
     inputs, targets = adding_batch(args.batch_size, args.length, torch.Generator().manual_seed(args.seed + 7))
     inputs, targets = inputs.double(), targets.double()
-    distance = torch.arange(args.length - 1, -1, -1)  # steps from x_t to the last step, where the loss is
     results, curves = {}, {}
     for stage in ("initialised", "trained"):
         for cell in ("lstm", "rnn"):
-            config = configs[cell]
             torch.manual_seed(args.seed)
-            model = AddingModel(config).double()  # float64: the RNN's far gradients underflow float32
+            model = AddingModel(configs[cell]).double()  # float64: the RNN's far gradients underflow float32
             if stage == "trained":
                 try:
                     model.load_state_dict(trained[cell]["model"])
                 except (RuntimeError, TypeError, AttributeError):
-                    fail(f"{run_dir}/adding-{cell}-{args.length}-best.pt is not a readable lstm checkpoint "
+                    fail(f"{args.run_dir}/adding-{cell}-{args.length}-best.pt is not a readable lstm checkpoint "
                          f"(its weights do not fit its config)")
             norms = input_gradient_norms(model, inputs, targets)  # (T,)
             curves[(stage, cell)] = norms
@@ -98,19 +104,34 @@ def main(argv=None):
                 entry["largest_unit_forget_gate"] = forget.max().item()
             results[f"{stage}_{cell}"] = entry
             print(f"{stage:>11} {cell}: " + ", ".join(f"{key} {value:.3g}" for key, value in entry.items()))
+    return results, curves
 
+
+def plot_gradient_flow(curves: dict, length: int, path: Path) -> None:
+    """The gradient norms against the distance to the loss, fresh models beside trained ones."""
+    distance = torch.arange(length - 1, -1, -1)  # steps from x_t to the last step, where the loss is
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
     for axis, stage in zip(axes, ("initialised", "trained")):
         for cell, label in (("lstm", "LSTM"), ("rnn", "tanh RNN")):
             axis.plot(distance, curves[(stage, cell)], label=label)
         axis.set_yscale("log")
         axis.set_xlabel("distance T - t from the input to the loss")
-        axis.set_title(f"{stage}" + (f" (adding problem, T = {args.length})" if stage == "trained" else ""))
+        axis.set_title(f"{stage}" + (f" (adding problem, T = {length})" if stage == "trained" else ""))
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("mean ||dL/dx_t||")
     axes[0].legend()
     figure.tight_layout()
-    figure.savefig(run_dir / "gradient_flow.png", dpi=90)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def main(argv=None):
+    """Measure, print, plot."""
+    args = parse_args(argv)
+    run_dir = Path(args.run_dir)
+    trained, configs = load_trained(args)
+    results, curves = measure(args, trained, configs)
+    plot_gradient_flow(curves, args.length, run_dir / "gradient_flow.png")
     (run_dir / "gradient_flow.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {run_dir / 'gradient_flow.png'} and gradient_flow.json")
 

@@ -11,10 +11,9 @@
 import argparse
 import json
 import math
-import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -36,17 +35,24 @@ from lstm.model import (  # noqa: E402
     recurrent_parameter_count,
 )
 from lstm.runs import (  # noqa: E402
-    CheckpointError,
+    EXIT_INTERRUPTED,
+    RunError,
     StopFlag,
-    changed_setting,
+    check_run_folder,
     finite_float,
     load_checkpoint,
+    pick_device,
     positive_float,
     positive_int,
-    prepare_run_folder,
     probability,
+    refuse_changed_settings,
+    remove_run_files,
+    restore_rng_states,
+    rng_states,
     save_checkpoint,
     seed_int,
+    warn_if_threads_changed,
+    write_text_atomically,
 )
 from lstm.tasks import DEFAULT_BOOKS, adding_batch, into_streams, load_corpus  # noqa: E402
 
@@ -65,18 +71,16 @@ FIXED_ON_RESUME = ("quick", "task", "impl", "cell", "books", "hidden_size", "num
                    "adding_hidden_size", "adding_batch_size", "adding_lr", "adding_forget_bias", "seed")
 MAX_PARAMETERS = 2**31  # a model beyond this (8 GiB of float32 weights) is beyond this chapter's scripts
 MAX_BATCH_ELEMENTS = 2**28  # one adding-problem batch (batch x length x 2 floats) is kept below 1 GiB
-
-
-class UserError(Exception):
-    """A mistake the user can fix: reported as one line on stderr."""
+# The checkpoints that mean a folder holds a run. The adding problem keeps one pair per model and length:
+# adding-lstm-100-last.pt, adding-lstm-100-best.pt, ...
+CHECKPOINT_PATTERNS = ("last.pt", "best.pt", "adding-*-last.pt", "adding-*-best.pt")
+# The files a training run writes into its --out-dir (--overwrite removes exactly these, and nothing else there).
+RUN_FILES = (*CHECKPOINT_PATTERNS, *(pattern + ".tmp" for pattern in CHECKPOINT_PATTERNS), "metrics.jsonl",
+             "metrics.jsonl.tmp", "summary.json", "curves.png", "adding.png")
 
 
 class StopRequested(Exception):
-    """Ctrl-C was pressed: the state at a step boundary is saved, and the run ends with this message, exit code 0."""
-
-
-class NonFiniteLoss(Exception):
-    """The loss became NaN or infinite: the run ends before writing anything, exit code 1."""
+    """Ctrl-C was pressed: the state at a step boundary is saved, and the run ends with this message, exit code 130."""
 
 
 def fail(message: str):
@@ -148,19 +152,6 @@ def parse_args(argv=None):
     return args
 
 
-def pick_device(name: str) -> torch.device:
-    """auto: CUDA, then Apple's MPS, then the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown device {name!r} (choose auto, cpu, cuda or mps)")
-    return torch.device(name)
-
-
 def fixed_arguments(args) -> dict:
     """The FIXED_ON_RESUME arguments of this run, as saved in every checkpoint."""
     return {name: getattr(args, name) for name in FIXED_ON_RESUME}
@@ -168,30 +159,9 @@ def fixed_arguments(args) -> dict:
 
 def check_resumable(checkpoint: dict, path: Path, args, config: dict):
     """Refuse, in one line, to resume with a changed FIXED_ON_RESUME argument or another model."""
-    saved = checkpoint.get("train_arguments", {})
-    current = fixed_arguments(args)
-    shown = [{name: " ".join(value) if isinstance(value, list) else value for name, value in arguments.items()}
-             for arguments in (saved, current)]
-    change = changed_setting(*shown, FIXED_ON_RESUME)
-    if change:
-        raise UserError(change)
+    refuse_changed_settings(checkpoint.get("train_arguments", {}), fixed_arguments(args), FIXED_ON_RESUME)
     if checkpoint["config"] != config:
-        raise UserError(f"{path} was trained with another config; use a new --out-dir")
-
-
-def rng_states(device: torch.device) -> dict:
-    """The random generators training draws from (dropout), as CPU tensors."""
-    states = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        states["cuda"] = [state.cpu() for state in torch.cuda.get_rng_state_all()]
-    return states
-
-
-def restore_rng_states(states: dict, device: torch.device):
-    """Put the generators back where a checkpoint left them (from its CPU copies)."""
-    torch.set_rng_state(states["cpu"].cpu())
-    if device.type == "cuda" and "cuda" in states:
-        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
+        raise RunError(f"{path} was trained with another config; use a new --out-dir")
 
 
 def resume_command(args) -> str:
@@ -210,25 +180,24 @@ def resume_command(args) -> str:
     return " ".join(parts)
 
 
-def good_state_note(name: str, saved_step) -> str:
-    """Which checkpoint holds the last good state, for the non-finite-loss message."""
-    if saved_step is None:
-        return "no checkpoint was written yet"
-    return f"{name} (step {saved_step}) holds the last good state"
+def stop_if_not_finite(value: float, what: str, step: int, checkpoint_name: str, saved_step) -> None:
+    """A diverged run ends before it writes anything, naming the checkpoint that holds the last good state."""
+    if not math.isfinite(value):
+        good = ("no checkpoint was written yet" if saved_step is None
+                else f"{checkpoint_name} (step {saved_step}) holds the last good state")
+        raise RunError(f"the {what} loss is not finite at step {step}; stopped without saving: {good}")
 
 
 def write_lines_atomically(path: Path, lines: list[str]):
-    """Replace a text file by `lines` (temporary file, then rename)."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(line + "\n" for line in lines))
-    os.replace(temporary, path)
+    """Replace a text file by `lines` (temporary file, fsync, rename)."""
+    write_text_atomically(path, "".join(line + "\n" for line in lines))
 
 
 def check_model_size(parameters: int):
     """Refuse a model too large for this chapter's scripts before allocating it."""
     if parameters > MAX_PARAMETERS:
-        raise UserError(f"the model would have {parameters:,} parameters, more than this script builds "
-                        f"({MAX_PARAMETERS:,}); choose smaller sizes")
+        raise RunError(f"the model would have {parameters:,} parameters, more than this script builds "
+                       f"({MAX_PARAMETERS:,}); choose smaller sizes")
 
 
 def cosine_learning_rate(step: int, total_steps: int, peak: float) -> float:
@@ -284,17 +253,72 @@ def plot_language_model(history: dict, path: Path, title: str):
     plt.close(figure)
 
 
-def train_language_model(args, device: torch.device, out_dir: Path, stop: StopFlag):
-    """Truncated BPTT over contiguous streams of the books, the state carried from window to window."""
+# ---- the language model ----
+
+@dataclass
+class LanguageModelRun:
+    """One language-model run: its text, model and optimizer, and where it stands (what a checkpoint saves)."""
+
+    args: argparse.Namespace
+    device: torch.device
+    out_dir: Path
+    train_streams: torch.Tensor  # (B, N): the training text cut into --batch-size contiguous streams
+    validation_ids: torch.Tensor
+    test_ids: torch.Tensor
+    windows_per_epoch: int
+    config: CharConfig
+    model: CharLanguageModel
+    optimizer: torch.optim.Optimizer
+    run: dict  # what every checkpoint repeats: config, books, vocabulary
+    history: dict = field(default_factory=lambda: {"train_steps": [], "train_bpc": [], "validation_steps": [],
+                                                   "validation_bpc": []})
+    start_step: int = 0
+    best_bpc: float = float("inf")
+    state: tuple | None = None  # the recurrent state carried from window to window
+    elapsed: float = 0.0  # seconds of training, this session and the ones it resumed
+    saved_step: int | None = None  # the step last.pt holds
+
+
+def checkpoint_payload(lm: LanguageModelRun, step: int) -> dict:
+    """Everything needed to evaluate the model or to resume training from `step`."""
+    carried = [part.cpu() for part in lm.state] if isinstance(lm.state, tuple) else lm.state
+    return {**lm.run, "model": lm.model.state_dict(), "optimizer": lm.optimizer.state_dict(), "step": step,
+            "best_bpc": lm.best_bpc, "history": lm.history, "carried_state": carried, "rng_states": rng_states(),
+            "elapsed_seconds": lm.elapsed, "train_arguments": fixed_arguments(lm.args),
+            "threads": torch.get_num_threads()}
+
+
+def restore_language_model(lm: LanguageModelRun, checkpoint: dict) -> None:
+    """Put a run back where last.pt left it; metrics.jsonl keeps the records up to that step."""
+    path = lm.out_dir / "last.pt"
+    check_resumable(checkpoint, path, lm.args, lm.run["config"])
+    if checkpoint.get("books") != lm.run["books"]:
+        raise RunError(f"{path} was trained on other books; use a new --out-dir")
+    lm.model.load_state_dict(checkpoint["model"])
+    lm.optimizer.load_state_dict(checkpoint["optimizer"])
+    lm.start_step, lm.best_bpc, lm.history = checkpoint["step"], checkpoint["best_bpc"], checkpoint["history"]
+    lm.elapsed, lm.saved_step = checkpoint["elapsed_seconds"], checkpoint["step"]
+    state = checkpoint["carried_state"]
+    lm.state = tuple(part.to(lm.device) for part in state) if isinstance(state, list) else state
+    restore_rng_states(checkpoint.get("rng_states", {"cpu": checkpoint.get("rng_state")}))
+    # The log keeps the records up to the saved step: whatever a killed run wrote after it is written again.
+    metrics_path = lm.out_dir / "metrics.jsonl"
+    records = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
+    kept = [line for line in records if json.loads(line).get("step", math.inf) <= lm.start_step]
+    write_lines_atomically(metrics_path, kept)
+    warn_if_threads_changed(checkpoint.get("threads"))
+    print(f"resumed from step {lm.start_step}", flush=True)
+
+
+def set_up_language_model(args, device: torch.device, out_dir: Path) -> LanguageModelRun:
+    """The books as streams, the model (its size checked first) and optimizer; on --resume, restore last.pt."""
     corpus = load_corpus(args.books)
     train_ids = torch.tensor(corpus.encode(corpus.train))
     windows_per_epoch = (len(train_ids) // args.batch_size - 1) // args.seq_len
     if windows_per_epoch < 1:
-        raise UserError(f"the training text ({len(train_ids):,} characters) is too short for --batch-size "
-                        f"{args.batch_size} streams of --seq-len {args.seq_len} characters")
+        raise RunError(f"the training text ({len(train_ids):,} characters) is too short for --batch-size "
+                       f"{args.batch_size} streams of --seq-len {args.seq_len} characters")
     train_streams = into_streams(train_ids, args.batch_size).to(device)  # (B, N)
-    validation_ids = torch.tensor(corpus.encode(corpus.validation))
-    test_ids = torch.tensor(corpus.encode(corpus.test))
     config = language_model_config(args, len(corpus.vocabulary))
     check_model_size(recurrent_parameter_count(config.cell, config.embedding_size, config.hidden_size,
                                                config.num_layers) + config.vocab_size * (config.embedding_size
@@ -302,113 +326,111 @@ def train_language_model(args, device: torch.device, out_dir: Path, stop: StopFl
     torch.manual_seed(args.seed)
     model = CharLanguageModel(config, args.backward).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    parameter_count = sum(p.numel() for p in model.parameters())
     print(f"{config.cell} ({config.impl}), hidden {config.hidden_size} x {config.num_layers} layers, "
-          f"{parameter_count:,} parameters; {len(corpus.train):,} train / {len(corpus.validation):,} validation / "
-          f"{len(corpus.test):,} test characters; {windows_per_epoch} windows per epoch", flush=True)
-
-    run = {"config": model.config_dict(), "books": list(args.books), "vocabulary": corpus.vocabulary}
-    history = {"train_steps": [], "train_bpc": [], "validation_steps": [], "validation_bpc": []}
-    start_step, best_bpc, state, elapsed, saved_step = 0, float("inf"), None, 0.0, None
-    metrics_path = out_dir / "metrics.jsonl"
+          f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(corpus.train):,} train / "
+          f"{len(corpus.validation):,} validation / {len(corpus.test):,} test characters; {windows_per_epoch} "
+          f"windows per epoch", flush=True)
+    lm = LanguageModelRun(args, device, out_dir, train_streams, torch.tensor(corpus.encode(corpus.validation)),
+                          torch.tensor(corpus.encode(corpus.test)), windows_per_epoch, config, model, optimizer,
+                          {"config": model.config_dict(), "books": list(args.books), "vocabulary": corpus.vocabulary})
     if args.resume:
         checkpoint = load_checkpoint(out_dir / "last.pt", "lstm", required=("model", "config", "optimizer", "step"))
-        check_resumable(checkpoint, out_dir / "last.pt", args, run["config"])
-        if checkpoint.get("books") != run["books"]:
-            raise UserError(f"{out_dir / 'last.pt'} was trained on other books; use a new --out-dir")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start_step, best_bpc, history = checkpoint["step"], checkpoint["best_bpc"], checkpoint["history"]
-        elapsed, saved_step = checkpoint["elapsed_seconds"], checkpoint["step"]
-        state = checkpoint["carried_state"]
-        state = tuple(part.to(device) for part in state) if isinstance(state, list) else state
-        restore_rng_states(checkpoint.get("rng_states", {"cpu": checkpoint.get("rng_state")}), device)
-        # The log keeps the records up to the saved step: whatever a killed run wrote after it is written again.
-        records = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
-        kept = [line for line in records if json.loads(line).get("step", math.inf) <= start_step]
-        write_lines_atomically(metrics_path, kept)
-        print(f"resumed from step {start_step}", flush=True)
+        restore_language_model(lm, checkpoint)
+    return lm
 
-    def checkpoint_payload(step):
-        """Everything needed to evaluate the model or to resume training from `step`."""
-        carried = [part.cpu() for part in state] if isinstance(state, tuple) else state
-        return {**run, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "best_bpc": best_bpc, "history": history, "carried_state": carried, "rng_states": rng_states(device),
-                "elapsed_seconds": elapsed, "train_arguments": fixed_arguments(args)}
 
-    metrics = open(metrics_path, "a" if args.resume else "w")  # a fresh run starts a fresh log
-    started = time.perf_counter() - elapsed
-    progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="train", mininterval=2)
-    model.train()
+def language_model_step(lm: LanguageModelRun, step: int) -> float:
+    """One truncated-BPTT step on the next window of every stream; returns its bits per character."""
+    args, model = lm.args, lm.model
+    window = step % lm.windows_per_epoch
+    if window == 0:
+        lm.state = None  # a new epoch starts each stream from its beginning
+    begin = window * args.seq_len
+    inputs = lm.train_streams[:, begin : begin + args.seq_len]  # (B, T)
+    targets = lm.train_streams[:, begin + 1 : begin + args.seq_len + 1]  # (B, T)
+    for group in lm.optimizer.param_groups:
+        group["lr"] = cosine_learning_rate(step, args.steps, args.lr)
+    logits, lm.state = model(inputs, detach_state(lm.state))  # (B, T, V)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    train_bpc = loss.item() / math.log(2)
+    stop_if_not_finite(train_bpc, "training", step + 1, "last.pt", lm.saved_step)
+    lm.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    lm.optimizer.step()
+    lm.state = detach_state(lm.state)
+    lm.history["train_steps"].append(step + 1)
+    lm.history["train_bpc"].append(train_bpc)
+    return train_bpc
+
+
+def validate_language_model(lm: LanguageModelRun, step: int, train_bpc: float, metrics, started: float) -> None:
+    """Validation bits per character after `step` steps: logged, then best.pt (if better) and last.pt written."""
+    validation_bpc = evaluate_bpc(lm.model, lm.validation_ids)
+    stop_if_not_finite(validation_bpc, "validation", step, "last.pt", lm.saved_step)
+    lm.elapsed = time.perf_counter() - started
+    lm.history["validation_steps"].append(step)
+    lm.history["validation_bpc"].append(validation_bpc)
+    record = {"step": step, "train_bpc": train_bpc, "validation_bpc": validation_bpc,
+              "elapsed_seconds": round(lm.elapsed, 1)}
+    metrics.write(json.dumps(record) + "\n")
+    metrics.flush()
+    tqdm.write(f"step {step}: validation bpc {validation_bpc:.4f}")
+    if validation_bpc < lm.best_bpc:
+        lm.best_bpc = validation_bpc
+        save_checkpoint(lm.out_dir / "best.pt", checkpoint_payload(lm, step))
+    save_checkpoint(lm.out_dir / "last.pt", checkpoint_payload(lm, step))
+    lm.saved_step = step
+
+
+def train_language_model(args, device: torch.device, out_dir: Path, stop: StopFlag):
+    """Truncated BPTT over contiguous streams of the books, the state carried from window to window."""
+    lm = set_up_language_model(args, device, out_dir)
+    metrics = open(out_dir / "metrics.jsonl", "a" if args.resume else "w")  # a fresh run starts a fresh log
+    started = time.perf_counter() - lm.elapsed
+    progress = tqdm(range(lm.start_step, args.steps), initial=lm.start_step, total=args.steps, desc="train",
+                    mininterval=2)
+    lm.model.train()
     try:
         for step in progress:
-            window = step % windows_per_epoch
-            if window == 0:
-                state = None  # a new epoch starts each stream from its beginning
-            begin = window * args.seq_len
-            inputs = train_streams[:, begin : begin + args.seq_len]  # (B, T)
-            targets = train_streams[:, begin + 1 : begin + args.seq_len + 1]  # (B, T)
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_learning_rate(step, args.steps, args.lr)
-            logits, state = model(inputs, detach_state(state))  # (B, T, V)
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-            train_bpc = loss.item() / math.log(2)
-            if not math.isfinite(train_bpc):
-                raise NonFiniteLoss(f"the training loss is not finite at step {step + 1}; stopped without saving: "
-                                    f"{good_state_note('last.pt', saved_step)}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            state = detach_state(state)
-            history["train_steps"].append(step + 1)
-            history["train_bpc"].append(train_bpc)
+            train_bpc = language_model_step(lm, step)
             progress.set_postfix(bpc=f"{train_bpc:.3f}")
-            elapsed = time.perf_counter() - started
+            lm.elapsed = time.perf_counter() - started
             if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-                validation_bpc = evaluate_bpc(model, validation_ids)
-                if not math.isfinite(validation_bpc):
-                    raise NonFiniteLoss(f"the validation loss is not finite at step {step + 1}; stopped without "
-                                        f"saving: {good_state_note('last.pt', saved_step)}")
-                elapsed = time.perf_counter() - started
-                history["validation_steps"].append(step + 1)
-                history["validation_bpc"].append(validation_bpc)
-                record = {"step": step + 1, "train_bpc": train_bpc, "validation_bpc": validation_bpc,
-                          "elapsed_seconds": round(elapsed, 1)}
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                tqdm.write(f"step {step + 1}: validation bpc {validation_bpc:.4f}")
-                if validation_bpc < best_bpc:
-                    best_bpc = validation_bpc
-                    save_checkpoint(out_dir / "best.pt", checkpoint_payload(step + 1))
-                save_checkpoint(out_dir / "last.pt", checkpoint_payload(step + 1))
-                saved_step = step + 1
+                validate_language_model(lm, step + 1, train_bpc, metrics, started)
             if stop.requested and step + 1 < args.steps:  # a step boundary: the step, its log and checkpoints are done
-                if saved_step != step + 1:
-                    save_checkpoint(out_dir / "last.pt", checkpoint_payload(step + 1))
+                if lm.saved_step != step + 1:
+                    save_checkpoint(out_dir / "last.pt", checkpoint_payload(lm, step + 1))
                 raise StopRequested(f"stopped at step {step + 1}; resume with: {resume_command(args)}")
     except BaseException:  # a stop, a non-finite loss or a second Ctrl-C: the log closes, the checkpoints stay
         metrics.close()
         raise
     finally:
         progress.close()
+    finish_language_model(lm, metrics, started)
 
-    best = load_checkpoint(out_dir / "best.pt", "lstm")
-    model.load_state_dict(best["model"])
-    test_bpc = evaluate_bpc(model, test_ids)
+
+def finish_language_model(lm: LanguageModelRun, metrics, started: float) -> None:
+    """The best checkpoint's test bits per character, summary.json, the final log line and the curves."""
+    args, config, out_dir = lm.args, lm.config, lm.out_dir
+    best = load_checkpoint(out_dir / "best.pt", "lstm", ("model", "step"))
+    lm.model.load_state_dict(best["model"])
+    test_bpc = evaluate_bpc(lm.model, lm.test_ids)
     elapsed = time.perf_counter() - started
-    summary = {"test_bpc": test_bpc, "best_validation_bpc": best_bpc, "best_step": best["step"], "steps": args.steps,
-               "parameters": parameter_count, "cell": config.cell, "impl": config.impl, "lr": args.lr,
-               "hidden_size": config.hidden_size, "train_seconds": round(elapsed, 1),
-               "threads": torch.get_num_threads(), "device": str(device)}
+    summary = {"test_bpc": test_bpc, "best_validation_bpc": lm.best_bpc, "best_step": best["step"],
+               "steps": args.steps, "parameters": sum(p.numel() for p in lm.model.parameters()), "cell": config.cell,
+               "impl": config.impl, "lr": args.lr, "hidden_size": config.hidden_size,
+               "train_seconds": round(elapsed, 1), "threads": torch.get_num_threads(), "device": str(lm.device)}
     metrics.write(json.dumps({"final": summary}) + "\n")
     metrics.close()
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_language_model(history, out_dir / "curves.png", f"{config.cell} ({config.impl}) on Austen")
-    print(f"test bpc {test_bpc:.4f} (best validation {best_bpc:.4f} at step {best['step']}), "
+    plot_language_model(lm.history, out_dir / "curves.png", f"{config.cell} ({config.impl}) on Austen")
+    print(f"test bpc {test_bpc:.4f} (best validation {lm.best_bpc:.4f} at step {best['step']}), "
           f"{elapsed / 60:.1f} min; wrote {out_dir}/best.pt, last.pt, metrics.jsonl, curves.png", flush=True)
     print(f"sample it with: python lstm/eval.py --checkpoint {out_dir}/best.pt --sample", flush=True)
 
+
+# ---- the adding problem ----
 
 def adding_config(args, cell: str) -> AddingConfig:
     """The adding model; the RNN's hidden size is matched to the LSTM's parameter count."""
@@ -420,86 +442,116 @@ def adding_config(args, cell: str) -> AddingConfig:
     return AddingConfig(hidden_size, 1, cell, "torch")
 
 
-def train_adding_run(args, device, out_dir: Path, cell: str, length: int, stop: StopFlag) -> dict:
-    """One model at one length; returns its history of evaluation MSE. Resumable from its own last checkpoint."""
+@dataclass
+class AddingRun:
+    """One model at one length of the adding problem, and where its training stands."""
+
+    args: argparse.Namespace
+    name: str  # adding-<cell>-<length>: the prefix of its checkpoints
+    last_path: Path
+    model: AddingModel
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # draws the training batches
+    evaluation: tuple  # a fixed batch of 1000 sequences: (inputs, targets)
+    run: dict
+    history: dict = field(default_factory=lambda: {"steps": [], "mse": []})
+    start_step: int = 0
+    best_mse: float = float("inf")
+    elapsed: float = 0.0  # seconds of the sessions this one resumed
+    saved_step: int | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+def adding_payload(adding: AddingRun, step: int) -> dict:
+    """Model, optimizer, data-generator position and history at `step`."""
+    return {**adding.run, "model": adding.model.state_dict(), "optimizer": adding.optimizer.state_dict(),
+            "step": step, "best_mse": adding.best_mse, "history": adding.history,
+            "generator_state": adding.generator.get_state(),
+            "elapsed_seconds": adding.elapsed + time.perf_counter() - adding.started,
+            "train_arguments": fixed_arguments(adding.args), "threads": torch.get_num_threads()}
+
+
+def restore_adding_run(adding: AddingRun, checkpoint: dict) -> None:
+    """Put one adding run back where its last checkpoint left it."""
+    checkpoint["config"] = {**asdict(AddingConfig()), **checkpoint["config"]}  # defaults for fields added later
+    check_resumable(checkpoint, adding.last_path, adding.args, adding.run["config"])
+    adding.model.load_state_dict(checkpoint["model"])
+    adding.optimizer.load_state_dict(checkpoint["optimizer"])
+    adding.start_step, adding.best_mse = checkpoint["step"], checkpoint["best_mse"]
+    adding.history = checkpoint["history"]
+    adding.generator.set_state(checkpoint["generator_state"].cpu())
+    adding.elapsed, adding.saved_step = checkpoint.get("elapsed_seconds", 0.0), checkpoint["step"]
+    warn_if_threads_changed(checkpoint.get("threads"))
+
+
+def set_up_adding_run(args, device, out_dir: Path, cell: str, length: int) -> AddingRun:
+    """The model, its optimizer, its batch generator and evaluation batch; restored from its last.pt on --resume."""
     config = adding_config(args, cell)
     check_model_size(recurrent_parameter_count(cell, 2, config.hidden_size, 1) + config.hidden_size + 1)
     torch.manual_seed(args.seed)
     model = AddingModel(config, args.backward).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.adding_lr)
     generator = torch.Generator().manual_seed(args.seed * 1000 + length)
-    evaluation_inputs, evaluation_targets = adding_batch(1000, length, torch.Generator().manual_seed(12345 + length))
-    evaluation_inputs, evaluation_targets = evaluation_inputs.to(device), evaluation_targets.to(device)
+    inputs, targets = adding_batch(1000, length, torch.Generator().manual_seed(12345 + length))
     name = f"adding-{cell}-{length}"
-    run = {"config": vars(config) | {"length": length}, "task": "adding"}
-    history = {"steps": [], "mse": []}
-    start_step, best_mse, elapsed, saved_step = 0, float("inf"), 0.0, None
-    last_path = out_dir / f"{name}-last.pt"
-    if args.resume and last_path.is_file():
-        checkpoint = load_checkpoint(last_path, "lstm", required=("model", "config", "optimizer", "step"))
-        checkpoint["config"] = {**asdict(AddingConfig()), **checkpoint["config"]}  # defaults for fields added later
-        check_resumable(checkpoint, last_path, args, run["config"])
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start_step, best_mse, history = checkpoint["step"], checkpoint["best_mse"], checkpoint["history"]
-        generator.set_state(checkpoint["generator_state"].cpu())
-        elapsed, saved_step = checkpoint.get("elapsed_seconds", 0.0), checkpoint["step"]
+    adding = AddingRun(args, name, out_dir / f"{name}-last.pt", model, optimizer, generator,
+                       (inputs.to(device), targets.to(device)),
+                       {"config": vars(config) | {"length": length}, "task": "adding"})
+    if args.resume and adding.last_path.is_file():
+        restore_adding_run(adding, load_checkpoint(adding.last_path, "lstm",
+                                                   required=("model", "config", "optimizer", "step")))
+    adding.started = time.perf_counter()
+    return adding
 
-    def payload(step):
-        """Model, optimizer, data-generator position and history at `step`."""
-        return {**run, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "best_mse": best_mse, "history": history, "generator_state": generator.get_state(),
-                "elapsed_seconds": elapsed + time.perf_counter() - started, "train_arguments": fixed_arguments(args)}
 
-    @torch.no_grad()
-    def evaluation_mse(step):
-        """MSE on a fixed batch of 1000 sequences; a non-finite one ends the run before anything is written."""
-        model.eval()
-        error = F.mse_loss(model(evaluation_inputs), evaluation_targets).item()
-        model.train()
-        if not math.isfinite(error):
-            raise NonFiniteLoss(f"the validation loss is not finite at step {step}; stopped without saving: "
-                                f"{good_state_note(last_path.name, saved_step)}")
-        return error
+@torch.no_grad()
+def evaluation_mse(adding: AddingRun, step: int) -> float:
+    """MSE on the fixed batch of 1000 sequences; a non-finite one ends the run before anything is written."""
+    adding.model.eval()
+    error = F.mse_loss(adding.model(adding.evaluation[0]), adding.evaluation[1]).item()
+    adding.model.train()
+    stop_if_not_finite(error, "validation", step, adding.last_path.name, adding.saved_step)
+    return error
 
-    started = time.perf_counter()
-    if not history["steps"]:
-        history["steps"].append(0)
-        history["mse"].append(evaluation_mse(0))
-    progress = tqdm(range(start_step, args.adding_steps), initial=start_step, total=args.adding_steps,
+
+def train_adding_run(args, device, out_dir: Path, cell: str, length: int, stop: StopFlag) -> dict:
+    """One model at one length; returns its history of evaluation MSE. Resumable from its own last checkpoint."""
+    adding = set_up_adding_run(args, device, out_dir, cell, length)
+    if not adding.history["steps"]:
+        adding.history["steps"].append(0)
+        adding.history["mse"].append(evaluation_mse(adding, 0))
+    progress = tqdm(range(adding.start_step, args.adding_steps), initial=adding.start_step, total=args.adding_steps,
                     desc=f"{cell} T={length}", mininterval=2)
     try:
         for step in progress:
-            inputs, targets = adding_batch(args.adding_batch_size, length, generator)
-            loss = F.mse_loss(model(inputs.to(device)), targets.to(device))
-            if not math.isfinite(loss.item()):
-                raise NonFiniteLoss(f"the training loss is not finite at step {step + 1}; stopped without saving: "
-                                    f"{good_state_note(last_path.name, saved_step)}")
-            optimizer.zero_grad(set_to_none=True)
+            inputs, targets = adding_batch(args.adding_batch_size, length, adding.generator)
+            loss = F.mse_loss(adding.model(inputs.to(device)), targets.to(device))
+            stop_if_not_finite(loss.item(), "training", step + 1, adding.last_path.name, adding.saved_step)
+            adding.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
+            torch.nn.utils.clip_grad_norm_(adding.model.parameters(), args.grad_clip)
+            adding.optimizer.step()
             if (step + 1) % 25 == 0 or step + 1 == args.adding_steps:
-                mse = evaluation_mse(step + 1)
-                history["steps"].append(step + 1)
-                history["mse"].append(mse)
+                mse = evaluation_mse(adding, step + 1)
+                adding.history["steps"].append(step + 1)
+                adding.history["mse"].append(mse)
                 progress.set_postfix(mse=f"{mse:.4f}")
-                if mse < best_mse:
-                    best_mse = mse
-                    save_checkpoint(out_dir / f"{name}-best.pt", payload(step + 1))
+                if mse < adding.best_mse:
+                    adding.best_mse = mse
+                    save_checkpoint(out_dir / f"{adding.name}-best.pt", adding_payload(adding, step + 1))
             if (step + 1) % 250 == 0 or step + 1 == args.adding_steps:
-                save_checkpoint(last_path, payload(step + 1))
-                saved_step = step + 1
+                save_checkpoint(adding.last_path, adding_payload(adding, step + 1))
+                adding.saved_step = step + 1
             if stop.requested and step + 1 < args.adding_steps:  # a step boundary
-                if saved_step != step + 1:
-                    save_checkpoint(last_path, payload(step + 1))
-                raise StopRequested(f"stopped at step {step + 1} of {name}; resume with: {resume_command(args)}")
+                if adding.saved_step != step + 1:
+                    save_checkpoint(adding.last_path, adding_payload(adding, step + 1))
+                raise StopRequested(f"stopped at step {step + 1} of {adding.name}; resume with: {resume_command(args)}")
     finally:
         progress.close()
-    seconds = elapsed + time.perf_counter() - started
-    return {"cell": cell, "length": length, "hidden_size": config.hidden_size,
-            "parameters": sum(p.numel() for p in model.parameters()), "final_mse": history["mse"][-1],
-            "best_mse": best_mse, "seconds": round(seconds, 1), "history": history}
+    return {"cell": cell, "length": length, "hidden_size": adding.run["config"]["hidden_size"],
+            "parameters": sum(p.numel() for p in adding.model.parameters()), "final_mse": adding.history["mse"][-1],
+            "best_mse": adding.best_mse, "seconds": round(adding.elapsed + time.perf_counter() - adding.started, 1),
+            "history": adding.history}
 
 
 def plot_adding(results: list[dict], path: Path):
@@ -526,8 +578,8 @@ def train_adding(args, device, out_dir: Path, stop: StopFlag):
     """Every (length, cell) pair in turn, then the comparison plot. metrics.jsonl holds one line per finished run."""
     biggest = max(max(args.lengths) * max(args.adding_batch_size, 1000) * 2, 0)
     if biggest > MAX_BATCH_ELEMENTS:
-        raise UserError(f"--lengths up to {max(args.lengths):,} with batches of {max(args.adding_batch_size, 1000):,} "
-                        f"sequences hold {biggest:,} numbers, more than this script builds ({MAX_BATCH_ELEMENTS:,})")
+        raise RunError(f"--lengths up to {max(args.lengths):,} with batches of {max(args.adding_batch_size, 1000):,} "
+                       f"sequences hold {biggest:,} numbers, more than this script builds ({MAX_BATCH_ELEMENTS:,})")
     metrics_path = out_dir / "metrics.jsonl"
     if not args.resume:
         metrics_path.write_text("")  # a fresh run starts a fresh log
@@ -547,14 +599,16 @@ def train_adding(args, device, out_dir: Path, stop: StopFlag):
 
 
 def main(argv=None):
-    """Parse, run the chosen task, and turn user mistakes into one line on stderr."""
+    """Parse, run the chosen task, and turn user mistakes into one line on stderr; a Ctrl-C stop exits with 130."""
     args = parse_args(argv)
     stop = None
     try:
         device = pick_device(args.device)
         out_dir = Path(args.out_dir)
-        prepare_run_folder(out_dir, args.resume, args.overwrite,
-                           resume_from="last.pt" if args.task == "lm" else "adding-*-last.pt")
+        check_run_folder(out_dir, args.resume, args.overwrite, checkpoints=CHECKPOINT_PATTERNS,
+                         resume_from="last.pt" if args.task == "lm" else "adding-*-last.pt")
+        if args.overwrite:
+            remove_run_files(out_dir, RUN_FILES)
         out_dir.mkdir(parents=True, exist_ok=True)
         stop = StopFlag()  # Ctrl-C from here on asks the loop to stop at the next step boundary
         if args.task == "lm":
@@ -563,7 +617,8 @@ def main(argv=None):
             train_adding(args, device, out_dir, stop)
     except StopRequested as stopped:
         print(f"\n{stopped}", flush=True)
-    except (UserError, CheckpointError, NonFiniteLoss, DataError, FileNotFoundError, ValueError) as error:
+        sys.exit(EXIT_INTERRUPTED)
+    except (RunError, DataError, FileNotFoundError, ValueError) as error:
         fail(str(error))
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, leaving the checkpoints as they were
         fail("interrupted twice: stopped at once; the checkpoints in --out-dir hold the last saved step")

@@ -12,10 +12,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from data import DataError  # noqa: E402
-from rnn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint  # noqa: E402
 from rnn.metrics import classification_metrics, predict_probabilities  # noqa: E402
 from rnn.names import Alphabet, encode_split, load_pairs, make_batch, stratified_split  # noqa: E402
-from rnn.runs import pick_device  # noqa: E402
+from rnn.runs import RunError, pick_device  # noqa: E402
+from rnn.train import load_run_checkpoint, model_from_checkpoint  # noqa: E402
 
 
 def parse_arguments(argv=None):
@@ -67,7 +67,7 @@ def evaluate(arguments):
     out_dir = Path(arguments.out_dir) if arguments.out_dir else Path(arguments.checkpoint).parent
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out-dir {out_dir} is a file, not a folder")
-    state = load_checkpoint(arguments.checkpoint)
+    state = load_run_checkpoint(arguments.checkpoint)
     model = model_from_checkpoint(state, device, arguments.impl)
     alphabet, languages = Alphabet(state["alphabet"]), state["languages"]
     if arguments.predict:
@@ -103,7 +103,7 @@ def main(argv=None):
     try:
         with torch.no_grad():
             evaluate(arguments)
-    except (DataError, CheckpointError, ValueError, OSError) as exception:
+    except (DataError, RunError, ValueError, OSError) as exception:
         sys.exit(f"error: {exception}")
 
 

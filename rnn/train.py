@@ -3,9 +3,9 @@
 import argparse
 import json
 import math
-import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -17,28 +17,29 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data import DataError  # noqa: E402
-from rnn.checkpoint import (  # noqa: E402
-    CHECKPOINT_KEYS,
-    RESUME_KEYS,
-    CheckpointError,
-    load_checkpoint,
-    model_from_checkpoint,
-    save_checkpoint,
-    sync_folder,
-)
 from rnn.metrics import classification_metrics, predict_probabilities  # noqa: E402
 from rnn.model import ClassifierConfig, NameClassifier, clip_gradient_norm  # noqa: E402
 from rnn.names import Alphabet, class_counts, encode_split, load_pairs, stratified_split  # noqa: E402
 from rnn.runs import (  # noqa: E402
+    EXIT_INTERRUPTED,
+    CheckpointError,
     RunError,
     StopFlag,
+    check_run_folder,
+    load_checkpoint,
     non_negative_float,
     non_negative_int,
     pick_device,
     positive_float,
     positive_int,
-    prepare_run_folder,
     probability,
+    refuse_changed_settings,
+    remove_run_files,
+    restore_rng_states,
+    rng_states,
+    save_checkpoint,
+    warn_if_threads_changed,
+    write_text_atomically,
 )
 
 # The arguments that change the run. --resume takes them from the saved run; naming one with another value is
@@ -46,6 +47,12 @@ from rnn.runs import (  # noqa: E402
 # stretches over the new total; --device and --no-progress may change freely.)
 FIXED_ON_RESUME = ("impl", "hidden_size", "embedding_size", "num_layers", "bidirectional", "seed", "split_seed",
                    "limit", "batch_size", "learning_rate", "weight_decay", "dropout", "label_smoothing", "clip")
+# Every file rnn/train.py (and rnn/eval.py's confusion matrix) writes into a run folder; --overwrite removes these.
+RUN_FILES = ("last.pt", "best.pt", "last.pt.tmp", "best.pt.tmp", "metrics.jsonl", "metrics.jsonl.tmp",
+             "curves.png", "confusion.png")
+# What every rnn checkpoint holds (best.pt and last.pt alike); --resume needs RESUME_KEYS as well.
+CHECKPOINT_KEYS = ("chapter", "model", "model_config", "train_arguments", "alphabet", "languages", "epoch")
+RESUME_KEYS = ("optimizer", "schedule", "rng_states", "history", "best_val_accuracy")
 MAX_PARAMETERS = 50_000_000  # a CPU-sized model; far above the README's 180 thousand
 
 
@@ -148,201 +155,260 @@ def flags_given(argv=None):
     return {name for name, value in vars(given).items() if value is not unset}
 
 
-def refuse_changed_settings(saved_arguments, arguments):
-    """A resumed run keeps the settings that shape it: one line naming the first flag that changed."""
-    for name in FIXED_ON_RESUME:
-        before, now = saved_arguments.get(name), getattr(arguments, name)
-        if before != now:
-            raise RunError(f"--{name.replace('_', '-')} was {before} in the saved run and is {now} now; "
-                           "a resumed run keeps its settings (start a new run with --out-dir)")
-
-
 def write_metrics(path, history):
     """metrics.jsonl: one JSON line per finished epoch, rewritten whole (atomically) from the run's history."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as handle:
-        handle.writelines(json.dumps(row) + "\n" for row in history)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    sync_folder(path.parent)
+    write_text_atomically(path, "".join(json.dumps(row) + "\n" for row in history))
 
 
-def random_states(device):
-    """The random generators' states, as CPU tensors: batch order, dropout (on the CPU or the device)."""
-    states = {"rng_state": torch.get_rng_state()}
-    if device.type == "cuda":
-        states["cuda_rng_state"] = torch.cuda.get_rng_state(device).cpu()
-    if device.type == "mps":
-        states["mps_rng_state"] = torch.mps.get_rng_state().cpu()
-    return states
+@dataclass
+class Run:
+    """One training run: its data, model and optimizer, and where it stands (what a checkpoint saves)."""
+
+    arguments: argparse.Namespace
+    device: torch.device
+    out_dir: Path
+    splits: dict
+    alphabet: Alphabet
+    languages: list
+    train_data: tuple  # (ids (N, T), lengths (N,), labels (N,))
+    val_data: tuple
+    config: ClassifierConfig = None
+    model: NameClassifier = None
+    optimizer: torch.optim.Optimizer = None
+    schedule: torch.optim.lr_scheduler.LambdaLR = None
+    batches_per_epoch: int = 0
+    # where the run stands: finished epochs, and inside the next one its batch order, batches done, loss so far
+    finished_epochs: int = 0
+    batches_done: int = 0
+    order: torch.Tensor | None = None
+    loss_sum: float = 0.0
+    names_seen: int = 0
+    step: int = 0
+    saved_step: int | None = None  # the step last.pt holds
+    best_accuracy: float = -1.0
+    history: list = field(default_factory=list)
+    elapsed_before: float = 0.0  # seconds of training in the sessions this one resumed
+    started: float = field(default_factory=time.time)
+
+    def elapsed(self):
+        return self.elapsed_before + time.time() - self.started
 
 
-def restore_random_states(state, device):
-    """Put back the generators saved by random_states (kept on the CPU, as torch.set_rng_state wants them)."""
-    torch.set_rng_state(state["rng_state"].cpu())
-    if device.type == "cuda" and "cuda_rng_state" in state:
-        torch.cuda.set_rng_state(state["cuda_rng_state"].cpu(), device)
-    if device.type == "mps" and "mps_rng_state" in state:
-        torch.mps.set_rng_state(state["mps_rng_state"].cpu())
+# ---- checkpoints: saving and restoring, side by side ----
+
+def checkpoint_state(run):
+    """Everything --resume and eval.py need, as tensors, dicts, lists, numbers and strings."""
+    return {"chapter": "rnn", "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "schedule": run.schedule.state_dict(), "model_config": run.config.to_dict(),
+            "train_arguments": vars(run.arguments), "alphabet": run.alphabet.characters, "languages": run.languages,
+            "epoch": run.finished_epochs, "batches_done": run.batches_done, "epoch_order": run.order,
+            "epoch_loss_sum": run.loss_sum, "epoch_names_seen": run.names_seen, "step": run.step,
+            "best_val_accuracy": run.best_accuracy, "history": run.history, "elapsed_seconds": run.elapsed(),
+            "rng_states": rng_states(), "threads": torch.get_num_threads()}
 
 
-def train(arguments, given=()):
-    """The whole run: data, model, epochs with validation-based model selection, final test score.
+def restore(run, saved):
+    """Put a run back where last.pt left it: weights, optimizer, schedule, random generators, position."""
+    path = run.out_dir / "last.pt"
+    if saved["alphabet"] != run.alphabet.characters or saved["languages"] != run.languages:
+        raise CheckpointError(f"{path} was trained on other names (alphabet or languages differ)")
+    try:
+        run.model.load_state_dict(saved["model"])
+        run.optimizer.load_state_dict(saved["optimizer"])
+        run.schedule.load_state_dict(saved["schedule"])
+        restore_rng_states(saved["rng_states"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exception:
+        first_line = (str(exception).strip().splitlines() or [""])[0][:120]
+        raise CheckpointError(f"{path} does not fit this model ({first_line})") from None
+    run.finished_epochs, run.best_accuracy, run.history = saved["epoch"], saved["best_val_accuracy"], saved["history"]
+    run.batches_done, run.order = saved.get("batches_done", 0), saved.get("epoch_order")
+    if run.batches_done and (not isinstance(run.order, torch.Tensor) or len(run.order) != len(run.train_data[2])):
+        raise CheckpointError(f"{path} is not a readable rnn checkpoint (damaged batch order)")
+    run.loss_sum, run.names_seen = saved.get("epoch_loss_sum", 0.0), saved.get("epoch_names_seen", 0)
+    run.step = run.saved_step = saved.get("step", run.finished_epochs * run.batches_per_epoch)
+    run.elapsed_before = saved.get("elapsed_seconds", 0.0)
+    warn_if_threads_changed(saved.get("threads"))
+    print(f"resumed from {path} at step {run.step} (epoch {run.finished_epochs + 1}, "
+          f"batch {run.batches_done} of {run.batches_per_epoch})")
 
-    `given`: the arguments named on the command line; on --resume the others come from the saved run."""
+
+def load_run_checkpoint(path, required=CHECKPOINT_KEYS):
+    """A checkpoint written by rnn/train.py (loaded on the CPU), or one CheckpointError line saying why not."""
+    state = load_checkpoint(path, "rnn", required)
+    if state["chapter"] != "rnn":
+        raise CheckpointError(f"{path} is not a readable rnn checkpoint (it was not written by rnn/train.py)")
+    return state
+
+
+def model_from_checkpoint(state, device, impl=None):
+    """Rebuild the NameClassifier stored in a checkpoint (optionally with the other --impl) on `device`."""
+    try:
+        config = ClassifierConfig(**state["model_config"])
+        if impl is not None:
+            config.impl = impl
+        model = NameClassifier(config)
+        model.load_state_dict(state["model"])
+    except (TypeError, KeyError, ValueError, RuntimeError, AttributeError) as exception:
+        first_line = (str(exception).strip().splitlines() or [""])[0][:120]
+        raise CheckpointError(f"the checkpoint's weights do not fit its config ({first_line})") from None
+    return model.to(device)
+
+
+# ---- set-up, the loop, finish ----
+
+def set_up(arguments, given=()):
+    """Check the run folder, take a resumed run's settings, load the data, build the model (and restore it)."""
     device = pick_device(arguments.device)
     out_dir = Path(arguments.out_dir)
-    prepare_run_folder(out_dir, arguments.resume, arguments.overwrite)
+    check_run_folder(out_dir, arguments.resume, arguments.overwrite)
+    if arguments.overwrite:
+        remove_run_files(out_dir, RUN_FILES)
     saved = None
     if arguments.resume:
-        saved = load_checkpoint(out_dir / "last.pt", required=CHECKPOINT_KEYS + RESUME_KEYS)
+        saved = load_run_checkpoint(out_dir / "last.pt", CHECKPOINT_KEYS + RESUME_KEYS)
         for name in (*FIXED_ON_RESUME, "epochs"):
             if name not in given and name in saved["train_arguments"]:
                 setattr(arguments, name, saved["train_arguments"][name])
-        refuse_changed_settings(saved["train_arguments"], arguments)
+        refuse_changed_settings(saved["train_arguments"], vars(arguments), FIXED_ON_RESUME)
     splits, alphabet, languages = prepare_data(arguments.split_seed, arguments.limit)
     print_class_counts(splits, languages)
-    train_ids, train_lengths, train_labels = encode_split(splits["train"], alphabet, languages)
-    val_ids, val_lengths, val_labels = encode_split(splits["validation"], alphabet, languages)
+    train_data = encode_split(splits["train"], alphabet, languages)  # (ids, lengths, labels)
+    val_data = encode_split(splits["validation"], alphabet, languages)
+    run = Run(arguments, device, out_dir, splits, alphabet, languages, train_data, val_data)
 
     torch.manual_seed(arguments.seed)
-    config = ClassifierConfig(len(alphabet), len(languages), arguments.embedding_size, arguments.hidden_size,
-                              arguments.num_layers, arguments.bidirectional, arguments.dropout, arguments.impl)
-    model = NameClassifier(config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=arguments.learning_rate, weight_decay=arguments.weight_decay)
-    batches_per_epoch = math.ceil(len(train_labels) / arguments.batch_size)
-    total_steps = arguments.epochs * batches_per_epoch
+    run.config = ClassifierConfig(len(alphabet), len(languages), arguments.embedding_size, arguments.hidden_size,
+                                  arguments.num_layers, arguments.bidirectional, arguments.dropout, arguments.impl)
+    run.model = NameClassifier(run.config).to(device)
+    run.optimizer = torch.optim.AdamW(run.model.parameters(), lr=arguments.learning_rate,
+                                      weight_decay=arguments.weight_decay)
+    run.batches_per_epoch = math.ceil(len(run.train_data[2]) / arguments.batch_size)
+    total_steps = arguments.epochs * run.batches_per_epoch
     # Cosine decay of the learning rate from its peak to 0 over the whole run.
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
-    # Where the run stands: finished epochs, and inside the next one its batch order, batches done, loss so far.
-    finished_epochs, batches_done, order, loss_sum, names_seen = 0, 0, None, 0.0, 0
-    step, saved_step, best_accuracy, history, elapsed_before = 0, None, -1.0, [], 0.0
+    run.schedule = torch.optim.lr_scheduler.LambdaLR(
+        run.optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
     if saved is not None:
-        if saved["alphabet"] != alphabet.characters or saved["languages"] != languages:
-            raise CheckpointError(f"{out_dir / 'last.pt'} was trained on other names (alphabet or languages differ)")
-        try:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            schedule.load_state_dict(saved["schedule"])
-            restore_random_states(saved, device)
-        except (RuntimeError, ValueError, KeyError, TypeError) as exception:
-            first_line = (str(exception).strip().splitlines() or [""])[0][:120]
-            raise CheckpointError(f"{out_dir / 'last.pt'} does not fit this model ({first_line})") from None
-        finished_epochs, best_accuracy, history = saved["epoch"], saved["best_val_accuracy"], saved["history"]
-        batches_done, order = saved.get("batches_done", 0), saved.get("epoch_order")
-        if batches_done and (not isinstance(order, torch.Tensor) or len(order) != len(train_labels)):
-            raise CheckpointError(f"{out_dir / 'last.pt'} is not a readable rnn checkpoint (damaged batch order)")
-        loss_sum, names_seen = saved.get("epoch_loss_sum", 0.0), saved.get("epoch_names_seen", 0)
-        step = saved_step = saved.get("step", finished_epochs * batches_per_epoch)
-        elapsed_before = saved.get("elapsed_seconds", 0.0)
-        print(f"resumed from {out_dir / 'last.pt'} at step {step} (epoch {finished_epochs + 1}, "
-              f"batch {batches_done} of {batches_per_epoch})")
-    print(f"{arguments.impl} RNN, {sum(p.numel() for p in model.parameters()):,} parameters, device {device}")
-    started = time.time()
+        restore(run, saved)
+    print(f"{arguments.impl} RNN, {sum(p.numel() for p in run.model.parameters()):,} parameters, device {device}")
+    run.started = time.time()
+    return run
 
-    def checkpoint_state():
-        """Everything --resume and eval.py need, as tensors, dicts, lists, numbers and strings."""
-        return {"chapter": "rnn", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "model_config": config.to_dict(),
-                "train_arguments": vars(arguments), "alphabet": alphabet.characters, "languages": languages,
-                "epoch": finished_epochs, "batches_done": batches_done, "epoch_order": order,
-                "epoch_loss_sum": loss_sum, "epoch_names_seen": names_seen, "step": step,
-                "best_val_accuracy": best_accuracy, "history": history,
-                "elapsed_seconds": elapsed_before + time.time() - started, **random_states(device)}
 
-    def not_finite(what, at_step):
-        """Stop before writing anything: the weights in memory may already be ruined."""
-        good = f"last.pt (step {saved_step}) holds the last good state" if saved_step is not None else \
-            "no checkpoint was written yet"
-        sys.exit(f"error: the {what} loss is not finite at step {at_step}; stopped without saving: {good}")
+def stop_if_not_finite(run, loss, what, at_step):
+    """A diverged run stops before writing anything: the weights in memory may already be ruined."""
+    if not math.isfinite(loss):
+        good = (f"last.pt (step {run.saved_step}) holds the last good state" if run.saved_step is not None
+                else "no checkpoint was written yet")
+        raise RunError(f"the {what} loss is not finite at step {at_step}; stopped without saving: {good}")
 
-    def stop_here():
-        """Ctrl-C was pressed: save the finished state (if not saved at this very step) and say how to go on."""
-        if saved_step != step:
-            save_checkpoint(out_dir / "last.pt", checkpoint_state())
-        print(f"stopped at step {step}; resume with: python rnn/train.py --out-dir {out_dir} --resume")
 
+def train_epoch(run, epoch, stop):
+    """The batches of one epoch not yet done; returns early, at a step boundary, when Ctrl-C asks to stop."""
+    arguments, model, (train_ids, train_lengths, train_labels) = run.arguments, run.model, run.train_data
+    model.train()
+    if run.batches_done == 0:
+        run.order = torch.randperm(len(train_labels))  # this epoch's batch order
+        run.loss_sum, run.names_seen = 0.0, 0
+    progress = tqdm(range(run.batches_done, run.batches_per_epoch), desc=f"epoch {epoch}", leave=False,
+                    disable=arguments.no_progress)
+    for batch in progress:
+        indices = run.order[batch * arguments.batch_size:(batch + 1) * arguments.batch_size]
+        lengths = train_lengths[indices]  # (B,)
+        character_ids = train_ids[indices, : int(lengths.max())].to(run.device)  # (B, T)
+        labels = train_labels[indices].to(run.device)  # (B,)
+        logits = model(character_ids, lengths.to(run.device))  # (B, C)
+        loss = F.cross_entropy(logits, labels, label_smoothing=arguments.label_smoothing)
+        loss_value = loss.item()
+        stop_if_not_finite(run, loss_value, "training", run.step + 1)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if arguments.clip > 0:
+            clip_gradient_norm(model.parameters(), arguments.clip)
+        run.optimizer.step()
+        run.schedule.step()
+        run.loss_sum += loss_value * len(indices)
+        run.names_seen += len(indices)
+        run.step, run.batches_done = run.step + 1, batch + 1
+        progress.set_postfix(loss=f"{run.loss_sum / run.names_seen:.3f}")
+        if stop.requested:  # a step boundary: the next batch's randomness is not drawn yet
+            return
+
+
+def validate_and_save(run, epoch):
+    """Score the finished epoch on validation, log it, and write best.pt (if it improved), last.pt and metrics."""
+    val_ids, val_lengths, val_labels = run.val_data
+    probabilities = predict_probabilities(run.model, val_ids, val_lengths, run.device)
+    scores = classification_metrics(val_labels, probabilities)
+    val_loss = F.nll_loss(probabilities.clamp_min(1e-12).log(), val_labels).item()
+    stop_if_not_finite(run, val_loss, "validation", run.step)
+    row = {"epoch": epoch, "train_loss": run.loss_sum / run.names_seen, "val_loss": val_loss,
+           "val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"], "seconds": round(run.elapsed(), 1)}
+    run.history.append(row)
+    run.finished_epochs, run.batches_done, run.order, run.loss_sum, run.names_seen = epoch, 0, None, 0.0, 0
+    improved = scores["accuracy"] > run.best_accuracy
+    if improved:
+        run.best_accuracy = scores["accuracy"]
+        save_checkpoint(run.out_dir / "best.pt", checkpoint_state(run))
+    save_checkpoint(run.out_dir / "last.pt", checkpoint_state(run))
+    run.saved_step = run.step
+    write_metrics(run.out_dir / "metrics.jsonl", run.history)
+    print(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  "
+          f"val acc {scores['accuracy']:.4f}  val macro-F1 {scores['macro_f1']:.4f}"
+          f"{'  (best)' if improved else ''}  {row['seconds']:.0f}s", flush=True)
+
+
+def train_epochs(run):
+    """The loop: epochs of training, each followed by validation; False when Ctrl-C stopped it (last.pt saved)."""
     stop = StopFlag()
     try:
-        for epoch in range(finished_epochs + 1, arguments.epochs + 1):
-            model.train()
-            if batches_done == 0:
-                order = torch.randperm(len(train_labels))  # this epoch's batch order
-                loss_sum, names_seen = 0.0, 0
-            progress = tqdm(range(batches_done, batches_per_epoch), desc=f"epoch {epoch}", leave=False,
-                            disable=arguments.no_progress)
-            for batch in progress:
-                indices = order[batch * arguments.batch_size:(batch + 1) * arguments.batch_size]
-                lengths = train_lengths[indices]  # (B,)
-                character_ids = train_ids[indices, : int(lengths.max())].to(device)  # (B, T)
-                labels = train_labels[indices].to(device)  # (B,)
-                logits = model(character_ids, lengths.to(device))  # (B, C)
-                loss = F.cross_entropy(logits, labels, label_smoothing=arguments.label_smoothing)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    not_finite("training", step + 1)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if arguments.clip > 0:
-                    clip_gradient_norm(model.parameters(), arguments.clip)
-                optimizer.step()
-                schedule.step()
-                loss_sum += loss_value * len(indices)
-                names_seen += len(indices)
-                step, batches_done = step + 1, batch + 1
-                progress.set_postfix(loss=f"{loss_sum / names_seen:.3f}")
-                if stop.requested:  # a step boundary: the next batch's randomness is not drawn yet
-                    break
-            if stop.requested:  # this epoch's validation (if all its batches are done) runs after --resume
-                stop_here()
-                return
-            probabilities = predict_probabilities(model, val_ids, val_lengths, device)
-            scores = classification_metrics(val_labels, probabilities)
-            val_loss = F.nll_loss(probabilities.clamp_min(1e-12).log(), val_labels).item()
-            if not math.isfinite(val_loss):
-                not_finite("validation", step)
-            row = {"epoch": epoch, "train_loss": loss_sum / names_seen, "val_loss": val_loss,
-                   "val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"],
-                   "seconds": round(elapsed_before + time.time() - started, 1)}
-            history.append(row)
-            finished_epochs, batches_done, order, loss_sum, names_seen = epoch, 0, None, 0.0, 0
-            improved = scores["accuracy"] > best_accuracy
-            if improved:
-                best_accuracy = scores["accuracy"]
-                save_checkpoint(out_dir / "best.pt", checkpoint_state())
-            save_checkpoint(out_dir / "last.pt", checkpoint_state())
-            saved_step = step
-            write_metrics(out_dir / "metrics.jsonl", history)
-            print(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  "
-                  f"val acc {scores['accuracy']:.4f}  val macro-F1 {scores['macro_f1']:.4f}"
-                  f"{'  (best)' if improved else ''}  {row['seconds']:.0f}s", flush=True)
-            if stop.requested:  # Ctrl-C during validation: the epoch is finished and saved
-                stop_here()
-                return
+        for epoch in range(run.finished_epochs + 1, run.arguments.epochs + 1):
+            train_epoch(run, epoch, stop)
+            if not stop.requested:  # after a stop, this epoch's validation (if its batches are done) runs on resume
+                validate_and_save(run, epoch)
+            if stop.requested:  # a Ctrl-C during validation lets the epoch finish and save first
+                if run.saved_step != run.step:
+                    save_checkpoint(run.out_dir / "last.pt", checkpoint_state(run))
+                print(f"stopped at step {run.step}; resume with: python rnn/train.py --out-dir {run.out_dir} --resume")
+                return False
     finally:
         stop.close()
-    if history:
-        plot_curves(history, out_dir / "curves.png")
-    best = load_checkpoint(out_dir / "best.pt")
-    test_ids, test_lengths, test_labels = encode_split(splits["test"], alphabet, languages)
-    best_model = model_from_checkpoint(best, device)
-    scores = classification_metrics(test_labels, predict_probabilities(best_model, test_ids, test_lengths, device))
+    return True
+
+
+def finish(run):
+    """The curves, and the test score of the best checkpoint (the test split is touched only here)."""
+    if run.history:
+        plot_curves(run.history, run.out_dir / "curves.png")
+    best = load_run_checkpoint(run.out_dir / "best.pt")
+    test_ids, test_lengths, test_labels = encode_split(run.splits["test"], run.alphabet, run.languages)
+    best_model = model_from_checkpoint(best, run.device)
+    scores = classification_metrics(test_labels, predict_probabilities(best_model, test_ids, test_lengths, run.device))
     print(f"best epoch {best['epoch']} (val acc {best['best_val_accuracy']:.4f}): test accuracy "
-          f"{scores['accuracy']:.4f}, test macro-F1 {scores['macro_f1']:.4f}, "
-          f"{elapsed_before + time.time() - started:.0f}s of training")
+          f"{scores['accuracy']:.4f}, test macro-F1 {scores['macro_f1']:.4f}, {run.elapsed():.0f}s of training")
+
+
+def train(arguments, given=()):
+    """The whole run: set-up (and restore), the loop, then the test score; 0, or EXIT_INTERRUPTED after Ctrl-C.
+
+    `given`: the arguments named on the command line; on --resume the others come from the saved run."""
+    run = set_up(arguments, given)
+    if not train_epochs(run):
+        return EXIT_INTERRUPTED
+    finish(run)
+    return 0
 
 
 def main(argv=None):
-    """Entry point: user errors end as one `error:` line on stderr."""
+    """Entry point: user errors end as one `error:` line on stderr; a run stopped by Ctrl-C exits with 130."""
     arguments = parse_arguments(argv)
     try:
-        train(arguments, flags_given(argv))
-    except (DataError, CheckpointError, RunError, ValueError, OSError) as exception:
+        status = train(arguments, flags_given(argv))
+    except (DataError, RunError, ValueError, OSError) as exception:
         sys.exit(f"error: {exception}")
     except KeyboardInterrupt:
         sys.exit("error: interrupted: stopped at once, nothing more saved (last.pt holds the last saved state)")
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_one_line_error
 
 from cnn import layers
 from cnn.eval import load_model
@@ -16,14 +17,7 @@ from cnn.train import parse_arguments, train
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # for the CLI subprocesses
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread per test: the machine is shared, and small tensors gain nothing from more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # (batch, in channels, height, width, out channels, kernel, stride, padding): odd sizes, strides that do not
@@ -194,14 +188,15 @@ def tiny_run_arguments(out_dir, *extra):
 
 @pytest.mark.parametrize("backprop", ["autograd", "manual"])
 def test_tiny_training_run_on_real_digits_beats_chance(tmp_path, backprop):
-    record = train(tiny_run_arguments(tmp_path, "--backprop", backprop))
-    assert record["validation_accuracy"] > 0.6  # chance is 0.1
+    record, finished = train(tiny_run_arguments(tmp_path, "--backprop", backprop))
+    assert finished and record["validation_accuracy"] > 0.6  # chance is 0.1
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [line["train_loss"] for line in lines if line["kind"] == "step"]
     assert losses[-1] < losses[0]
     assert (tmp_path / "best.pt").exists() and (tmp_path / "last.pt").exists() and (tmp_path / "curves.png").exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_through_eval_cli(tmp_path, run_cli):
     train(tiny_run_arguments(tmp_path, "--impl", "torch"))
     result = run_cli("cnn/eval.py", "--checkpoint", str(tmp_path / "best.pt"), "--test-images", "500", "--json",
@@ -213,18 +208,12 @@ def test_checkpoint_round_trip_through_eval_cli(tmp_path, run_cli):
         assert (tmp_path / f"{name}.png").exists()
 
 
-def assert_one_line_error(result):
-    """A user error: non-zero exit, one line on stderr that starts with 'error:', no traceback."""
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "error:" in lines[0], result.stderr
-
-
+@pytest.mark.slow
 def test_eval_cli_with_missing_checkpoint_gives_one_clear_error(run_cli, tmp_path):
     assert_one_line_error(run_cli("cnn/eval.py", "--checkpoint", str(tmp_path / "missing.pt"), env=ONE_THREAD))
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_and_idx_files_give_one_clear_error(run_cli, tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="is not a readable cnn checkpoint"):
@@ -238,6 +227,7 @@ def test_corrupt_checkpoint_and_idx_files_give_one_clear_error(run_cli, tmp_path
                                  env=ONE_THREAD))
 
 
+@pytest.mark.slow
 def test_train_cli_rejects_bad_flags_and_a_resume_without_checkpoint(run_cli, tmp_path):
     result = run_cli("cnn/train.py", "--epochs", "0", env=ONE_THREAD)
     assert result.returncode != 0 and "Traceback" not in result.stderr and "--epochs" in result.stderr

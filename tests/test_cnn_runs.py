@@ -2,7 +2,6 @@
 paths), runs are never overwritten, a diverging loss writes nothing, and every bad flag or file of every CLI ends in
 one line with the run folder untouched."""
 
-import json
 import os
 import re
 import shutil
@@ -14,13 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_run, folder_bytes, logged, refused, sigint_on_call, stopped_by_ctrl_c, torch_threads
 
 import cnn.eval as eval_module
 import cnn.model as model_module
 import cnn.train as train_module
 from cnn import bench
 from cnn.mnist import load_split
-from cnn.runs import prepare_run_folder
+from cnn.runs import EXIT_INTERRUPTED, check_run_folder, remove_run_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # 2 epochs of 12 steps, dropout 0.5 and random shifts of up to 2 pixels on; a training-loss record every 4 steps
@@ -28,14 +28,9 @@ TINY = ["--train-images", "384", "--validation-images", "300", "--batch-size", "
         "--warmup-steps", "5", "--log-every", "4", "--augment-shift", "2", "--dropout", "0.5"]
 TORCH_RUN = [*TINY, "--impl", "torch"]
 MANUAL_RUN = [*TINY, "--impl", "handwritten", "--backprop", "manual"]
+COUNTERS = ("epoch", "batch_in_epoch")  # where a cnn checkpoint stands
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -76,45 +71,6 @@ def straight_manual(tmp_path_factory, cached_splits):
     return straight(tmp_path_factory, cached_splits, MANUAL_RUN)
 
 
-def logged(folder: Path) -> list[dict]:
-    """Every logged loss and accuracy of a run (timings left out: they are not meant to repeat)."""
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return [{key: value for key, value in record.items() if key != "seconds"} for record in records]
-
-
-def assert_same_run(expected: Path, actual: Path):
-    """Bit-identical logged losses, weights, momentum buffers and best.pt."""
-    assert logged(actual) == logged(expected)
-    for name in ("last.pt", "best.pt"):
-        one, two = (torch.load(folder / name, weights_only=True) for folder in (expected, actual))
-        assert (one["epoch"], one["batch_in_epoch"]) == (two["epoch"], two["batch_in_epoch"])
-        for tensor_name, tensor in one["model"].items():
-            assert torch.equal(tensor, two["model"][tensor_name]), (name, tensor_name)
-        for index, state in one["optimizer"]["state"].items():
-            assert torch.equal(state["momentum_buffer"], two["optimizer"]["state"][index]["momentum_buffer"])
-
-
-def sigint_on_call(monkeypatch, owner, name: str, call: int, after: bool = False):
-    """Send this process a real SIGINT during the `call`-th call of owner.name (before it runs, or after)."""
-    original, calls = getattr(owner, name), {"count": 0}
-
-    def wrapper(*arguments, **keywords):
-        calls["count"] += 1
-        if calls["count"] == call and not after:
-            os.kill(os.getpid(), signal.SIGINT)
-        result = original(*arguments, **keywords)
-        if calls["count"] == call and after:
-            os.kill(os.getpid(), signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(owner, name, wrapper)
-
-
-def folder_bytes(folder: Path) -> dict:
-    """Every file of a folder with its bytes, to prove a refused command changed nothing."""
-    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
-
-
 def stopped_at(capsys) -> int:
     output = capsys.readouterr().out
     found = re.search(r"stopped at step (\d+); resume with: python cnn/train.py --out-dir \S+ --resume", output)
@@ -122,43 +78,46 @@ def stopped_at(capsys) -> int:
     return int(found[1])
 
 
+@pytest.mark.slow
 def test_ctrl_c_inside_the_optimizer_step_after_augmentation_and_at_an_epoch_boundary_resumes_exactly(
     straight_torch, tmp_path, monkeypatch, capsys
 ):
     out = ["--out-dir", str(tmp_path / "run")]
     with monkeypatch.context() as patch:  # inside step 3's optimizer step
         sigint_on_call(patch, torch.optim.SGD, "step", 3)
-        train_module.main([*TORCH_RUN, *out])
+        stopped_by_ctrl_c(train_module.main, [*TORCH_RUN, *out])
     assert stopped_at(capsys) == 3
     with monkeypatch.context() as patch:  # step 7: its shifts are drawn, its dropout and update not yet
         sigint_on_call(patch, train_module, "random_shift", 4, after=True)
-        train_module.main([*TORCH_RUN, *out, "--resume"])
+        stopped_by_ctrl_c(train_module.main, [*TORCH_RUN, *out, "--resume"])
     assert stopped_at(capsys) == 7
     with monkeypatch.context() as patch:  # just after epoch 1's validation has saved and drawn its curves
         sigint_on_call(patch, train_module, "plot_curves", 1, after=True)
-        train_module.main([*TORCH_RUN, *out, "--resume"])
+        stopped_by_ctrl_c(train_module.main, [*TORCH_RUN, *out, "--resume"])
     assert stopped_at(capsys) == 12
     train_module.main([*TORCH_RUN, *out, "--resume"])
-    assert_same_run(straight_torch, tmp_path / "run")
+    assert_same_run(tmp_path / "run", straight_torch, counters=COUNTERS)
 
 
+@pytest.mark.slow
 def test_ctrl_c_after_the_no_autograd_backward_and_inside_validation_resumes_exactly(
     straight_manual, tmp_path, monkeypatch, capsys
 ):
     out = ["--out-dir", str(tmp_path / "run")]
     with monkeypatch.context() as patch:  # step 5: dropout drawn and gradients computed, the update not yet made
         sigint_on_call(patch, model_module, "manual_forward_backward", 5, after=True)
-        train_module.main([*MANUAL_RUN, *out])
+        stopped_by_ctrl_c(train_module.main, [*MANUAL_RUN, *out])
     assert stopped_at(capsys) == 5
     with monkeypatch.context() as patch:  # inside epoch 1's validation
         sigint_on_call(patch, train_module, "evaluate", 1)
-        train_module.main([*MANUAL_RUN, *out, "--resume"])
+        stopped_by_ctrl_c(train_module.main, [*MANUAL_RUN, *out, "--resume"])
     assert stopped_at(capsys) == 12
     assert [record["kind"] for record in logged(tmp_path / "run")][-1] == "epoch"
     train_module.main([*MANUAL_RUN, *out, "--resume"])
-    assert_same_run(straight_manual, tmp_path / "run")
+    assert_same_run(tmp_path / "run", straight_manual, counters=COUNTERS)
 
 
+@pytest.mark.slow
 def test_a_real_ctrl_c_from_outside_stops_cleanly_and_resumes_exactly(straight_torch, tmp_path):
     out = tmp_path / "run"
     process = subprocess.Popen(
@@ -171,11 +130,11 @@ def test_a_real_ctrl_c_from_outside_stops_cleanly_and_resumes_exactly(straight_t
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)  # just after the first training-loss record (step 4)
     stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0 and "Traceback" not in stderr, stderr
+    assert process.returncode == EXIT_INTERRUPTED and "Traceback" not in stderr, stderr
     found = re.search(r"stopped at step (\d+); resume with: python cnn/train.py --out-dir (\S+) --resume", stdout)
     assert found and 4 <= int(found[1]) < 24 and found[2] == str(out), stdout
     train_module.main([*TORCH_RUN, "--out-dir", str(out), "--resume"])
-    assert_same_run(straight_torch, out)
+    assert_same_run(out, straight_torch, counters=COUNTERS)
 
 
 def test_a_folder_that_holds_a_run_is_refused_and_overwrite_replaces_only_its_files(straight_torch, tmp_path):
@@ -197,17 +156,19 @@ def test_a_folder_that_holds_a_run_is_refused_and_overwrite_replaces_only_its_fi
     copy = tmp_path / "copy"
     shutil.copytree(straight_torch, copy)
     (copy / "notes.txt").write_text("mine")
-    prepare_run_folder(copy, resume=False, overwrite=True)
+    check_run_folder(copy, resume=False, overwrite=True)
+    remove_run_files(copy, train_module.RUN_FILES)
     assert sorted(path.name for path in copy.iterdir()) == ["notes.txt"]
     train_module.main([*TORCH_RUN, "--out-dir", str(copy), "--overwrite"])
-    assert_same_run(straight_torch, copy)
+    assert_same_run(copy, straight_torch, counters=COUNTERS)
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_before_any_write(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     with monkeypatch.context() as patch:
         sigint_on_call(patch, torch.optim.SGD, "step", 3)
-        train_module.main([*TORCH_RUN, "--out-dir", str(run)])
+        stopped_by_ctrl_c(train_module.main, [*TORCH_RUN, "--out-dir", str(run)])
     assert stopped_at(capsys) == 3
     before = folder_bytes(run)
     with monkeypatch.context() as patch:
@@ -242,17 +203,6 @@ TRAIN_REFUSED = {
 EVAL_REFUSED = {"--test-images": ["-1", "nan"], "--device": ["foo"]}
 BENCH_REFUSED = {"--batch-size": ["0", "-1", "nan", "10000000"], "--repeats": ["0", "-1", "nan"],
                  "--epoch-images": ["-1", "nan", "10000000"]}
-
-
-def refused(main, arguments, capsys) -> str:
-    """Run a CLI's main in this process; it must exit non-zero with one line (argparse adds its usage)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(arguments)
-    assert exit_info.value.code not in (0, None), arguments
-    error = capsys.readouterr().err + (exit_info.value.code if isinstance(exit_info.value.code, str) else "")
-    assert "Traceback" not in error and "weights_only" not in error, error
-    assert error.strip().splitlines()[-1].startswith(("error:", f"{Path(sys.argv[0]).name}: error:")), error
-    return error.strip().splitlines()[-1]
 
 
 def test_every_cli_refuses_out_of_range_flags_and_unreadable_checkpoints_with_one_line(straight_torch, tmp_path,
@@ -293,3 +243,12 @@ def test_every_cli_refuses_out_of_range_flags_and_unreadable_checkpoints_with_on
     message = refused(eval_module.main, ["--checkpoint", str(run)], capsys)
     assert message == f"error: {run} is not a readable cnn checkpoint (it is not a file)"
     assert folder_bytes(run) == before
+
+
+def test_a_resume_at_another_thread_count_warns_that_it_is_not_bit_identical(straight_torch, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(straight_torch, run)  # trained on one thread
+    with torch_threads(2):
+        train_module.main([*TORCH_RUN, "--out-dir", str(run), "--resume"])
+    warning = capsys.readouterr().err
+    assert "warning: the saved run used 1 CPU threads and this one uses 2" in warning and "bit-identical" in warning

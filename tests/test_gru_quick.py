@@ -13,15 +13,6 @@ TINY = ["--limit-train", "64", "--validation-size", "32", "--embedding-dim", "16
         "--batch-size", "16", "--device", "cpu"]
 
 
-@pytest.fixture
-def one_thread():
-    """One thread for a real run, as the other run tests use; the thread count is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_quick_sets_exactly_the_preset_and_leaves_every_other_flag_at_its_default():
     quick, default = vars(train_script.parse_args(["--quick"])), vars(train_script.parse_args([]))
     assert {name: quick[name] for name in train_script.QUICK_PRESET} == train_script.QUICK_PRESET

@@ -10,10 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error
+from conftest import tiny_llama_config as tiny_config
+from conftest import train_llm_in_process as train_in_process
 
 from data import fetch
 from llm.generate import generate
-from llm.model import Llama, LlamaConfig, apply_rope, rope_cos_sin
+from llm.model import Llama, apply_rope, rope_cos_sin
 from llm.prepare import read_token_file, write_token_file
 
 # One thread: tiny tensors gain nothing from more, and on a busy machine extra threads only wait for cores.
@@ -35,24 +38,12 @@ def corpus(tmp_path_factory) -> dict:
     return {"text_file": str(text_file), "data_dir": str(folder / "data"), "root": folder}
 
 
-def tiny_config(**overrides) -> LlamaConfig:
-    settings = dict(vocab_size=97, context_length=24, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32)
-    settings.update(overrides)
-    return LlamaConfig(**settings)
-
-
-def train_in_process(*arguments: str):
-    """Run llm/train.py's main in this process (saves the interpreter start-up of a subprocess)."""
-    from llm.train import main
-
-    main(list(arguments))
-
-
 def train_losses(metrics_path: Path) -> dict:
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     return {row["step"]: row["train_loss"] for row in rows}
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_trains_with_falling_loss_and_writes_everything(corpus, run_cli):
     out_dir = corpus["root"] / "smoke"
     result = run_cli("llm/train.py", *TINY, "--text-file", corpus["text_file"], "--data-dir", corpus["data_dir"],
@@ -135,6 +126,7 @@ def test_kv_cache_gives_the_same_logits_and_tokens_as_recomputation(temperature)
     torch.testing.assert_close(logits_cached, logits_recomputed, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_losses_exactly(corpus, capsys):
     common = [*TINY, "--text-file", corpus["text_file"], "--data-dir", corpus["data_dir"], "--max-steps", "10",
               "--eval-every", "4", "--num-samples", "0", "--no-final-eval"]
@@ -147,6 +139,7 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(corpus, capsys):
     assert train_losses(interrupted / "metrics.jsonl") == train_losses(straight / "metrics.jsonl")
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process_at_the_same_global_batch(corpus, run_cli):
     common = [*TINY, "--text-file", corpus["text_file"], "--data-dir", corpus["data_dir"], "--max-steps", "6",
               "--eval-every", "3", "--num-samples", "0", "--no-final-eval"]
@@ -217,13 +210,7 @@ def test_token_files_switch_to_uint32_above_65535_tokens_of_vocabulary(tmp_path)
         write_token_file(small, [65536], vocab_size=65536)
 
 
-def assert_one_line_error(result, fragment: str):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    last_lines = result.stderr.strip().splitlines()
-    assert last_lines and last_lines[-1].startswith("error:") and fragment in last_lines[-1], result.stderr[-1000:]
-
-
+@pytest.mark.slow
 def test_bad_inputs_end_with_one_clear_error(corpus, run_cli, tmp_path):
     empty, binary = tmp_path / "empty.txt", tmp_path / "binary.txt"
     empty.write_text("  \n")
@@ -274,6 +261,7 @@ def test_sliding_window_scores_every_token_once_and_non_overlapping_is_the_defau
         assert total != total_negative_log_likelihood(model, tokens, 32, 4, "cpu")[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["--stride", "--context-length"])
 def test_eval_rejects_a_zero_stride_or_context_with_one_line(run_cli, flag):
     result = run_cli("llm/eval.py", flag, "0")

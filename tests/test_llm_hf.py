@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import train_llm_in_process as train_in_process
 
 from data import fetch
 from llm.checkpoint import load_model
@@ -37,12 +38,6 @@ HF_CONFIGS = {
     "mha-4-4-linear-rope": dict(vocab_size=300, num_key_value_heads=4, tie_word_embeddings=False,
                                 rope_scaling={"rope_type": "linear", "factor": 2.0}),
 }
-
-
-def train_in_process(*arguments: str):
-    from llm.train import main
-
-    main(list(arguments))
 
 
 def save_tiny_hf_llama(folder: Path, sharded: bool = False, **overrides):
@@ -215,6 +210,7 @@ def test_exported_model_loads_in_transformers_with_our_logits_tokens_and_weights
         export.main()
 
 
+@pytest.mark.slow
 def test_generate_and_eval_run_an_hf_folder_and_a_hub_name_offline_fails_in_one_line(trained, run_cli, monkeypatch,
                                                                                        capsys):
     from llm import eval as evaluation

@@ -2,9 +2,9 @@
 changed setting is refused on resume, a diverging loss writes nothing, every bad flag or file of every CLI ends in
 one line with the run folder untouched, a damaged token file is made again, and DDP validates like one process."""
 
-import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_run, folder_bytes, logged, torch_threads
 
 import llm.train as train_module
 from llm.model import Llama
 from llm.prepare import prepare
+from llm.runs import EXIT_INTERRUPTED
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -25,15 +27,8 @@ TINY = ["--d-model", "32", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", 
         "--batch-size", "4", "--grad-accum", "2", "--vocab-size", "320", "--lr", "3e-3", "--warmup-steps", "2",
         "--dropout", "0.1", "--max-steps", "12", "--eval-every", "4", "--eval-batches", "2", "--dtype", "float32",
         "--num-samples", "0", "--no-final-eval"]
-LOGGED = ("train_loss", "val_loss", "lr", "grad_norm")  # every logged number that does not depend on timing
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -55,26 +50,6 @@ def corpus(tmp_path_factory) -> dict:
 def train(corpus, out_dir: Path, *arguments: str):
     """llm/train.py's main in this process (no interpreter start-up) on the tiny configuration."""
     train_module.main([*TINY, *corpus["data"], "--out-dir", str(out_dir), *arguments])
-
-
-def logged(out_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: {key: row[key] for key in LOGGED if key in row} for row in rows}
-
-
-def folder_bytes(folder: Path) -> dict:
-    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
-
-
-def assert_same_run(out_dir: Path, reference: Path):
-    """Every logged number and the final weights (last.pt and best.pt) equal, bit for bit."""
-    assert logged(out_dir) == logged(reference)
-    for name in ("last.pt", "best.pt"):
-        ours = torch.load(out_dir / name, weights_only=True)
-        theirs = torch.load(reference / name, weights_only=True)
-        assert ours["step"] == theirs["step"]
-        for key, tensor in theirs["model"].items():
-            assert torch.equal(ours["model"][key], tensor), (name, key)
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +129,7 @@ def sigint_at_an_evaluation_boundary(monkeypatch):
     monkeypatch.setattr(train_module, "save_checkpoint", save)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("interrupt, stopped_at", [
     (sigint_inside_a_step, 6), (sigint_inside_the_optimizer_step, 5), (sigint_inside_validation, 8),
     (sigint_at_an_evaluation_boundary, 4),
@@ -165,10 +141,10 @@ def test_sigint_anywhere_then_resume_gives_the_uninterrupted_run_bit_for_bit(cor
     with monkeypatch.context() as patch, pytest.raises(SystemExit) as stopped:
         interrupt(patch)
         train(corpus, out_dir)
-    assert stopped.value.code == 130  # the shell's status for Ctrl-C, after saving
+    assert stopped.value.code == EXIT_INTERRUPTED  # 130: saved, and the shell can tell it from a finished run
     out = capsys.readouterr().out
     assert torch.load(out_dir / "last.pt", weights_only=True)["step"] == stopped_at
-    assert max(logged(out_dir)) == stopped_at
+    assert logged(out_dir)[-1]["step"] == stopped_at
     train(corpus, out_dir, "--resume")
     assert f"resumed from {out_dir / 'last.pt'} at step {stopped_at}" in capsys.readouterr().out
     assert_same_run(out_dir, straight)
@@ -176,6 +152,7 @@ def test_sigint_anywhere_then_resume_gives_the_uninterrupted_run_bit_for_bit(cor
     assert stop_line in out, out.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_sigint_from_outside_at_a_random_moment_then_resume_is_exact(corpus, straight, tmp_path, capsys):
     out_dir = tmp_path / "run"
     command = [sys.executable, "llm/train.py", *TINY, *corpus["data"], "--out-dir", str(out_dir)]
@@ -189,7 +166,7 @@ def test_sigint_from_outside_at_a_random_moment_then_resume_is_exact(corpus, str
             break
         time.sleep(0.005)
     stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert process.returncode == EXIT_INTERRUPTED and "Traceback" not in stderr, stderr[-2000:]
     assert "stopped at step" in stdout
     # the command the run printed: every setting comes from the saved run
     train_module.main(["--out-dir", str(out_dir), "--resume", "--num-samples", "0", "--no-final-eval"])
@@ -214,7 +191,7 @@ def test_a_folder_holding_a_run_is_refused_until_resume_or_overwrite(corpus, str
         train(corpus, out_dir / "last.pt")
     assert folder_bytes(out_dir) == before
     train(corpus, out_dir, "--overwrite", "--max-steps", "4")  # a fresh run of 4 steps replaces the 12-step one
-    assert max(logged(out_dir)) == 4 and torch.load(out_dir / "last.pt", weights_only=True)["step"] == 4
+    assert logged(out_dir)[-1]["step"] == 4 and torch.load(out_dir / "last.pt", weights_only=True)["step"] == 4
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -307,7 +284,8 @@ def test_a_non_finite_loss_stops_the_run_before_any_write(corpus, tmp_path, monk
         assert (out_dir / "last.pt").read_bytes() == written["last.pt"]
         assert (out_dir / "best.pt").read_bytes() == written["best.pt"]
         assert torch.load(out_dir / "last.pt", weights_only=True)["step"] == good
-    assert max(logged(out_dir), default=0) == step - 1  # the record of the diverged step is not written either
+    steps = [record["step"] for record in logged(out_dir)]
+    assert max(steps, default=0) == step - 1  # the record of the diverged step is not written either
 
 
 def run_main(module, arguments, monkeypatch, capsys):
@@ -414,6 +392,7 @@ def test_every_bad_flag_and_file_of_every_llm_cli_is_one_line_and_harms_nothing(
         assert (tmp_path / f"resume-{path.stem}" / "last.pt").read_bytes() == path.read_bytes()
 
 
+@pytest.mark.slow
 def test_a_garbage_checkpoint_through_the_real_command_line_is_one_line(garbage_files):
     path = garbage_files["text"]
     result = subprocess.run([sys.executable, "llm/generate.py", "--checkpoint", str(path)], cwd=REPO_ROOT,
@@ -444,6 +423,7 @@ def torchrun(arguments, port: int, **keywords):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **keywords)
 
 
+@pytest.mark.slow
 def test_ddp_ctrl_c_on_one_rank_stops_all_together_and_validation_matches_one_process(corpus, tmp_path, capsys):
     """2 gloo processes of batch 2 against one of batch 4 (the same global batch, dropout off):
 
@@ -474,8 +454,17 @@ def test_ddp_ctrl_c_on_one_rank_stops_all_together_and_validation_matches_one_pr
     assert "exitcode: 130" in stderr, stderr[-2000:]  # every rank saved (rank 0) and exited as interrupted
     saved = torch.load(distributed / "last.pt", weights_only=True)
     assert f"stopped at step {saved['step']}; resume with" in stdout
-    assert 4 <= saved["step"] == max(logged(distributed)) < 300
-    ours, theirs = logged(distributed), logged(single)
+    assert 4 <= saved["step"] == logged(distributed)[-1]["step"] < 300
+    ours, theirs = ({record["step"]: record for record in logged(folder)} for folder in (distributed, single))
     for step in (2, 4):  # the same weights (to rounding), validated on the same windows
         assert ours[step]["val_loss"] == pytest.approx(theirs[step]["val_loss"], abs=2e-5)
     assert [path.stat().st_mtime_ns for path in split_texts] == modified  # nobody rewrote the split files
+
+
+def test_a_resume_at_another_thread_count_warns_that_it_is_not_bit_identical(corpus, straight, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    shutil.copytree(straight, out_dir)  # trained on one thread
+    with torch_threads(2):
+        train(corpus, out_dir, "--resume")
+    warning = capsys.readouterr().err
+    assert "warning: the saved run used 1 CPU threads and this one uses 2" in warning and "bit-identical" in warning

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_llama_config as tiny_config
 
 from data import fetch
 from llm.checkpoint import check_tokenizer
@@ -17,12 +18,6 @@ from llm.train import COMPILE_PAYS_OFF_S, choose_dtype, compiler_problem, decide
 # One thread: tiny tensors gain nothing from more, and on a busy machine extra threads only wait for cores.
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
-
-
-def tiny_config(**overrides) -> LlamaConfig:
-    settings = dict(vocab_size=97, context_length=24, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32)
-    settings.update(overrides)
-    return LlamaConfig(**settings)
 
 
 def stubbed_matmul(figures: dict):
@@ -54,6 +49,7 @@ def test_auto_dtype_measurement_leaves_the_training_rng_where_it_was():
     assert torch.equal(torch.get_rng_state(), before)
 
 
+@pytest.mark.slow
 def test_compile_auto_runs_eager_when_the_run_is_too_short_and_on_off_are_obeyed():
     compiled, reason = decide_compile("auto", CPU, COMPILE_PAYS_OFF_S / 10)
     assert not compiled and reason.startswith("off (about") and "too short" in reason
@@ -64,6 +60,7 @@ def test_compile_auto_runs_eager_when_the_run_is_too_short_and_on_off_are_obeyed
     assert reason.startswith("on (about" if compiled else "off (torch.compile")
 
 
+@pytest.mark.slow
 def test_compiled_model_gives_the_eager_loss():
     problem = compiler_problem("cpu")
     if problem:
@@ -162,6 +159,7 @@ def test_models_in_bf16_and_float64_generate_with_a_cache_of_their_own_dtype(dty
         assert (cached_logits - recomputed_logits).abs().max() < 0.05
 
 
+@pytest.mark.slow
 def test_a_tokenizer_other_than_the_checkpoints_is_refused_in_one_line(tmp_path, run_cli):
     text_file = tmp_path / "wiki.txt"
     text_file.write_text((fetch("wikitext-2") / "valid.raw").read_text(encoding="utf-8")[:30_000], encoding="utf-8")

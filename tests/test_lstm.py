@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 import torch
+from conftest import assert_one_line_error
 from torch import nn
 from torch.nn import functional as F
 
@@ -24,14 +25,7 @@ from lstm.model import (
 )
 from lstm.tasks import DEFAULT_BOOKS, adding_batch, load_corpus
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy shared machine makes thread hand-offs slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models gain nothing from threads on a busy machine
 
 
 @pytest.fixture
@@ -266,6 +260,7 @@ TINY_LM = ["--hidden-size", "32", "--num-layers", "2", "--embedding-size", "16",
            "--batch-size", "16", "--lr", "1e-2", "--eval-every", "20"]
 
 
+@pytest.mark.slow
 def test_tiny_language_model_trains_checkpoints_resumes_and_evaluates(in_process, tmp_path):
     out_dir = tmp_path / "lm"
     trained = in_process("lstm/train.py", *TINY_LM, "--steps", "40", "--out-dir", str(out_dir))
@@ -361,14 +356,6 @@ def test_adding_resume_accepts_a_checkpoint_older_than_forget_bias_and_refuses_a
     assert last.read_bytes() == before
 
 
-def assert_one_line_error(result, fragment):
-    """Non-zero exit, a single 'error:' line on stderr that says what is wrong, and no traceback."""
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("[data]")]
-    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
-
-
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A language-model checkpoint written without training, for the CLI's error paths."""
@@ -382,6 +369,7 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_eval_rejects_an_empty_prompt(cli, tiny_checkpoint):
     result = cli("lstm/eval.py", "--checkpoint", str(tiny_checkpoint), "--sample", "--prompt", "")
     assert_one_line_error(result, "prompt is empty")
@@ -392,8 +380,9 @@ def test_eval_rejects_a_prompt_with_an_unknown_character(in_process, tiny_checkp
     assert_one_line_error(result, "not in the model's vocabulary")
 
 
+@pytest.mark.slow
 def test_eval_reports_a_missing_checkpoint(cli, tmp_path):
-    assert_one_line_error(cli("lstm/eval.py", "--checkpoint", str(tmp_path / "missing.pt")), "no checkpoint")
+    assert_one_line_error(cli("lstm/eval.py", "--checkpoint", str(tmp_path / "missing.pt")), "does not exist")
 
 
 def test_eval_reports_a_corrupt_checkpoint(in_process, tmp_path):
@@ -416,4 +405,4 @@ def test_bench_rejects_a_malformed_size(in_process):
 
 
 def test_gradient_flow_reports_missing_adding_checkpoints(in_process, tmp_path):
-    assert_one_line_error(in_process("lstm/gradient_flow.py", "--run-dir", str(tmp_path)), "no checkpoint")
+    assert_one_line_error(in_process("lstm/gradient_flow.py", "--run-dir", str(tmp_path)), "does not exist")

@@ -13,15 +13,6 @@ TINY = ["--books", "blake-poems.txt", "--hidden-size", "8", "--embedding-size", 
         "--batch-size", "4", "--eval-every", "5", "--steps", "12"]
 
 
-@pytest.fixture
-def one_thread():
-    """One thread for a real run, as the other run tests use; the thread count is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_quick_sets_exactly_the_preset_and_leaves_every_other_flag_at_its_default():
     quick, default = vars(lstm.train.parse_args(["--quick"])), vars(lstm.train.parse_args([]))
     assert {name: quick[name] for name in lstm.train.QUICK_PRESET} == lstm.train.QUICK_PRESET

@@ -1,7 +1,6 @@
 """The LSTM chapter's run handling: Ctrl-C then --resume is bit-identical, runs are never overwritten, a diverging
 run writes nothing, and every bad flag or file ends in one line."""
 
-import json
 import os
 import shutil
 import signal
@@ -12,72 +11,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_run, call_main, folder_bytes, logged, sigint_on_call, torch_threads
 from torch.nn import functional as F
 
 import lstm.train
+from lstm.runs import EXIT_INTERRUPTED
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Blake's poems (38,000 characters) keep every validation pass to one short chunk: a run of 12 steps takes a second.
 TINY = ["--books", "blake-poems.txt", "--hidden-size", "8", "--num-layers", "2", "--embedding-size", "8",
         "--seq-len", "20", "--batch-size", "4", "--eval-every", "5", "--steps", "12", "--dropout", "0.2"]
+COUNTERS = ("step", "history")  # where an lstm checkpoint stands
 TINY_ADDING = ["--task", "adding", "--lengths", "6", "--cells", "lstm", "rnn", "--adding-hidden-size", "4",
                "--adding-steps", "30", "--adding-batch-size", "8"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread, as the subprocesses run (OMP_NUM_THREADS=1): in- and out-of-process runs agree bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_main(capsys, script_main, argv):
-    """Run a CLI's main(argv) in this process: (exit code, stdout, stderr). A traceback would fail the test."""
-    capsys.readouterr()
-    code = 0
-    try:
-        script_main([str(part) for part in argv])
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train(capsys, *argv):
     """lstm/train.py in this process."""
-    return run_main(capsys, lstm.train.main, argv)
-
-
-def logged(out_dir: Path) -> list[dict]:
-    """Every record of metrics.jsonl without its wall-clock fields."""
-    clocks = {"elapsed_seconds", "train_seconds", "seconds", "threads"}
-    records = []
-    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "final" in record:
-            record = {"final": {key: value for key, value in record["final"].items() if key not in clocks}}
-        records.append({key: value for key, value in record.items() if key not in clocks})
-    return records
-
-
-def assert_same_run(out_dir: Path, reference: Path, checkpoints=("last.pt", "best.pt")):
-    """Every logged loss, the per-step training losses and the final weights and optimizer state: bit-identical."""
-    assert logged(out_dir) == logged(reference)
-    for name in checkpoints:
-        got, want = (torch.load(folder / name, weights_only=True) for folder in (out_dir, reference))
-        assert got["step"] == want["step"] and got["history"] == want["history"], name
-        for key in want["model"]:
-            assert torch.equal(got["model"][key], want["model"][key]), f"{name}: {key}"
-        for index, state in want["optimizer"]["state"].items():
-            for key, value in state.items():
-                assert torch.equal(got["optimizer"]["state"][index][key], value), f"{name}: optimizer {key}"
-
-
-def snapshot(folder: Path) -> dict:
-    """The bytes of every file in a folder."""
-    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+    return call_main(lstm.train.main, argv, capsys)
 
 
 @pytest.fixture(scope="module")
@@ -93,47 +46,33 @@ def reference_run(tmp_path_factory):
     return out_dir
 
 
-def interrupt_once(monkeypatch, owner, name, when):
-    """Wrap owner.name so that the call for which when(count, args) holds first sends this process a real SIGINT."""
-    original = getattr(owner, name)
-    calls = {"count": 0, "sent": False}
-
-    def wrapper(*args, **kwargs):
-        calls["count"] += 1
-        if not calls["sent"] and when(calls["count"], args):
-            calls["sent"] = True
-            signal.raise_signal(signal.SIGINT)  # the StopFlag's handler runs here, in the middle of the work
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, wrapper)
-    return calls
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["inside a step", "inside validation", "at an evaluation boundary"])
 def test_sigint_then_resume_gives_bit_identical_losses_and_weights(point, reference_run, tmp_path, capsys):
     out_dir = tmp_path / "run"
     with pytest.MonkeyPatch.context() as patch:
         if point == "inside a step":  # after the backward pass of step 7, before its optimizer step
-            calls = interrupt_once(patch, torch.nn.utils, "clip_grad_norm_", lambda count, args: count == 7)
+            calls = sigint_on_call(patch, torch.nn.utils, "clip_grad_norm_", lambda count, args: count == 7)
             stopped_at = 7
         elif point == "inside validation":  # the second validation pass, at step 10
-            calls = interrupt_once(patch, lstm.train, "evaluate_bpc", lambda count, args: count == 2)
+            calls = sigint_on_call(patch, lstm.train, "evaluate_bpc", lambda count, args: count == 2)
             stopped_at = 10
         else:  # as last.pt is being written at step 5
-            calls = interrupt_once(patch, lstm.train, "save_checkpoint",
+            calls = sigint_on_call(patch, lstm.train, "save_checkpoint",
                                    lambda count, args: Path(args[0]).name == "last.pt")
             stopped_at = 5
         code, out, err = train(capsys, *TINY, "--out-dir", out_dir)
-    assert calls["sent"] and code == 0, err
+    assert calls["sent"] and code == EXIT_INTERRUPTED, err
     assert f"stopped at step {stopped_at}; resume with: python lstm/train.py --out-dir {out_dir} --resume" in out
     assert torch.load(out_dir / "last.pt", weights_only=True)["step"] == stopped_at
     assert not (out_dir / "summary.json").exists()
     code, out, err = train(capsys, *TINY, "--out-dir", out_dir, "--resume")
     assert code == 0, err
     assert f"resumed from step {stopped_at}" in out
-    assert_same_run(out_dir, reference_run)
+    assert_same_run(out_dir, reference_run, counters=COUNTERS)
 
 
+@pytest.mark.slow
 def test_sigint_from_another_process_then_resume_gives_the_same_run(tmp_path, capsys):
     """A real Ctrl-C from outside, at whatever step the run has reached once it has logged its first validation."""
     longer = [*TINY, "--steps", "40"]
@@ -150,28 +89,24 @@ def test_sigint_from_another_process_then_resume_gives_the_same_run(tmp_path, ca
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 0 and "Traceback" not in err, err
+    assert process.returncode == EXIT_INTERRUPTED and "Traceback" not in err, err
     assert "stopped at step" in out, "the run ended before the signal arrived; make it longer"
     code, _, err = train(capsys, *longer, "--out-dir", out_dir, "--resume")  # in this process: no second start-up
     assert code == 0, err
-    assert_same_run(out_dir, reference)
+    assert_same_run(out_dir, reference, counters=COUNTERS)
 
 
+@pytest.mark.slow
 def test_sigint_in_the_adding_problem_then_resume_gives_the_same_runs(tmp_path, capsys):
     reference = tmp_path / "reference"
     assert train(capsys, *TINY_ADDING, "--out-dir", reference)[0] == 0
     out_dir = tmp_path / "run"
     with pytest.MonkeyPatch.context() as patch:  # step 12 of the second model (the RNN)
-        interrupt_once(patch, torch.nn.utils, "clip_grad_norm_", lambda count, args: count == 30 + 12)
+        sigint_on_call(patch, torch.nn.utils, "clip_grad_norm_", lambda count, args: count == 30 + 12)
         code, out, err = train(capsys, *TINY_ADDING, "--out-dir", out_dir)
-    assert code == 0 and "stopped at step 12 of adding-rnn-6" in out, err
+    assert code == EXIT_INTERRUPTED and "stopped at step 12 of adding-rnn-6" in out, err
     assert train(capsys, *TINY_ADDING, "--out-dir", out_dir, "--resume")[0] == 0
-    clocks = ("seconds",)
-    for folder in (out_dir, reference):
-        folder.joinpath("metrics.clean").write_text(json.dumps([
-            {key: value for key, value in json.loads(line).items() if key not in clocks}
-            for line in (folder / "metrics.jsonl").read_text().splitlines()]))
-    assert (out_dir / "metrics.clean").read_text() == (reference / "metrics.clean").read_text()
+    assert logged(out_dir) == logged(reference)
     for cell in ("lstm", "rnn"):
         got, want = (torch.load(folder / f"adding-{cell}-6-last.pt", weights_only=True)
                      for folder in (out_dir, reference))
@@ -180,14 +115,14 @@ def test_sigint_in_the_adding_problem_then_resume_gives_the_same_runs(tmp_path, 
 
 
 def test_a_new_run_into_a_run_folder_is_refused_and_overwrite_replaces_it(reference_run, tmp_path, capsys):
-    before = snapshot(reference_run)
+    before = folder_bytes(reference_run)
     code, _, err = train(capsys, *TINY, "--out-dir", reference_run)
     assert code == 1 and err.strip() == (f"error: {reference_run} already holds a run (last.pt); pass --resume to "
                                          f"continue it, --out-dir DIR to start a new run elsewhere, or --overwrite "
                                          f"to replace it")
     code, _, err = train(capsys, *TINY, "--out-dir", reference_run, "--resume", "--overwrite")
     assert code == 1 and "pass only one" in err
-    assert snapshot(reference_run) == before
+    assert folder_bytes(reference_run) == before
 
     copy = tmp_path / "copy"
     shutil.copytree(reference_run, copy)
@@ -205,7 +140,7 @@ def test_a_new_run_into_a_run_folder_is_refused_and_overwrite_replaces_it(refere
 
 
 def test_resume_with_a_changed_fixed_argument_is_refused(reference_run, capsys):
-    before = snapshot(reference_run)
+    before = folder_bytes(reference_run)
     code, _, err = train(capsys, *TINY, "--batch-size", "8", "--out-dir", reference_run, "--resume")
     assert code == 1
     assert err.strip() == ("error: --batch-size was 4 in the saved run and is 8 now; a resumed run keeps its "
@@ -213,7 +148,7 @@ def test_resume_with_a_changed_fixed_argument_is_refused(reference_run, capsys):
     for flag, value in (("--seed", "1"), ("--lr", "0.02"), ("--steps", "13"), ("--hidden-size", "9")):
         code, _, err = train(capsys, *TINY, flag, value, "--out-dir", reference_run, "--resume")
         assert code == 1 and f"{flag} was" in err, err
-    assert snapshot(reference_run) == before
+    assert folder_bytes(reference_run) == before
 
 
 def nan_on(count_wanted, grad_enabled):
@@ -276,7 +211,7 @@ def test_every_bad_checkpoint_file_gets_one_line(bad_files, reference_run, tmp_p
     import lstm.gradient_flow
 
     for bad in bad_files:
-        code, _, err = run_main(capsys, lstm.eval.main, ["--checkpoint", bad])
+        code, _, err = call_main(lstm.eval.main, ["--checkpoint", bad], capsys)
         assert code == 1 and err.startswith(f"error: {bad} is not a readable lstm checkpoint ("), err
         assert len(err.strip().splitlines()) == 1 and "weights_only" not in err
         run_dir = tmp_path / bad.stem
@@ -284,24 +219,24 @@ def test_every_bad_checkpoint_file_gets_one_line(bad_files, reference_run, tmp_p
         shutil.copy(bad, run_dir / "last.pt")
         for name in ("adding-lstm-100-best.pt", "adding-rnn-100-best.pt"):
             shutil.copy(bad, run_dir / name)
-        before = snapshot(run_dir)
+        before = folder_bytes(run_dir)
         code, _, err = train(capsys, *TINY, "--out-dir", run_dir, "--resume")
         assert code == 1 and "is not a readable lstm checkpoint" in err and "weights_only" not in err, err
-        code, _, err = run_main(capsys, lstm.gradient_flow.main, ["--run-dir", run_dir])
+        code, _, err = call_main(lstm.gradient_flow.main, ["--run-dir", run_dir], capsys)
         assert code == 1 and "is not a readable lstm checkpoint" in err, err
-        assert snapshot(run_dir) == before
+        assert folder_bytes(run_dir) == before
 
     compare_run = tmp_path / "compare"
     shutil.copytree(reference_run, compare_run)
     shutil.copy(bad_files[0], compare_run / "best.pt")
-    before = snapshot(compare_run)
-    code, _, err = run_main(capsys, lstm.compare.main, [compare_run, "--context-out", tmp_path / "context.png"])
+    before = folder_bytes(compare_run)
+    code, _, err = call_main(lstm.compare.main, [compare_run, "--context-out", tmp_path / "context.png"], capsys)
     assert code == 1 and "is not a readable lstm checkpoint" in err, err
     (compare_run / "metrics.jsonl").write_text("garbage\n")
-    before = snapshot(compare_run)
-    code, _, err = run_main(capsys, lstm.compare.main, [compare_run])
+    before = folder_bytes(compare_run)
+    code, _, err = call_main(lstm.compare.main, [compare_run], capsys)
     assert code == 1 and "is not a language-model log" in err, err
-    assert snapshot(compare_run) == before
+    assert folder_bytes(compare_run) == before
 
 
 BAD_NUMBERS = {
@@ -319,7 +254,7 @@ ALLOWED = {("--adding-forget-bias", "0"), ("--adding-forget-bias", "-1"), ("--se
 def test_every_numeric_flag_of_every_cli_refuses_out_of_range_values(reference_run, capsys):
     import importlib
 
-    before = snapshot(reference_run)
+    before = folder_bytes(reference_run)
     for module_name, flags in BAD_NUMBERS.items():
         module = importlib.import_module(module_name)
         positional = [str(reference_run)] if module_name == "lstm.compare" else []
@@ -330,9 +265,9 @@ def test_every_numeric_flag_of_every_cli_refuses_out_of_range_values(reference_r
                 argv = [*positional, flag, value]
                 if module_name == "lstm.train":
                     argv += ["--out-dir", reference_run]
-                code, _, err = run_main(capsys, module.main, argv)
+                code, _, err = call_main(module.main, argv, capsys)
                 assert code == 2 and f"argument {flag}" in err and "Traceback" not in err, (module_name, argv, err)
-    assert snapshot(reference_run) == before
+    assert folder_bytes(reference_run) == before
 
 
 @pytest.mark.parametrize("script, argv, fragment", [
@@ -353,12 +288,13 @@ def test_huge_or_unknown_values_get_one_line_before_any_work(script, argv, fragm
         argv = [*argv, "--books", "blake-poems.txt", "--out-dir", str(out_dir)]
     if script == "lstm.gradient_flow":
         argv = [*argv, "--run-dir", str(out_dir)]
-    code, _, err = run_main(capsys, importlib.import_module(script).main, argv)
+    code, _, err = call_main(importlib.import_module(script).main, argv, capsys)
     assert code == 1 and err.startswith("error: ") and fragment in err, err
     assert len(err.strip().splitlines()) == 1
     assert not out_dir.exists() or not list(out_dir.iterdir())
 
 
+@pytest.mark.slow
 def test_a_bad_checkpoint_ends_without_a_traceback_in_a_real_process(tmp_path):
     """The in-process tests above see SystemExit; this one sees what a user sees: stderr and the exit code."""
     (tmp_path / "last.pt").write_bytes(b"")
@@ -369,3 +305,12 @@ def test_a_bad_checkpoint_ends_without_a_traceback_in_a_real_process(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (f"error: {tmp_path / 'last.pt'} is not a readable lstm "
                                                       f"checkpoint (the file is empty)")
     assert (tmp_path / "last.pt").read_bytes() == b"" and [path.name for path in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_a_resume_at_another_thread_count_warns_that_it_is_not_bit_identical(reference_run, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    shutil.copytree(reference_run, out_dir)  # trained on one thread
+    with torch_threads(2):
+        code, _, err = train(capsys, *TINY, "--out-dir", out_dir, "--resume")
+    assert code == 0, err
+    assert "warning: the saved run used 1 CPU threads and this one uses 2" in err and "bit-identical" in err

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from rnn import hello
-from rnn.checkpoint import load_checkpoint, model_from_checkpoint
 from rnn.model import ClassifierConfig, HandwrittenRNN, NameClassifier, RNNLayerFunction, TorchRNN, clip_gradient_norm
 from rnn.names import Alphabet, load_pairs, make_batch, stratified_split
+from rnn.train import load_run_checkpoint, model_from_checkpoint
 from rnn.vanishing import input_gradient_norms
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -188,12 +188,13 @@ def trained_run(tmp_path_factory):
     return out_dir, arguments, result
 
 
+@pytest.mark.slow
 def test_training_cli_writes_checkpoints_that_round_trip(trained_run):
     out_dir, _, result = trained_run
     assert "test accuracy" in result.stdout
     assert (out_dir / "curves.png").is_file()
     assert len((out_dir / "metrics.jsonl").read_text().splitlines()) == 2
-    state = load_checkpoint(out_dir / "last.pt")
+    state = load_run_checkpoint(out_dir / "last.pt")
     model = model_from_checkpoint(state, "cpu")
     for key, value in model.state_dict().items():
         assert torch.equal(value, state["model"][key])
@@ -203,15 +204,17 @@ def test_training_cli_writes_checkpoints_that_round_trip(trained_run):
     torch.testing.assert_close(model.eval()(ids, lengths), other.eval()(ids, lengths), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_last_epoch(trained_run, run_cli):
     out_dir, arguments, _ = trained_run
     arguments = [a if a != "2" else "3" for a in arguments]
     result = run_cli("rnn/train.py", *arguments, "--resume")
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stdout and "epoch   3" in result.stdout and "epoch   1 " not in result.stdout
-    assert load_checkpoint(out_dir / "last.pt")["epoch"] == 3
+    assert load_run_checkpoint(out_dir / "last.pt")["epoch"] == 3
 
 
+@pytest.mark.slow
 def test_eval_cli_reports_json_and_predictions(trained_run, run_cli):
     out_dir = trained_run[0]
     result = run_cli("rnn/eval.py", "--checkpoint", str(out_dir / "best.pt"), "--json", "--out-dir", str(out_dir))
@@ -223,6 +226,7 @@ def test_eval_cli_reports_json_and_predictions(trained_run, run_cli):
     assert "Dostoevsky" in result.stdout and "Nakamura" in result.stdout and "%" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad_name", ["", "Nak4mura!"])
 def test_eval_rejects_empty_names_and_unknown_characters(trained_run, run_cli, bad_name):
     result = run_cli("rnn/eval.py", "--checkpoint", str(trained_run[0] / "best.pt"), "--predict", bad_name)
@@ -231,6 +235,7 @@ def test_eval_rejects_empty_names_and_unknown_characters(trained_run, run_cli, b
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(run_cli, tmp_path):
     missing = run_cli("rnn/eval.py", "--checkpoint", str(tmp_path / "missing.pt"))
     corrupt_path = tmp_path / "corrupt.pt"

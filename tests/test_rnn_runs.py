@@ -1,7 +1,6 @@
 """The rnn chapter's run handling: Ctrl-C resumes bit-identically, runs are never overwritten unasked, a diverging
 run writes nothing, and every bad flag or file ends in one line without touching the run folder."""
 
-import json
 import math
 import os
 import shutil
@@ -12,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_run, folder_bytes, logged, sigint_on_call, torch_threads
 
 from rnn import bench, hello, vanishing
 from rnn import eval as rnn_eval
 from rnn import train as rnn_train
+from rnn.runs import EXIT_INTERRUPTED
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # 200 training names in batches of 32: 7 steps per epoch, dropout 0.3 on, 4 epochs.
@@ -24,13 +25,7 @@ TINY = ["--epochs", "4", "--limit", "200", "--batch-size", "32", "--hidden-size"
 STEPS_PER_EPOCH = 7
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Every in-process run on one thread, as the subprocess runs (OMP_NUM_THREADS=1): bitwise comparable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_in_process(out_dir, *extra):
@@ -42,36 +37,12 @@ def train_in_process(out_dir, *extra):
     return 0
 
 
-def losses(out_dir):
-    """Every logged number of metrics.jsonl except the wall-clock seconds."""
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
-
-
-def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
-
-
-def assert_same_run(out_dir, reference_dir):
-    """Logged losses and the final (and best) weights are bit-identical to the uninterrupted run's."""
-    assert losses(out_dir) == losses(reference_dir)
-    for name in ("last.pt", "best.pt"):
-        mine, theirs = weights(out_dir / name), weights(reference_dir / name)
-        assert mine.keys() == theirs.keys()
-        assert all(torch.equal(mine[key], theirs[key]) for key in mine), name
-
-
-def snapshot(folder):
-    """The bytes of every file under `folder` (missing folder: empty)."""
-    return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted tiny run."""
     out_dir = tmp_path_factory.mktemp("rnn-reference")
     assert train_in_process(out_dir) == 0
-    assert len(losses(out_dir)) == 4
+    assert len(logged(out_dir)) == 4
     return out_dir
 
 
@@ -79,19 +50,6 @@ def copy_of(run_dir, tmp_path):
     destination = tmp_path / "run"
     shutil.copytree(run_dir, destination)
     return destination
-
-
-def send_sigint_on_call(monkeypatch, name, call):
-    """Replace rnn.train's `name` by a wrapper that sends this process a real SIGINT on its `call`-th call."""
-    original, calls = getattr(rnn_train, name), [0]
-
-    def wrapper(*arguments, **keywords):
-        calls[0] += 1
-        if calls[0] == call:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(*arguments, **keywords)
-
-    monkeypatch.setattr(rnn_train, name, wrapper)
 
 
 # Where the SIGINT lands: inside a step (between backward and the optimizer step), inside the last step of an
@@ -104,14 +62,15 @@ INTERRUPTIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", INTERRUPTIONS)
 def test_sigint_then_resume_is_bit_identical_to_an_uninterrupted_run(reference, tmp_path, monkeypatch, capsys,
                                                                      where):
     function, call, stopped_step = INTERRUPTIONS[where]
     out_dir = tmp_path / "run"
     with monkeypatch.context() as patch:
-        send_sigint_on_call(patch, function, call)
-        assert train_in_process(out_dir) == 0
+        sigint_on_call(patch, rnn_train, function, call)
+        assert train_in_process(out_dir) == EXIT_INTERRUPTED
     output = capsys.readouterr().out
     assert f"stopped at step {stopped_step}; resume with: python rnn/train.py --out-dir {out_dir} --resume" in output
     assert "test accuracy" not in output and not (out_dir / "interrupted.pt").exists()
@@ -121,6 +80,7 @@ def test_sigint_then_resume_is_bit_identical_to_an_uninterrupted_run(reference, 
     assert_same_run(out_dir, reference)
 
 
+@pytest.mark.slow
 def test_sigint_to_the_cli_at_a_random_point_then_resume_is_bit_identical(reference, tmp_path):
     out_dir = tmp_path / "run"
     command = [sys.executable, str(REPO_ROOT / "rnn/train.py"), *TINY, "--out-dir", str(out_dir)]
@@ -132,7 +92,7 @@ def test_sigint_to_the_cli_at_a_random_point_then_resume_is_bit_identical(refere
             process.send_signal(signal.SIGINT)
             break
     output, errors = process.communicate(timeout=300)
-    assert process.returncode == 0, errors
+    assert process.returncode == EXIT_INTERRUPTED, errors
     assert "Traceback" not in errors
     printed = output.strip().splitlines()[-1]  # the command it prints, run as printed (on the CPU)
     assert printed.startswith("stopped at step ")
@@ -143,6 +103,7 @@ def test_sigint_to_the_cli_at_a_random_point_then_resume_is_bit_identical(refere
     assert_same_run(out_dir, reference)
 
 
+@pytest.mark.slow
 def test_a_second_sigint_aborts_at_once_without_saving(tmp_path, monkeypatch):
     out_dir = tmp_path / "run"
     original, handler_before = rnn_train.clip_gradient_norm, signal.getsignal(signal.SIGINT)
@@ -161,11 +122,11 @@ def test_a_second_sigint_aborts_at_once_without_saving(tmp_path, monkeypatch):
 
 def test_a_folder_holding_a_run_is_refused_and_overwrite_replaces_it(reference, tmp_path):
     out_dir = copy_of(reference, tmp_path)
-    before = snapshot(out_dir)
+    before = folder_bytes(out_dir)
     status = train_in_process(out_dir)
     assert status == (f"error: {out_dir} already holds a run (last.pt); pass --resume to continue it, --out-dir DIR "
                       "to start a new run elsewhere, or --overwrite to replace it")
-    assert snapshot(out_dir) == before
+    assert folder_bytes(out_dir) == before
     (out_dir / "last.pt").unlink()
     assert "already holds a run (best.pt)" in train_in_process(out_dir)
     (out_dir / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": 0.0}\n' * 9)
@@ -177,22 +138,22 @@ def test_a_folder_holding_a_run_is_refused_and_overwrite_replaces_it(reference, 
 
 def test_run_folder_errors_are_one_line(reference, tmp_path):
     out_dir = copy_of(reference, tmp_path)
-    before = snapshot(out_dir)
+    before = folder_bytes(out_dir)
     assert "pass only one" in train_in_process(out_dir, "--resume", "--overwrite")
     missing = tmp_path / "empty" / "last.pt"
-    assert train_in_process(tmp_path / "empty", "--resume") == f"error: cannot resume: {missing} does not exist"
+    assert train_in_process(tmp_path / "empty", "--resume") == f"error: --resume: {missing} does not exist"
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder\n")
     assert "is a file" in train_in_process(a_file)
     assert "is a file" in train_in_process(a_file / "below")
-    assert snapshot(out_dir) == before and a_file.read_text() == "not a folder\n"
+    assert folder_bytes(out_dir) == before and a_file.read_text() == "not a folder\n"
 
 
 @pytest.mark.parametrize("flag, value", [("--batch-size", "16"), ("--seed", "1"), ("--learning-rate", "0.01"),
                                          ("--no-bidirectional", None)])
 def test_resume_refuses_a_changed_setting(reference, tmp_path, flag, value):
     out_dir = copy_of(reference, tmp_path)
-    before = snapshot(out_dir)
+    before = folder_bytes(out_dir)
     status = train_in_process(out_dir, "--resume", flag, *([value] if value else []))
     if flag == "--batch-size":
         assert status == ("error: --batch-size was 32 in the saved run and is 16 now; a resumed run keeps its "
@@ -200,12 +161,12 @@ def test_resume_refuses_a_changed_setting(reference, tmp_path, flag, value):
     else:
         assert status.startswith(f"error: --{flag.removeprefix('--').removeprefix('no-')} was ")
         assert "keeps its settings" in status
-    assert snapshot(out_dir) == before
+    assert folder_bytes(out_dir) == before
 
 
 def test_a_non_finite_training_loss_stops_before_any_write(reference, tmp_path, monkeypatch):
     out_dir = copy_of(reference, tmp_path)
-    before = snapshot(out_dir)
+    before = folder_bytes(out_dir)
     original, calls = torch.nn.functional.cross_entropy, [0]
 
     def diverging(*arguments, **keywords):
@@ -217,17 +178,17 @@ def test_a_non_finite_training_loss_stops_before_any_write(reference, tmp_path, 
     status = train_in_process(out_dir, "--resume", "--epochs", "6")  # --epochs may grow: train longer
     assert status == ("error: the training loss is not finite at step 31; stopped without saving: last.pt (step 28) "
                       "holds the last good state")
-    assert snapshot(out_dir) == before
+    assert folder_bytes(out_dir) == before
 
 
 def test_a_non_finite_validation_loss_stops_before_any_write(reference, tmp_path, monkeypatch):
     out_dir = copy_of(reference, tmp_path)
-    before = snapshot(out_dir)
+    before = folder_bytes(out_dir)
     monkeypatch.setattr(rnn_train, "predict_probabilities", lambda *arguments: torch.full((1802, 18), math.nan))
     status = train_in_process(out_dir, "--resume", "--epochs", "5")
     assert status == ("error: the validation loss is not finite at step 35; stopped without saving: last.pt "
                       "(step 28) holds the last good state")
-    assert snapshot(out_dir) == before
+    assert folder_bytes(out_dir) == before
 
 
 def test_a_run_that_diverges_at_once_writes_nothing(tmp_path):
@@ -288,7 +249,7 @@ def garbage_files(folder):
 
 def test_eval_and_resume_refuse_files_that_are_not_rnn_checkpoints_in_one_line(reference, tmp_path):
     out_dir = copy_of(reference, tmp_path)
-    before = snapshot(out_dir)
+    before = folder_bytes(out_dir)
     for path in garbage_files(tmp_path / "garbage"):
         with pytest.raises(SystemExit) as exit_status:
             rnn_eval.main(["--checkpoint", str(path), "--out-dir", str(out_dir)])
@@ -302,9 +263,10 @@ def test_eval_and_resume_refuse_files_that_are_not_rnn_checkpoints_in_one_line(r
         assert message.startswith(f"error: {run_dir / 'last.pt'} is not a readable rnn checkpoint ("), message
         assert "weights_only" not in message and "\n" not in message
         assert (run_dir / "last.pt").read_bytes() == path.read_bytes() and len(list(run_dir.iterdir())) == 1
-    assert snapshot(out_dir) == before
+    assert folder_bytes(out_dir) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, arguments, expected", [
     ("rnn/eval.py", ["--checkpoint", "{garbage}", "--out-dir", "{run}"], "is not a readable rnn checkpoint"),
     ("rnn/train.py", ["--resume", "--out-dir", "{empty_run}"], "is not a readable rnn checkpoint (the file is empty)"),
@@ -313,7 +275,7 @@ def test_eval_and_resume_refuse_files_that_are_not_rnn_checkpoints_in_one_line(r
 def test_the_clis_end_bad_input_in_one_line_without_a_traceback(reference, tmp_path, run_cli, script, arguments,
                                                                 expected):
     out_dir = copy_of(reference, tmp_path)
-    before = snapshot(out_dir)
+    before = folder_bytes(out_dir)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
     empty_run = tmp_path / "empty-run"
@@ -324,7 +286,7 @@ def test_the_clis_end_bad_input_in_one_line_without_a_traceback(reference, tmp_p
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert expected in result.stderr
-    assert snapshot(out_dir) == before and snapshot(empty_run) == {Path("last.pt"): b""}
+    assert folder_bytes(out_dir) == before and folder_bytes(empty_run) == {"last.pt": b""}
 
 
 def test_vanishing_writes_into_the_run_folder_or_where_out_says_never_over_the_chapter_pictures(tmp_path, capsys):
@@ -338,3 +300,11 @@ def test_vanishing_writes_into_the_run_folder_or_where_out_says_never_over_the_c
     with pytest.raises(SystemExit) as exit_status:
         vanishing.main(["--out", str(tmp_path / "run")])
     assert exit_status.value.code != 0 and "Traceback" not in capsys.readouterr().err
+
+
+def test_a_resume_at_another_thread_count_warns_that_it_is_not_bit_identical(reference, tmp_path, capsys):
+    out_dir = copy_of(reference, tmp_path)  # trained on one thread
+    with torch_threads(2):
+        assert train_in_process(out_dir, "--resume") == 0
+    warning = capsys.readouterr().err
+    assert "warning: the saved run used 1 CPU threads and this one uses 2" in warning and "bit-identical" in warning

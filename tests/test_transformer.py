@@ -33,6 +33,8 @@ from transformer.train import main as train_main
 
 TINY = dict(vocab_size=50, d_model=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, d_ff=64, dropout=0.0)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster than two that fight
+
 
 def tiny_model(**overrides) -> Transformer:
     """A small random model in float64, so comparisons can be tight."""
@@ -46,15 +48,6 @@ def random_batch(batch=3, source_length=7, target_length=5, vocab=50):
     source[0, -3:] = PAD_ID
     target[1, -2:] = PAD_ID
     return source, target
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster than two that fight over a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -310,6 +303,7 @@ TINY_FLAGS = ["--d-model", "32", "--num-heads", "2", "--d-ff", "64", "--vocab-si
               "0.005", "--valid-pairs", "50", "--valid-bleu-sentences", "10", "--no-progress", "--threads", "1"]
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_resume_and_eval(run_cli, tmp_path, capsys):
     out = str(tmp_path / "run")
     train_main([*TINY_FLAGS, "--out-dir", out, "--max-steps", "3", "--valid-every", "2"])
@@ -349,6 +343,7 @@ def test_weight_average_follows_the_weights_at_its_decay():
     assert torch.equal(raw["weight"], before + 5.0) and torch.equal(model.weight, average.weights["weight"])
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run_weights_and_average(tmp_path):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     train_main([*TINY_FLAGS, "--out-dir", straight, "--max-steps", "4", "--valid-every", "2"])
@@ -361,6 +356,7 @@ def test_resumed_run_equals_uninterrupted_run_weights_and_average(tmp_path):
     assert not torch.equal(one["model"]["embedding.weight"], one["raw_model"]["embedding.weight"])
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_gives_one_clear_error(run_cli):
     result = run_cli("transformer/eval.py", "--checkpoint", "missing.pt", timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr

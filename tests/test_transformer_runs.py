@@ -1,7 +1,6 @@
 """Run handling of the Transformer chapter: Ctrl-C then --resume is exact, runs are never overwritten, a diverging
 loss writes nothing, and every bad flag or file of every CLI ends in one line with the run folder untouched."""
 
-import json
 import os
 import re
 import shutil
@@ -13,18 +12,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_run, folder_bytes, logged, refused, sigint_on_call, stopped_by_ctrl_c, torch_threads
 
 import transformer.eval as eval_module
 import transformer.train as train_module
 from transformer import bench, figures, prepare
 from transformer.prepare import load_pairs, train_tokenizer
-from transformer.runs import CheckpointError, prepare_run_folder
+from transformer.runs import (
+    EXIT_INTERRUPTED,
+    CheckpointError,
+    RunError,
+    check_run_folder,
+    refuse_changed_settings,
+    remove_run_files,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--d-model", "32", "--num-heads", "2", "--d-ff", "64", "--vocab-size", "300", "--train-fraction", "0.005",
         "--valid-pairs", "50", "--valid-bleu-sentences", "10", "--no-progress", "--threads", "1"]
 # 12 steps of one epoch (12 batches) with dropout 0.1 and the weight average on; validation every 4 steps
 RUN = [*TINY, "--max-steps", "12", "--valid-every", "4"]
+COUNTERS = ("step", "epoch", "batch_in_epoch")  # where a transformer checkpoint stands
 
 
 @pytest.fixture(scope="module")
@@ -48,69 +56,30 @@ def straight_run(tmp_path_factory, cached_pairs):
     return out
 
 
-def logged(folder: Path) -> list[dict]:
-    """Every logged loss and score of a run (timings left out: they are not meant to repeat)."""
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return [{key: r[key] for key in ("epoch", "step", "train_loss", "valid_loss", "valid_bleu")} for r in records]
-
-
-def assert_same_run(expected: Path, actual: Path):
-    """Bit-identical logged losses, weights (raw and averaged), optimizer state and best.pt."""
-    assert logged(actual) == logged(expected)
-    for name in ("last.pt", "best.pt"):
-        one, two = (torch.load(folder / name, weights_only=True) for folder in (expected, actual))
-        assert (one["step"], one["epoch"], one["batch_in_epoch"]) == (two["step"], two["epoch"], two["batch_in_epoch"])
-        for key in ("model", "raw_model"):
-            for tensor_name, tensor in one[key].items():
-                assert torch.equal(tensor, two[key][tensor_name]), (name, key, tensor_name)
-        for index, state in one["optimizer"]["state"].items():
-            for key, tensor in state.items():
-                assert torch.equal(tensor, two["optimizer"]["state"][index][key]), (name, index, key)
-
-
-def sigint_on_call(monkeypatch, module, name: str, call: int, after: bool = False):
-    """Send this process a real SIGINT during the `call`-th call of module.name (before it runs, or after)."""
-    original, calls = getattr(module, name), {"count": 0}
-
-    def wrapper(*arguments, **keywords):
-        calls["count"] += 1
-        if calls["count"] == call and not after:
-            os.kill(os.getpid(), signal.SIGINT)
-        result = original(*arguments, **keywords)
-        if calls["count"] == call and after:
-            os.kill(os.getpid(), signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(module, name, wrapper)
-
-
-def folder_bytes(folder: Path) -> dict:
-    """Every file of a folder with its bytes, to prove a refused command changed nothing."""
-    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
-
-
+@pytest.mark.slow
 def test_ctrl_c_inside_a_step_inside_validation_and_at_an_evaluation_boundary_resumes_exactly(
     straight_run, tmp_path, monkeypatch, capsys
 ):
     out = str(tmp_path / "run")
     with monkeypatch.context() as patch:  # inside step 2: during its forward pass
         sigint_on_call(patch, train_module, "label_smoothed_cross_entropy", 2)
-        train_module.main([*RUN, "--out-dir", out])
+        stopped_by_ctrl_c(train_module.main, [*RUN, "--out-dir", out])
     assert f"stopped at step 2; resume with: python transformer/train.py --out-dir {out} --resume" in \
         capsys.readouterr().out
     with monkeypatch.context() as patch:  # inside the validation at step 4, while it decodes for BLEU
         sigint_on_call(patch, train_module, "translate", 1)
-        train_module.main([*RUN, "--out-dir", out, "--resume"])
+        stopped_by_ctrl_c(train_module.main, [*RUN, "--out-dir", out, "--resume"])
     assert "stopped at step 4;" in capsys.readouterr().out
     assert len(logged(tmp_path / "run")) == 1 and (tmp_path / "run" / "best.pt").exists()
     with monkeypatch.context() as patch:  # right after the validation at step 8 has saved and drawn its curves
         sigint_on_call(patch, train_module, "plot_curves", 1, after=True)
-        train_module.main([*RUN, "--out-dir", out, "--resume"])
+        stopped_by_ctrl_c(train_module.main, [*RUN, "--out-dir", out, "--resume"])
     assert "stopped at step 8;" in capsys.readouterr().out
     train_module.main([*RUN, "--out-dir", out, "--resume"])
-    assert_same_run(straight_run, tmp_path / "run")
+    assert_same_run(tmp_path / "run", straight_run, counters=COUNTERS, weights=("model", "raw_model"))
 
 
+@pytest.mark.slow
 def test_a_real_ctrl_c_from_outside_stops_cleanly_and_resumes_exactly(straight_run, tmp_path):
     out = tmp_path / "run"
     process = subprocess.Popen(
@@ -123,12 +92,12 @@ def test_a_real_ctrl_c_from_outside_stops_cleanly_and_resumes_exactly(straight_r
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)  # during or just after the first validation (step 4)
     stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0 and "Traceback" not in stderr, stderr
+    assert process.returncode == EXIT_INTERRUPTED and "Traceback" not in stderr, stderr
     stopped = re.search(r"stopped at step (\d+); resume with: python transformer/train.py --out-dir (\S+) --resume",
                         stdout)
     assert stopped and 4 <= int(stopped[1]) < 12 and stopped[2] == str(out), stdout
     train_module.main([*RUN, "--out-dir", str(out), "--resume"])
-    assert_same_run(straight_run, out)
+    assert_same_run(out, straight_run, counters=COUNTERS, weights=("model", "raw_model"))
 
 
 def test_a_folder_that_holds_a_run_is_refused_and_overwrite_replaces_only_its_files(straight_run, tmp_path, capsys):
@@ -144,10 +113,11 @@ def test_a_folder_that_holds_a_run_is_refused_and_overwrite_replaces_only_its_fi
     copy = tmp_path / "copy"
     shutil.copytree(straight_run, copy)
     (copy / "notes.txt").write_text("mine")
-    prepare_run_folder(copy, resume=False, overwrite=True)
+    check_run_folder(copy, resume=False, overwrite=True)
+    remove_run_files(copy, train_module.RUN_FILES)
     assert sorted(path.name for path in copy.iterdir()) == ["notes.txt"]
-    with pytest.raises(CheckpointError, match="does not exist"):
-        prepare_run_folder(tmp_path / "empty", resume=True, overwrite=False)
+    with pytest.raises(RunError, match="does not exist"):
+        check_run_folder(tmp_path / "empty", resume=True, overwrite=False)
 
 
 def test_a_changed_setting_is_refused_on_resume_but_epochs_may_grow(straight_run):
@@ -175,10 +145,10 @@ def test_quick_is_a_preset_of_flags_that_a_resume_keeps():
     assert train_module.parse_args(["--quick", "--epochs", "2"]).epochs == 2
     assert train_module.parse_args(["--quick", "--d-model", "64"]).d_model == 64
     saved = vars(quick)
-    assert train_module.changed_setting(saved, vars(train_module.parse_args(["--quick", "--epochs", "2"])),
-                                        train_module.FIXED_ON_RESUME) is None
-    forgotten = train_module.changed_setting(saved, vars(train_module.parse_args([])), train_module.FIXED_ON_RESUME)
-    assert forgotten.startswith("--quick was True in the saved run and is False now")
+    refuse_changed_settings(saved, vars(train_module.parse_args(["--quick", "--epochs", "2"])),
+                            train_module.FIXED_ON_RESUME)  # passes: only --epochs changed
+    with pytest.raises(CheckpointError, match="^--quick was True in the saved run and is False now"):
+        refuse_changed_settings(saved, vars(train_module.parse_args([])), train_module.FIXED_ON_RESUME)
 
 
 def test_the_default_flags_build_the_default_model_config():
@@ -235,17 +205,6 @@ BENCH_REFUSED = {"--repeats": ["0", "-1", "nan"], "--beam-sentences": ["0", "-1"
                  "--threads": ["-1", "nan", "100000"], "--device": ["foo"]}
 FIGURES_REFUSED = {"--d-model": ["0", "-1", "nan", "33", "100000"]}
 PREPARE_REFUSED = {"--vocab-size": ["0", "-1", "nan", "10000000"], "--seed": ["-1", "nan", str(2**64)]}
-
-
-def refused(main, arguments, capsys) -> str:
-    """Run a CLI's main in this process; it must exit non-zero with one line (argparse adds its usage)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(arguments)
-    assert exit_info.value.code not in (0, None), arguments
-    error = capsys.readouterr().err + (exit_info.value.code if isinstance(exit_info.value.code, str) else "")
-    assert "Traceback" not in error and "weights_only" not in error, error
-    assert error.strip().splitlines()[-1].startswith(("error:", f"{Path(sys.argv[0]).name}: error:")), error
-    return error.strip().splitlines()[-1]
 
 
 def test_every_cli_refuses_out_of_range_flags_and_unreadable_checkpoints_with_one_line(straight_run, tmp_path,
@@ -324,3 +283,12 @@ def test_translate_reads_every_sentence_of_a_long_text(straight_run, monkeypatch
 def test_figures_write_into_the_folder_they_are_given(tmp_path):
     figures.main(["--out", str(tmp_path / "pictures"), "--d-model", "32"])
     assert [path.name for path in (tmp_path / "pictures").iterdir()] == ["positional_encoding.png"]
+
+
+def test_a_resume_at_another_thread_count_warns_that_it_is_not_bit_identical(straight_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)  # trained on one thread (--threads 1)
+    with torch_threads(1):
+        train_module.main([*RUN, "--out-dir", str(run), "--resume", "--threads", "2"])
+    warning = capsys.readouterr().err
+    assert "warning: the saved run used 1 CPU threads and this one uses 2" in warning and "bit-identical" in warning

@@ -18,7 +18,7 @@ from data import DataError
 from transformer.decoding import beam_search, greedy_decode
 from transformer.model import Transformer, TransformerConfig, scaled_dot_product_attention
 from transformer.prepare import BOS_ID, EOS_ID
-from transformer.runs import UserError, int_in_range, pick_device, positive_int
+from transformer.runs import RunError, int_in_range, pick_device, positive_int
 from transformer.train import load_run_checkpoint, model_from_checkpoint
 
 
@@ -175,7 +175,7 @@ def main(argv=None):
     """Run, turning errors a user can cause (an unreadable checkpoint, missing data) into one line on stderr."""
     try:
         benchmark(parse_args(argv))
-    except (UserError, DataError, ValueError) as error:
+    except (RunError, DataError, ValueError) as error:
         sys.exit(f"error: {error}")
 
 

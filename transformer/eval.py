@@ -19,7 +19,7 @@ import torch
 from data import DataError
 from transformer.decoding import translate
 from transformer.prepare import EOS_ID, load_pairs, load_tokenizer, split_pairs
-from transformer.runs import UserError, int_in_range, non_negative_float, non_negative_int, pick_device
+from transformer.runs import RunError, int_in_range, non_negative_float, non_negative_int, pick_device
 from transformer.train import load_run_checkpoint, model_from_checkpoint
 
 matplotlib.use("Agg")
@@ -56,11 +56,11 @@ def parse_args(argv=None):
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise UserError(f"--{name.replace('_', '-')} needs UTF-8 text") from None
+            raise RunError(f"--{name.replace('_', '-')} needs UTF-8 text") from None
         if not text.strip():
-            raise UserError(f"--{name.replace('_', '-')} needs some English text")
+            raise RunError(f"--{name.replace('_', '-')} needs some English text")
     if args.out_dir is not None and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
-        raise UserError(f"--out-dir {args.out_dir} is a file, not a folder")
+        raise RunError(f"--out-dir {args.out_dir} is a file, not a folder")
     return args
 
 
@@ -77,7 +77,7 @@ def translate_text(model, processor, text: str, beam_size: int, length_penalty: 
     for sentence in sentences:
         length = len(processor.encode(sentence))
         if length > limit:
-            raise UserError(f"a sentence of --translate is {length} tokens long; the model reads at most {limit} "
+            raise RunError(f"a sentence of --translate is {length} tokens long; the model reads at most {limit} "
                             f"(\"{sentence[:40]}...\")")
     return " ".join(translate(model, processor, sentences, beam_size, length_penalty, device=device))
 
@@ -183,7 +183,7 @@ def main(argv=None):
     """Run, turning errors a user can cause into one line on stderr."""
     try:
         evaluate(parse_args(argv))
-    except (UserError, DataError, ValueError) as error:
+    except (RunError, DataError, ValueError) as error:
         sys.exit(f"error: {error}")
 
 

@@ -8,9 +8,9 @@
 import argparse
 import json
 import math
-import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -32,22 +32,26 @@ from transformer.prepare import (
     train_tokenizer,
 )
 from transformer.runs import (
+    EXIT_INTERRUPTED,
     CheckpointError,
+    RunError,
     StopFlag,
-    UserError,
-    changed_setting,
+    check_run_folder,
     int_in_range,
     load_checkpoint,
     non_negative_int,
     pick_device,
     positive_float,
     positive_int,
-    prepare_run_folder,
     probability,
+    refuse_changed_settings,
+    remove_run_files,
     restore_rng_states,
     rng_states,
     save_checkpoint,
     seed_int,
+    warn_if_threads_changed,
+    write_text_atomically,
 )
 
 matplotlib.use("Agg")
@@ -63,6 +67,11 @@ FIXED_ON_RESUME = (
     "dropout", "pre_norm", "attention", "average_decay", "label_smoothing", "schedule", "warmup_steps", "lr_factor",
     "lr", "train_fraction", "valid_pairs", "valid_bleu_sentences", "seed",
 )
+# What --resume reads from last.pt besides the fields of every checkpoint.
+RESUME_KEYS = ("optimizer", "epoch", "batch_in_epoch", "best_bleu", "records", "train_args")
+# The files a training run writes into its --out-dir (--overwrite removes exactly these; eval.py's heat-map too).
+RUN_FILES = ("last.pt", "best.pt", "last.pt.tmp", "best.pt.tmp", "metrics.jsonl", "metrics.jsonl.tmp", "curves.png",
+             "attention.png")
 
 
 def label_smoothed_cross_entropy(logits, target, smoothing: float, pad_id: int = PAD_ID) -> torch.Tensor:
@@ -143,22 +152,28 @@ QUICK_PRESET = {"d_model": 128, "d_ff": 512, "vocab_size": 4000, "max_tokens": 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every flag, with the defaults of the README's results table and the range each one accepts.
-
-    The model's sizes default to TransformerConfig's, so the model file and this script cannot disagree.
-    """
-    model = TransformerConfig()
+    """Every flag, with the defaults of the README's results table and the range each one accepts."""
     parser = argparse.ArgumentParser(description="Train an English->Spanish Transformer on Tatoeba.")
     quick = ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in QUICK_PRESET.items())
     parser.add_argument("--quick", action="store_true",
                         help=f"a learner-sized run of about 4 minutes on a 2-core CPU, the preset {quick}; "
                              "a flag given beside it wins over the preset")
-    parser.add_argument("--epochs", type=positive_int, default=4,
-                        help="number of passes over the training pairs (may grow on --resume)")
-    parser.add_argument("--max-tokens", type=int_in_range(16, 1_000_000), default=1500,
-                        help="padded tokens per batch, on each side (source and target)")
-    parser.add_argument("--max-len", type=int_in_range(4, 256), default=64,
-                        help="drop training pairs longer than this many tokens (the model reads at most 256)")
+    add_model_flags(parser)
+    add_training_flags(parser)
+    parser.add_argument("--threads", type=int_in_range(0, 1024), default=0,
+                        help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
+    parser.add_argument("--out-dir", default="runs/transformer", help="checkpoints, metrics.jsonl and plots")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT_DIR/last.pt (with the same flags; --epochs may grow)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run already in OUT_DIR")
+    parser.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
+    return parser
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The model's flags. Their defaults are TransformerConfig's, so the model file and this script cannot disagree."""
+    model = TransformerConfig()
     parser.add_argument("--vocab-size", type=int_in_range(100, 1_000_000), default=model.vocab_size,
                         help="shared SentencePiece BPE vocabulary size")
     parser.add_argument("--d-model", type=int_in_range(2, 8192), default=model.d_model, help="model width (even)")
@@ -177,6 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--attention", choices=["handwritten", "fused"], default="handwritten",
         help="eq. 1 written out, or torch's fused scaled_dot_product_attention",
     )
+
+
+def add_training_flags(parser: argparse.ArgumentParser) -> None:
+    """The data, the schedule, validation and the length of the run."""
+    parser.add_argument("--epochs", type=positive_int, default=4,
+                        help="number of passes over the training pairs (may grow on --resume)")
+    parser.add_argument("--max-tokens", type=int_in_range(16, 1_000_000), default=1500,
+                        help="padded tokens per batch, on each side (source and target)")
+    parser.add_argument("--max-len", type=int_in_range(4, 256), default=64,
+                        help="drop training pairs longer than this many tokens (the model reads at most 256)")
     parser.add_argument("--average-decay", type=probability, default=0.998,
                         help="decay of the moving average of the weights that validation and best.pt use, in [0, 1) "
                              "(0: off)")
@@ -199,15 +224,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=non_negative_int, default=0,
                         help="stop after this many steps in total (0: no cap)")
     parser.add_argument("--seed", type=seed_int, default=0, help="seed of the split, tokenizer and initialisation")
-    parser.add_argument("--threads", type=int_in_range(0, 1024), default=0,
-                        help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
-    parser.add_argument("--out-dir", default="runs/transformer", help="checkpoints, metrics.jsonl and plots")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from OUT_DIR/last.pt (with the same flags; --epochs may grow)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the run already in OUT_DIR")
-    parser.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
-    return parser
 
 
 def parse_args(argv=None):
@@ -218,9 +234,9 @@ def parse_args(argv=None):
         parser.set_defaults(**QUICK_PRESET)
         args = parser.parse_args(argv)
     if args.d_model % args.num_heads or args.d_model % 2:
-        raise UserError("--d-model must be even and divisible by --num-heads")
+        raise RunError("--d-model must be even and divisible by --num-heads")
     if args.train_fraction > 1.0:
-        raise UserError("--train-fraction must lie in (0, 1]")
+        raise RunError("--train-fraction must lie in (0, 1]")
     return args
 
 
@@ -273,34 +289,104 @@ def plot_curves(records: list[dict], path: Path):
 
 def write_records(records: list[dict], path: Path):
     """Rewrite metrics.jsonl from the records a checkpoint holds (a resumed run continues exactly this log)."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(json.dumps(record) + "\n" for record in records))
-    os.replace(temporary, path)
+    write_text_atomically(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
-def train(args):
-    """The whole run: data, tokenizer, model, epochs of training, validation and checkpoints."""
-    device = pick_device(args.device)
-    out_dir = Path(args.out_dir)
-    prepare_run_folder(out_dir, args.resume, args.overwrite)
-    last_path, best_path, metrics_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "metrics.jsonl"
-    checkpoint = None
-    if args.resume:
-        checkpoint = load_run_checkpoint(last_path, ("optimizer", "epoch", "batch_in_epoch", "best_bleu", "records",
-                                                     "train_args"))
-        changed = changed_setting(json.loads(checkpoint["train_args"]), vars(args), FIXED_ON_RESUME)
-        if changed:
-            raise UserError(changed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+@dataclass
+class Run:
+    """One training run: its data, tokenizer, model and optimizer, and where it stands (what a checkpoint saves)."""
 
+    args: argparse.Namespace
+    device: torch.device
+    out_dir: Path
+    tokenizer_bytes: bytes
+    processor: object  # the SentencePiece processor of tokenizer_bytes
+    train_encoded: list
+    valid_pairs: list
+    valid_encoded: list
+    config: TransformerConfig = None
+    model: Transformer = None
+    optimizer: torch.optim.Optimizer = None
+    average: WeightAverage | None = None
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    step: int = 0
+    best_bleu: float = -1.0
+    records: list = field(default_factory=list)
+    # the training loss summed over the steps since the last validation: its mean is the record's train_loss
+    window: dict = field(default_factory=lambda: {"loss": 0.0, "tokens": 0, "seconds": 0.0})
+    elapsed_before: float = 0.0  # seconds of the sessions this one resumed
+    saved_step: int | None = None  # the step last.pt holds
+    started: float = field(default_factory=time.time)
+
+    def elapsed(self) -> float:
+        return round(self.elapsed_before + time.time() - self.started, 1)
+
+    def last_good(self) -> str:
+        """Which checkpoint a run that diverged leaves as its last good state."""
+        if self.saved_step is None:
+            return "no checkpoint was written yet"
+        return f"{self.out_dir / 'last.pt'} (step {self.saved_step}) holds the last good state"
+
+
+# ---- checkpoints: saving and restoring, side by side ----
+
+def payload(run: Run) -> dict:
+    """Everything --resume and eval.py need, as tensors, dicts, lists, numbers and strings only.
+
+    "model" holds the weights eval.py translates with: the moving average when it is on ("raw_model" then
+    keeps the training weights for --resume). The counters, the loss window and the random state are those
+    of the same finished step as the weights.
+    """
+    weights = {"model": run.model.state_dict()}
+    if run.average is not None:
+        weights = {"model": run.average.weights, "raw_model": run.model.state_dict(),
+                   "average_updates": run.average.updates}
+    return {
+        "kind": CHECKPOINT_KIND, "config": run.config.to_dict(), **weights,
+        "optimizer": run.optimizer.state_dict(), "epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch,
+        "step": run.step, "best_bleu": run.best_bleu, "window": dict(run.window), "elapsed_seconds": run.elapsed(),
+        "records": [json.dumps(r) for r in run.records], "rng_states": rng_states(),
+        "tokenizer": torch.tensor(list(run.tokenizer_bytes), dtype=torch.uint8),
+        "split": {"seed": run.args.seed, "valid_fraction": 0.03, "test_fraction": 0.03},
+        "train_args": json.dumps(vars(run.args)), "threads": torch.get_num_threads(),
+    }
+
+
+def restore(run: Run, checkpoint: dict) -> None:
+    """Put a run back where last.pt left it; metrics.jsonl is cut back to the records of that step."""
+    last_path = run.out_dir / "last.pt"
+    if checkpoint["config"] != run.config.to_dict():
+        raise RunError(f"{last_path} was trained with another config; use the same flags or another --out-dir")
+    if run.average is not None:
+        run.average.weights = {name: tensor.to(run.device) for name, tensor in checkpoint["model"].items()}
+        run.average.updates = checkpoint["average_updates"]
+    run.model.load_state_dict(checkpoint.get("raw_model", checkpoint["model"]))
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.epoch, run.batch_in_epoch = checkpoint["epoch"], checkpoint["batch_in_epoch"]
+    run.step, run.best_bleu = checkpoint["step"], checkpoint["best_bleu"]
+    run.records = [json.loads(line) for line in checkpoint["records"]]
+    run.window.update(checkpoint.get("window", {}))
+    run.elapsed_before = checkpoint.get("elapsed_seconds",
+                                        run.records[-1]["elapsed_seconds"] if run.records else 0.0)
+    run.saved_step = run.step
+    restore_rng_states(checkpoint.get("rng_states") or {"cpu": checkpoint["rng_state"]})
+    write_records(run.records, run.out_dir / "metrics.jsonl")  # drops any line logged after this checkpoint
+    warn_if_threads_changed(checkpoint.get("threads"))
+    print(f"resumed from {last_path} after epoch {run.epoch}, step {run.step}")
+
+
+# ---- set-up, the loop, finish ----
+
+def prepare_data(args, checkpoint: dict | None) -> dict:
+    """The split, the tokenizer (trained here, or the saved run's) and the encoded training and validation pairs."""
     splits = split_pairs(load_pairs(), args.seed)
     train_pairs = splits["train"]
     if args.train_fraction < 1.0:
         keep = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(args.seed))
         train_pairs = [train_pairs[i] for i in keep[: int(len(train_pairs) * args.train_fraction)].tolist()]
     if not train_pairs:
-        raise UserError(f"--train-fraction {args.train_fraction} keeps no training pair")
+        raise RunError(f"--train-fraction {args.train_fraction} keeps no training pair")
     if checkpoint is not None:
         tokenizer_bytes = bytes(checkpoint["tokenizer"].tolist())
     else:
@@ -308,162 +394,160 @@ def train(args):
     processor = load_tokenizer(tokenizer_bytes)
     train_encoded = encode_pairs(processor, train_pairs, args.max_len)
     if not train_encoded:
-        raise UserError("no training pair is left: raise --train-fraction or --max-len")
+        raise RunError("no training pair is left: raise --train-fraction or --max-len")
     valid_pairs = splits["valid"][: args.valid_pairs] if args.valid_pairs else splits["valid"]
-    valid_encoded = encode_pairs(processor, valid_pairs, 256)
     print(f"pairs: train {len(splits['train'])}, valid {len(splits['valid'])}, test {len(splits['test'])} "
           f"(split by English sentence); training on {len(train_encoded)}")
+    return {"tokenizer_bytes": tokenizer_bytes, "processor": processor, "train_encoded": train_encoded,
+            "valid_pairs": valid_pairs, "valid_encoded": encode_pairs(processor, valid_pairs, 256)}
 
-    torch.manual_seed(args.seed)
-    config = model_config(args, processor.get_piece_size())
-    model = Transformer(config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9)
-    epoch, batch_in_epoch, step, best_bleu, records = 0, 0, 0, -1.0, []
-    # the training loss summed over the steps since the last validation: its mean is the record's train_loss
-    window = {"loss": 0.0, "tokens": 0, "seconds": 0.0}
-    elapsed_before, saved_step = 0.0, None
-    average = WeightAverage(model, args.average_decay) if args.average_decay else None
+
+def set_up(args) -> Run:
+    """Check the run folder, prepare the data, build the model and optimizer; on --resume, restore last.pt."""
+    device = pick_device(args.device)
+    out_dir = Path(args.out_dir)
+    check_run_folder(out_dir, args.resume, args.overwrite)
+    if args.overwrite:
+        remove_run_files(out_dir, RUN_FILES)
+    checkpoint = load_run_checkpoint(out_dir / "last.pt", RESUME_KEYS) if args.resume else None
     if checkpoint is not None:
-        if checkpoint["config"] != config.to_dict():
-            raise UserError(f"{last_path} was trained with another config; use the same flags or another --out-dir")
-        if average is not None:
-            average.weights = {name: tensor.to(device) for name, tensor in checkpoint["model"].items()}
-            average.updates = checkpoint["average_updates"]
-        model.load_state_dict(checkpoint.get("raw_model", checkpoint["model"]))
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        epoch, batch_in_epoch = checkpoint["epoch"], checkpoint["batch_in_epoch"]
-        step, best_bleu = checkpoint["step"], checkpoint["best_bleu"]
-        records = [json.loads(line) for line in checkpoint["records"]]
-        window.update(checkpoint.get("window", {}))
-        elapsed_before = checkpoint.get("elapsed_seconds", records[-1]["elapsed_seconds"] if records else 0.0)
-        saved_step = step
-        restore_rng_states(checkpoint.get("rng_states") or {"cpu": checkpoint["rng_state"]})
-        write_records(records, metrics_path)  # drops any line logged after this checkpoint was saved
-        print(f"resumed from {last_path} after epoch {epoch}, step {step}")
+        refuse_changed_settings(json.loads(checkpoint["train_args"]), vars(args), FIXED_ON_RESUME)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = Run(args, device, out_dir, **prepare_data(args, checkpoint))
+    torch.manual_seed(args.seed)
+    run.config = model_config(args, run.processor.get_piece_size())
+    run.model = Transformer(run.config).to(device)
+    run.optimizer = torch.optim.Adam(run.model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9)
+    run.average = WeightAverage(run.model, args.average_decay) if args.average_decay else None
+    if checkpoint is not None:
+        restore(run, checkpoint)
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text("")  # a fresh run starts a fresh log
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {config}")
-    started = time.time()
+        (out_dir / "metrics.jsonl").write_text("")  # a fresh run starts a fresh log
+    print(f"model: {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, {run.config}")
+    run.started = time.time()
+    return run
 
-    def payload():
-        """Everything --resume and eval.py need, as tensors, dicts, lists, numbers and strings only.
 
-        "model" holds the weights eval.py translates with: the moving average when it is on ("raw_model" then
-        keeps the training weights for --resume). The counters, the loss window and the random state are those
-        of the same finished step as the weights.
-        """
-        weights = {"model": model.state_dict()}
-        if average is not None:
-            weights = {"model": average.weights, "raw_model": model.state_dict(), "average_updates": average.updates}
-        return {
-            "kind": CHECKPOINT_KIND, "config": config.to_dict(), **weights,
-            "optimizer": optimizer.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step,
-            "best_bleu": best_bleu, "window": dict(window),
-            "elapsed_seconds": round(elapsed_before + time.time() - started, 1),
-            "records": [json.dumps(r) for r in records], "rng_states": rng_states(),
-            "tokenizer": torch.tensor(list(tokenizer_bytes), dtype=torch.uint8),
-            "split": {"seed": args.seed, "valid_fraction": 0.03, "test_fraction": 0.03},
-            "train_args": json.dumps(vars(args)),
-        }
+def evaluate_and_save(run: Run, batches_in_epoch: int) -> None:
+    """Validate, log a record, write best/last checkpoints and the curves; nothing at all if a loss diverged."""
+    record = {"epoch": round(run.epoch + run.batch_in_epoch / batches_in_epoch, 3), "step": run.step,
+              "train_loss": run.window["loss"] / max(run.window["tokens"], 1),
+              "train_target_tokens_per_s": run.window["tokens"] / max(run.window["seconds"], 1e-9)}
+    raw = run.average.swapped_into(run.model) if run.average is not None else None
+    try:
+        record.update(validate(run.model, run.valid_encoded, run.processor, run.valid_pairs, run.args, run.device))
+    finally:
+        if raw is not None:
+            run.model.load_state_dict(raw)
+    if not math.isfinite(record["valid_loss"]):
+        raise RunError(f"the validation loss is not finite at step {run.step}; stopped without saving: "
+                       f"{run.last_good()}")
+    record["elapsed_seconds"] = run.elapsed()  # resumed runs add up
+    run.records.append(record)
+    run.window.update(loss=0.0, tokens=0, seconds=0.0)
+    tqdm.write(json.dumps(record))
+    with open(run.out_dir / "metrics.jsonl", "a") as file:
+        file.write(json.dumps(record) + "\n")
+    if record["valid_bleu"] > run.best_bleu:
+        run.best_bleu = record["valid_bleu"]
+        save_checkpoint(run.out_dir / "best.pt", payload(run))
+    save_checkpoint(run.out_dir / "last.pt", payload(run))
+    run.saved_step = run.step
+    plot_curves(run.records, run.out_dir / "curves.png")
 
-    def last_good() -> str:
-        """Which checkpoint a run that diverged leaves as its last good state."""
-        if saved_step is None:
-            return "no checkpoint was written yet"
-        return f"{last_path} (step {saved_step}) holds the last good state"
 
-    def evaluate_and_save(batches_in_epoch: int):
-        """Validate, log a record, write best/last checkpoints and the curves; nothing at all if a loss diverged."""
-        nonlocal best_bleu, saved_step
-        record = {"epoch": round(epoch + batch_in_epoch / batches_in_epoch, 3), "step": step,
-                  "train_loss": window["loss"] / max(window["tokens"], 1),
-                  "train_target_tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9)}
-        raw = average.swapped_into(model) if average is not None else None
-        try:
-            record.update(validate(model, valid_encoded, processor, valid_pairs, args, device))
-        finally:
-            if raw is not None:
-                model.load_state_dict(raw)
-        if not math.isfinite(record["valid_loss"]):
-            raise UserError(f"the validation loss is not finite at step {step}; stopped without saving: "
-                            f"{last_good()}")
-        record["elapsed_seconds"] = round(elapsed_before + time.time() - started, 1)  # resumed runs add up
-        records.append(record)
-        window.update(loss=0.0, tokens=0, seconds=0.0)
-        tqdm.write(json.dumps(record))
-        with open(metrics_path, "a") as file:
-            file.write(json.dumps(record) + "\n")
-        if record["valid_bleu"] > best_bleu:
-            best_bleu = record["valid_bleu"]
-            save_checkpoint(best_path, payload())
-        save_checkpoint(last_path, payload())
-        saved_step = step
-        plot_curves(records, out_dir / "curves.png")
+def training_step(run: Run, batch: list) -> float:
+    """One optimizer step on one batch of pair indices (and the weight average's update); returns the loss."""
+    step_start = time.time()
+    source, decoder_input, decoder_target = collate(run.train_encoded, batch, run.device)
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(run.step + 1, run.args)
+    logits = run.model(source, decoder_input)  # (B, Tt, vocab)
+    loss = label_smoothed_cross_entropy(logits.flatten(0, 1), decoder_target.flatten(), run.args.label_smoothing)
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        raise RunError(f"the training loss is not finite at step {run.step + 1}; stopped without saving: "
+                       f"{run.last_good()}")
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    if run.average is not None:
+        run.average.update(run.model)
+    tokens = int((decoder_target != PAD_ID).sum())
+    run.window["loss"] += loss_value * tokens
+    run.window["tokens"] += tokens
+    run.window["seconds"] += time.time() - step_start
+    return loss_value
 
-    model.train()
+
+def train_epoch(run: Run, stop: StopFlag) -> bool:
+    """The batches of the epoch in progress not yet done, validating when due; True when Ctrl-C stopped it."""
+    args = run.args
+    # the batch order of epoch e depends only on (seed, e), so --resume replays it exactly
+    batches = token_batches(run.train_encoded, args.max_tokens, torch.Generator().manual_seed(args.seed + run.epoch))
+    progress = tqdm(total=len(batches), initial=run.batch_in_epoch, desc=f"epoch {run.epoch + 1}/{args.epochs}",
+                    disable=args.no_progress)
+    try:
+        while True:
+            loss_value = training_step(run, batches[run.batch_in_epoch])
+            run.step, run.batch_in_epoch = run.step + 1, run.batch_in_epoch + 1  # together: the step is done
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{learning_rate(run.step, args):.2e}")
+            if run.batch_in_epoch == len(batches):
+                run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+            at_end = run.batch_in_epoch == 0 or (args.max_steps and run.step >= args.max_steps)
+            if at_end or (args.valid_every and run.step % args.valid_every == 0):
+                evaluate_and_save(run, len(batches))
+            # a step boundary: this step is complete and nothing random of the next one is drawn yet
+            if stop.requested:
+                return True
+            if at_end:
+                return False
+    finally:
+        progress.close()
+
+
+def train_epochs(run: Run) -> bool:
+    """The loop: epochs until --epochs (or --max-steps); False when Ctrl-C stopped it (last.pt saved)."""
+    args = run.args
+    run.model.train()
     stop = StopFlag()
     try:
-        while epoch < args.epochs and not (args.max_steps and step >= args.max_steps):
-            # the batch order of epoch e depends only on (seed, e), so --resume replays it exactly
-            batches = token_batches(train_encoded, args.max_tokens, torch.Generator().manual_seed(args.seed + epoch))
-            progress = tqdm(total=len(batches), initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
-                            disable=args.no_progress)
-            while True:
-                step_start = time.time()
-                source, decoder_input, decoder_target = collate(train_encoded, batches[batch_in_epoch], device)
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(step + 1, args)
-                logits = model(source, decoder_input)  # (B, Tt, vocab)
-                loss = label_smoothed_cross_entropy(
-                    logits.flatten(0, 1), decoder_target.flatten(), args.label_smoothing
-                )
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise UserError(f"the training loss is not finite at step {step + 1}; stopped without saving: "
-                                    f"{last_good()}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if average is not None:
-                    average.update(model)
-                tokens = int((decoder_target != PAD_ID).sum())
-                window["loss"] += loss_value * tokens
-                window["tokens"] += tokens
-                window["seconds"] += time.time() - step_start
-                step, batch_in_epoch = step + 1, batch_in_epoch + 1  # together: the step is done
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{learning_rate(step, args):.2e}")
-                if batch_in_epoch == len(batches):
-                    epoch, batch_in_epoch = epoch + 1, 0
-                at_end = batch_in_epoch == 0 or (args.max_steps and step >= args.max_steps)
-                if at_end or (args.valid_every and step % args.valid_every == 0):
-                    evaluate_and_save(len(batches))
-                # a step boundary: this step is complete and nothing random of the next one is drawn yet
-                if stop.requested:
-                    progress.close()
-                    if saved_step != step:
-                        save_checkpoint(last_path, payload())
-                    print(f"stopped at step {step}; resume with: python transformer/train.py --out-dir {out_dir} "
-                          f"--resume")
-                    return
-                if at_end:
-                    break
-            progress.close()
+        while run.epoch < args.epochs and not (args.max_steps and run.step >= args.max_steps):
+            if train_epoch(run, stop):
+                if run.saved_step != run.step:
+                    save_checkpoint(run.out_dir / "last.pt", payload(run))
+                print(f"stopped at step {run.step}; resume with: python transformer/train.py --out-dir "
+                      f"{run.out_dir} --resume")
+                return False
     finally:
         stop.close()
-    minutes = (time.time() - started) / 60
-    print(f"done in {minutes:.1f} min this session; best valid BLEU {best_bleu:.2f}; checkpoints in {out_dir}")
+    return True
+
+
+def train(args) -> int:
+    """The whole run: set-up (and restore), the loop; 0 when it finished, EXIT_INTERRUPTED after a Ctrl-C."""
+    run = set_up(args)
+    if not train_epochs(run):
+        return EXIT_INTERRUPTED
+    minutes = (time.time() - run.started) / 60
+    print(f"done in {minutes:.1f} min this session; best valid BLEU {run.best_bleu:.2f}; checkpoints in "
+          f"{run.out_dir}")
+    return 0
 
 
 def main(argv=None):
-    """Run, turning errors a user can cause into one line on stderr."""
+    """Run, turning errors a user can cause into one line on stderr; a run stopped by Ctrl-C exits with 130."""
     try:
-        train(parse_args(argv))
-    except (UserError, DataError, ValueError) as error:
+        status = train(parse_args(argv))
+    except (RunError, DataError, ValueError) as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
         sys.exit("interrupted before the end of a step: nothing was saved since the last checkpoint")
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":
