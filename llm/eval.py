@@ -28,9 +28,9 @@ from llm.checkpoint import check_tokenizer, load_model
 from llm.prepare import PrepareError, encode_text, prepare, read_token_file, saved_hf_source
 from llm.runs import RunError, pick_device, positive_int
 
-# --context-length by default: a model's own context, at most this many tokens on each kind of device. Attention's
-# cost grows with the window while the forward pass over the weights does not, and text further back than ~1,000
-# tokens changes a prediction little; a CPU scores WikiText-2 test at 1,024 in minutes, a GPU affords more.
+# --context-length by default: a model's own context, at most this many tokens on each kind of device. Attention
+# costs up to 4 * T * d FLOPs per token and layer while the weights' share does not grow with the window T: at 8,192
+# positions SmolLM2-135M would spend twice its weights' FLOPs on attention, at 1,024 a quarter. A GPU affords more.
 LONGEST_DEFAULT_WINDOW = {"cpu": 1024, "mps": 2048, "cuda": 4096}
 LOGITS_BUDGET_BYTES = 256 * 2**20  # fewer windows per forward pass when their logits would take more than this
 SPLIT_CHOICES = {"valid": ("valid",), "test": ("test",), "both": ("valid", "test")}
@@ -210,8 +210,8 @@ def choose_context_length(model, device, requested: int | None, shortest_split: 
         length, reason = trained, "the model's context"
     else:
         length = LONGEST_DEFAULT_WINDOW.get(device.type, 1024)
-        reason = (f"the model's context is {trained:,}: on a {device.type} windows of {length:,} cost far less per "
-                  "token and score almost as well; pass --context-length to choose")
+        reason = (f"the model's context is {trained:,}; on a {device.type} the default window is at most {length:,}, "
+                  "where attention costs a fraction of the weights' work; --context-length chooses another")
     if requested is not None and requested >= shortest_split + 1 and shortest_split > 0:
         raise RunError(f"--context-length {requested} is longer than the text it scores ({shortest_split} tokens)")
     return min(length, max(1, shortest_split)), reason

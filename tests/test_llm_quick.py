@@ -56,3 +56,8 @@ def test_resume_without_quick_takes_the_quick_schedule_from_the_saved_run():
     args = parse_args(argv)
     take_saved_settings(args, settings_given(argv), saved_args(["--quick"]), world_size=1)
     assert {name: getattr(args, name) for name in SCHEDULE} == {name: QUICK[name] for name in SCHEDULE}
+
+
+def test_the_stop_at_step_test_hook_is_hidden_from_help_but_still_parses():
+    assert "--stop-at-step" not in build_parser().format_help() and "stop-at-step" not in build_parser().format_usage()
+    assert parse_args(["--stop-at-step", "3"]).stop_at_step == 3
