@@ -100,7 +100,7 @@ def generate(
 def load_model(checkpoint_path: str, device) -> tuple[Llama, dict]:
     """Load a checkpoint written by llm/train.py; raise ValueError with a readable reason if it is not one."""
     path = Path(checkpoint_path)
-    checkpoint = load_checkpoint(path, "llm")  # on the CPU, tensors only; the model moves to the device below
+    checkpoint = load_checkpoint(path, "llm", ("model", "config"))  # on the CPU, tensors only; moved to device below
     try:
         model = Llama(LlamaConfig(**checkpoint["config"])).to(device)
         model.load_state_dict(checkpoint["model"])

@@ -28,19 +28,23 @@ from llm.prepare import PrepareError, add_hf_dataset_arguments, file_sha256, pre
 from llm.runs import (
     CheckpointError,
     StopFlag,
-    changed_setting,
+    check_run_folder,
     fraction,
     load_checkpoint,
     non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
-    prepare_run_folder,
     probability,
+    refuse_changed_settings,
     remove_run_files,
     save_checkpoint,
     seed_int,
 )
+
+# The files a training run writes into its --out-dir (--overwrite removes exactly these; the data folder stays).
+RUN_FILES = ("last.pt", "best.pt", "last.pt.tmp", "best.pt.tmp", "metrics.jsonl", "metrics.jsonl.tmp", "loss.png",
+             "results.json")
 
 # Larger shapes for a GPU (not the default; see the README).
 PRESETS = {
@@ -161,9 +165,7 @@ def take_saved_settings(args, argv, saved: dict, world_size: int) -> None:
     for name in FIXED_ON_RESUME + DATA_SETTINGS:
         if name in saved and name not in given and hasattr(args, name):
             setattr(args, name, saved[name])
-    changed = changed_setting(saved, {**vars(args), "world_size": world_size}, FIXED_ON_RESUME, SETTING_LABELS)
-    if changed:
-        raise CheckpointError(changed)
+    refuse_changed_settings(saved, {**vars(args), "world_size": world_size}, FIXED_ON_RESUME, SETTING_LABELS)
 
 
 def learning_rate(step: int, args) -> float:
@@ -410,7 +412,7 @@ def main(argv=None):
     try:
         device = pick_device(args.device)
         # before any work: never start over a run that is there, unless asked to (its files go once this run starts)
-        prepare_run_folder(out_dir, args.resume, args.overwrite, remove=False)
+        check_run_folder(out_dir, args.resume, args.overwrite)
         checkpoint = None
         if args.resume:
             checkpoint = load_checkpoint(last_path, "llm", required=("model", "optimizer", "config", "args", "step",
@@ -427,8 +429,7 @@ def main(argv=None):
             out_dir.mkdir(parents=True, exist_ok=True)
         prepared = prepare_on_rank_zero(args, distributed, is_main, log)
         if checkpoint is not None and checkpoint.get("corpus", prepared.folder.name) != prepared.folder.name:
-            raise CheckpointError(changed_setting(checkpoint, {"corpus": prepared.folder.name}, ["corpus"],
-                                                  SETTING_LABELS))
+            refuse_changed_settings(checkpoint, {"corpus": prepared.folder.name}, ["corpus"], SETTING_LABELS)
         train_tokens = read_token_file(prepared.token_files["train"])
         val_tokens = read_token_file(prepared.token_files["valid"])
         if len(val_tokens) < args.context_length + 1:
@@ -527,7 +528,7 @@ def main(argv=None):
 
     stop = StopFlag()
     if is_main and checkpoint is None:
-        remove_run_files(out_dir)  # --overwrite (or leftovers of a run that never saved a checkpoint)
+        remove_run_files(out_dir, RUN_FILES)  # --overwrite (or leftovers of a run that never saved a checkpoint)
     metrics_file = open(metrics_path, "a") if is_main else None
     progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
                     disable=not is_main, dynamic_ncols=True)
