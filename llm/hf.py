@@ -263,7 +263,8 @@ def resolve_checkpoint(name_or_path: str) -> Path:
 
 
 class HFTokenizer:
-    """A checkpoint's own tokenizer with the calls generate.py makes: encode, decode, eos_id.
+    """A checkpoint's own tokenizer with the calls generate.py makes (encode, decode, eos_id) and those a chat
+    makes: apply_chat_template(messages), stop_ids (ids that end an assistant turn), chat_template, vocab_size.
 
     tokenizer.json is read with `tokenizers` (its post-processor adds the beginning-of-sequence token where the
     model expects one); a folder with only a SentencePiece tokenizer.model is read with `sentencepiece`.
@@ -287,6 +288,14 @@ class HFTokenizer:
         else:
             raise CheckpointError(f"{folder}: no tokenizer.json or tokenizer.model")
         self.eos = self.find_eos(folder, settings)
+        self.vocab_size = (self.sentencepiece.get_piece_size() if self.sentencepiece is not None
+                           else self.tokenizer.get_vocab_size())
+        self.special_tokens = {name: token.get("content") if isinstance(token, dict) else token
+                               for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+                               if (token := settings.get(name))}
+        self.chat_template = find_chat_template(folder, settings)
+        self.stop_ids = self.find_stop_ids(folder)
+        self.stop_strings = ()
 
     def find_eos(self, folder: Path, settings: dict) -> int | None:
         """The end-of-sequence id: generation_config.json, else config.json, else the tokenizer's eos_token."""
@@ -314,6 +323,31 @@ class HFTokenizer:
 
     def eos_id(self) -> int | None:
         return self.eos
+
+    def find_stop_ids(self, folder: Path) -> tuple[int, ...]:
+        """Every end-of-sequence id generation_config.json lists (an instruct model often has several), the
+        tokenizer's own, and the end-of-turn markers of the common chat formats where the vocabulary has them."""
+        listed = read_json(folder / "generation_config.json").get("eos_token_id")
+        ids = [*(listed if isinstance(listed, list) else [listed]), self.eos]
+        if self.sentencepiece is None:
+            ids += [self.tokenizer.token_to_id(marker) for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>")]
+        return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation written in the checkpoint's own chat template (see llm/chat_template.py)."""
+        from llm.chat_template import render_chat_template
+
+        return render_chat_template(self.chat_template, messages, add_generation_prompt, **self.special_tokens)
+
+
+def find_chat_template(folder: Path, settings: dict) -> str | None:
+    """chat_template.jinja (transformers writes it there since 4.43), else tokenizer_config.json's chat_template."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    template = settings.get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((item.get("template") for item in template if item.get("name") == "default"), None)
+    return template or None
 
 
 def read_json(path: Path) -> dict:
