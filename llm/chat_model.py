@@ -109,7 +109,7 @@ def load_chat_model(gguf=None, hf=None, checkpoint=None, dtype=torch.float32, de
     if checkpoint is not None:
         model, tokenizer = load_checkpoint_for_chat(checkpoint, device, notice)
         return model.to(dtype).eval(), tokenizer
-    from llm.gguf import load_gguf
+    from llm.gguf_file import load_gguf
 
     if gguf is None:
         try:

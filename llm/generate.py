@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from llm.chat_template import IncrementalDecoder
 from llm.model import KVCache, Llama, LlamaConfig
 from llm.prepare import file_sha256
 from llm.runs import load_checkpoint, non_negative_float, non_negative_int, positive_float, positive_int, seed_int
@@ -139,18 +140,17 @@ def pick_device(name: str) -> torch.device:
 
 
 class StreamPrinter:
-    """Print tokens as they arrive: decode everything so far and write only the new characters."""
+    """Print tokens as they arrive, each character once it is whole (IncrementalDecoder, llm/chat_template.py)."""
 
     def __init__(self, processor, prompt_ids):
-        self.processor, self.ids = processor, list(prompt_ids)
-        self.printed = len(processor.decode(self.ids))
+        self.decoder = IncrementalDecoder(processor, prompt_ids)
 
     def __call__(self, token_id: int):
-        self.ids.append(token_id)
-        text = self.processor.decode(self.ids)
-        sys.stdout.write(text[self.printed :])
+        sys.stdout.write(self.decoder.push(token_id))
         sys.stdout.flush()
-        self.printed = len(text)
+
+    def finish(self):
+        sys.stdout.write(self.decoder.flush())
 
 
 def main():
@@ -210,12 +210,13 @@ def main():
     for sample in range(args.num_samples):
         print(f"--- sample {sample + 1} ---", flush=True)
         sys.stdout.write(prompt.rstrip("\n"))
+        printer = StreamPrinter(processor, prompt_ids)
         generate(
             model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-            use_cache=not args.no_kv_cache, eos_id=processor.eos_id(), generator=generator,
-            on_token=StreamPrinter(processor, prompt_ids),
+            use_cache=not args.no_kv_cache, eos_id=processor.eos_id(), generator=generator, on_token=printer,
             notice=print_notice if sample == 0 else (lambda message: None),  # a shortened prompt is said once
         )
+        printer.finish()
         print()
 
 

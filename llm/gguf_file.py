@@ -278,3 +278,39 @@ def load_gguf(path, dtype=torch.float32, device="cpu") -> tuple[Llama, GGUFToken
               file=sys.stderr)
     model = load_gguf_model(reader, config, source, dtype).to(device)
     return model, tokenizer
+
+
+def describe_file(path) -> str:
+    """What a GGUF file holds, in a few lines: its model, its tensor types, its chat template."""
+    from collections import Counter
+
+    from gguf import GGMLQuantizationType
+
+    from llm.hf import describe
+
+    model, tokenizer = load_gguf(path)
+    reader = open_gguf(path)
+    types = Counter(GGMLQuantizationType(tensor.tensor_type).name for tensor in reader.tensors)
+    example = [{"role": "user", "content": "What is the capital of France?"}]
+    lines = [f"{metadata(reader, 'general.name', Path(path).name)}: {describe(model)}",
+             "tensors: " + ", ".join(f"{count} {kind}" for kind, count in types.most_common()),
+             f"tokenizer: byte-level BPE, {tokenizer.vocab_size:,} tokens, stops at ids {list(tokenizer.stop_ids)}"]
+    if tokenizer.chat_template:
+        lines += ["a conversation as the model reads it:", tokenizer.apply_chat_template(example)]
+    return "\n".join(lines)
+
+
+def main():
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Describe a Llama GGUF file as llm/gguf_file.py reads it.")
+    parser.add_argument("path", help="the .gguf file")
+    args = parser.parse_args()
+    try:
+        print(describe_file(args.path))
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()
