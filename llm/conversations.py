@@ -30,6 +30,7 @@ def render_with_mask(tokenizer, messages: list, max_length: int | None = None) -
     """
     ids, mask, rendered = [], [], ""
     after_answer = False
+    leading = tokenizer.encode("")  # what encode puts before any text (a BOS for some models): only once
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -37,23 +38,29 @@ def render_with_mask(tokenizer, messages: list, max_length: int | None = None) -
         if not prompt.startswith(rendered):
             raise ValueError("this chat template does not render a conversation as a growing text; "
                              "its answers cannot be masked by prefixes")
-        _append_context(tokenizer, prompt[len(rendered):], ids, mask, after_answer)
-        answer = tokenizer.encode(message["content"])
+        _append_context(tokenizer, prompt[len(rendered):], ids, mask, after_answer, leading)
+        answer = without_prefix(tokenizer.encode(message["content"]), leading)
         ids += answer
         mask += [True] * len(answer)
         rendered, after_answer = prompt + message["content"], True
     full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
     if not full.startswith(rendered):
         raise ValueError("this chat template changes earlier text when a turn is added; cannot mask its answers")
-    _append_context(tokenizer, full[len(rendered):], ids, mask, after_answer)
+    _append_context(tokenizer, full[len(rendered):], ids, mask, after_answer, leading)
     if max_length is not None:
         ids, mask = ids[:max_length], mask[:max_length]
     return ids, mask
 
 
-def _append_context(tokenizer, text: str, ids: list, mask: list, after_answer: bool) -> None:
+def without_prefix(pieces: list[int], leading: list[int]) -> list[int]:
+    return pieces[len(leading):] if leading and pieces[: len(leading)] == leading else pieces
+
+
+def _append_context(tokenizer, text: str, ids: list, mask: list, after_answer: bool, leading: list) -> None:
     """Tokens the model reads but does not learn to write; the first is learnt when it closes an answer."""
     pieces = tokenizer.encode(text) if text else []
+    if ids:  # a BOS (or any prefix encode adds) belongs at the very start only
+        pieces = without_prefix(pieces, leading)
     ids += pieces
     mask += [False] * len(pieces)
     if after_answer and pieces and pieces[0] in tokenizer.stop_ids:

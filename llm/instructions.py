@@ -16,7 +16,6 @@ item is ever trained on.
 """
 
 import argparse
-import gzip
 import json
 import random
 import re
@@ -272,13 +271,7 @@ def chitchat_conversations() -> tuple:
 
     A turn is what one person wrote before the other answered (its messages joined by line breaks).
     """
-    folder = fetch("chitchat")
-    path = next(iter(sorted(folder.glob("*.json*"))), None)
-    if path is None:
-        raise DataError(f"no dataset.json in {folder}")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        raw = json.load(handle)
+    raw = json.loads((fetch("chitchat") / "dataset.json").read_text(encoding="utf-8"))
     conversations = []
     for key in sorted(raw):
         turns, senders = [], []

@@ -70,13 +70,22 @@ FIXED_ON_RESUME = ("gguf", "hf", "checkpoint", "dtype", "mix", "hf_dataset", "hf
                    "eval_every", "eval_examples", "seed", "world_size")
 
 
+def lora_targets(text: str) -> str:
+    """An argparse type: the --lora-targets text, checked (it is kept as written, for the run's settings)."""
+    try:
+        parse_targets(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def add_training_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
     """The flags sft.py and dpo.py share: adapters, the optimizer and its schedule, the run folder."""
     lora = parser.add_argument_group("LoRA (the default) or full fine-tuning")
     lora.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")
     lora.add_argument("--lora-rank", type=positive_int, default=8, help="rank r of every adapter")
     lora.add_argument("--lora-alpha", type=positive_float, default=16.0, help="the update is scaled by alpha / r")
-    lora.add_argument("--lora-targets", default="all",
+    lora.add_argument("--lora-targets", default="all", type=lora_targets,
                       help="projections that get adapters: all, or a comma list of q,k,v,o,gate,up,down")
     lora.add_argument("--lora-dropout", type=probability, default=0.0, help="dropout on the adapters' input")
     train = parser.add_argument_group("training")
@@ -532,8 +541,9 @@ def start(args, argv, log) -> Run:
     run.load_data(training_examples(args), validation_sets(args, run.tokenizer, run.max_length))
     run.build_training(attach_adapters(run.model, args))
     trainable = sum(parameter.numel() for parameter in run.trainable)
+    base_size = run.model.num_parameters() - (0 if args.full else trainable)
     what = f"LoRA rank {args.lora_rank} on {args.lora_targets}" if not args.full else "full fine-tuning"
-    log(f"{what}: {trainable:,} trainable parameters of {run.model.num_parameters():,}"
+    log(f"{what}: {trainable:,} trainable parameters (the base model has {base_size:,})"
         + (f" ({num_adapter_parameters(run.model) * 4 / 1e6:.1f} MB of adapters)" if not args.full else ""))
     return run
 
@@ -548,8 +558,9 @@ def main(argv=None):
             start_step, best_val_loss = run.restore()
         elif run.is_main:
             remove_run_files(run.out_dir, RUN_FILES)  # --overwrite: the old run goes only now that this one starts
-        if run.is_main and run.grown:
+        if run.is_main:
             run.out_dir.mkdir(parents=True, exist_ok=True)
+        if run.is_main and run.grown:
             (run.out_dir / "tokenizer.model").write_bytes(run.tokenizer.processor.serialized_model_proto())
     except (ValueError, DataError, OSError) as error:
         sys.exit(f"error: {error}")
