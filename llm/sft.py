@@ -148,13 +148,13 @@ def explicitly_given(argv, build=build_parser, quick=QUICK) -> set:
     return given | (set(quick) if "quick" in given else set())
 
 
-def parse_mix(text: str) -> dict:
+def parse_mix(text: str, flag: str = "--mix") -> dict:
     """'translation=100,surnames=50' -> {'translation': 100, 'surnames': 50}; ValueError naming what is wrong."""
     mix = {}
     for part in filter(None, (piece.strip() for piece in text.split(","))):
         task, _, count = part.partition("=")
         if task.strip() not in TASKS or not count.strip().isdigit():
-            raise ValueError(f"--mix takes task=count pairs with tasks {', '.join(TASKS)}, not {part!r}")
+            raise ValueError(f"{flag} takes task=count pairs with tasks {', '.join(TASKS)}, not {part!r}")
         mix[task.strip()] = int(count)
     return mix
 
