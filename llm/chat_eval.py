@@ -27,6 +27,7 @@ import torch
 from data import DataError
 from llm.chat_model import add_model_arguments, load_chat_model
 from llm.conversations import encode_examples
+from llm.generate import filter_logits
 from llm.instructions import TASKS, entity_f1, sample_examples, surname_is_right, tags_from_answer
 from llm.model import KVCache
 from llm.runs import positive_int
@@ -37,9 +38,19 @@ MAX_NEW_TOKENS = {"translation": 48, "surnames": 4, "entities": 64}
 SAMPLE_SEED = 0
 
 
+def next_tokens_of(logits: torch.Tensor, temperature: float, generator) -> torch.Tensor:
+    """Greedy (temperature 0) or sampled next tokens from the last position's logits (B, V) -> (B,)."""
+    if temperature == 0:
+        return logits.float().argmax(dim=-1)
+    probabilities = filter_logits(logits.float() / temperature, top_p=0.95).softmax(dim=-1)  # (B, V)
+    return torch.multinomial(probabilities.cpu(), 1, generator=generator)[:, 0].to(logits.device)
+
+
 @torch.no_grad()
-def generate_same_length(model, prompts: list, max_new_tokens: int, stop_ids) -> list:
-    """Greedy answers of prompts that all have the same number of tokens, decoded as one batch with a KV cache."""
+def generate_same_length(model, prompts: list, max_new_tokens: int, stop_ids, temperature: float = 0.0,
+                         generator: torch.Generator | None = None) -> list:
+    """Answers of prompts that all have the same number of tokens, decoded as one batch with a KV cache
+    (greedy, or sampled with nucleus 0.95 at `temperature`)."""
     device = model.embedding.weight.device
     length = len(prompts[0])
     window = model.rope_cos.size(0)
@@ -48,7 +59,7 @@ def generate_same_length(model, prompts: list, max_new_tokens: int, stop_ids) ->
         return [[] for _ in prompts]
     cache = KVCache(model.config, len(prompts), length + steps, device, model.embedding.weight.dtype)
     logits, _ = model(torch.tensor(prompts, device=device), cache=cache)  # (B, T, V)
-    next_tokens = logits[:, -1].float().argmax(dim=-1)  # (B,)
+    next_tokens = next_tokens_of(logits[:, -1], temperature, generator)  # (B,)
     answers, done = [[] for _ in prompts], [False] * len(prompts)
     for step in range(steps):
         for row, token in enumerate(next_tokens.tolist()):
@@ -58,7 +69,7 @@ def generate_same_length(model, prompts: list, max_new_tokens: int, stop_ids) ->
         if all(done) or step == steps - 1:
             break
         logits, _ = model(next_tokens[:, None], cache=cache)  # (B, 1, V)
-        next_tokens = logits[:, -1].float().argmax(dim=-1)
+        next_tokens = next_tokens_of(logits[:, -1], temperature, generator)
     return [[token for token in answer if token not in stop_ids] for answer in answers]
 
 
@@ -111,22 +122,32 @@ def score_task(task: str, model, tokenizer, count: int, batch_size: int, log) ->
 
 
 def load_model(args):
-    """The model of the flags, with --adapters put on it (not merged: they load in a second)."""
+    """The model of the flags with every --adapters file merged into it, in order."""
     from llm.chat_model import DTYPES
-    from llm.lora import load_adapters
 
     model, tokenizer = load_chat_model(gguf=args.gguf, hf=args.hf, checkpoint=args.checkpoint,
-                                       dtype=DTYPES[args.dtype], notice=lambda message: None)
-    if args.adapters:
-        load_adapters(Path(args.adapters), model)
-        model.to(DTYPES[args.dtype])
-    return model.eval(), tokenizer
+                                       dtype=torch.float32, notice=lambda message: None)
+    merge_adapter_files(model, args.adapters)
+    return model.to(DTYPES[args.dtype]).eval(), tokenizer
+
+
+def merge_adapter_files(model, paths) -> None:
+    """Load each LoRA adapter file onto the model and fold it into the weights (float32), one after the other."""
+    from llm.lora import load_adapters, merge_lora
+
+    for path in paths:
+        load_adapters(Path(path), model)
+        merge_lora(model)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser, device=False)
-    parser.add_argument("--adapters", default=None, help="LoRA adapters written by llm/sft.py or llm/dpo.py")
+    parser.add_argument("--adapters", action="append", default=[],
+                        help="LoRA adapters written by llm/sft.py or llm/dpo.py, merged into the model in the "
+                             "order given (repeat: the SFT run's, then the DPO run's on top)")
     parser.add_argument("--count", default=DEFAULT_COUNTS,
                         help=f"held-out items per task, task=N,... (tasks: {', '.join(TASKS)})")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="prompts decoded together")

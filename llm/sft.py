@@ -114,6 +114,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, defaults: dict) -> N
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
+    # a LoRA base in bf16: half the bytes to read per step, and bf16 matmuls where the CPU has them (the adapters
+    # and the optimizer stay float32); with --full the weights stay float32 and bf16 is autocast
+    parser.set_defaults(dtype="bfloat16")
     data = parser.add_argument_group("data")
     data.add_argument("--mix", default=DEFAULT_MIX,
                       help=f"training conversations per task, task=count,... (tasks: {', '.join(TASKS)})")
@@ -237,15 +240,20 @@ class AnswerLoss(nn.Module):
         self.model = model
 
     def forward(self, inputs, targets, mask):
-        model, length = self.model, inputs.size(1)
-        cos, sin = model.rope_cos[:length], model.rope_sin[:length]  # (T, head_dim/2)
-        hidden = model.dropout(model.embedding(inputs))  # (B, T, d_model)
-        for block in model.blocks:
-            hidden = block(hidden, cos, sin)
-        answers = model.final_norm(hidden)[mask]  # (N, d_model): the N answer positions of the batch
-        weight = model.embedding.weight if model.output_proj is None else model.output_proj.weight  # (V, d_model)
-        logits = F.linear(answers, weight)  # (N, V)
+        logits = answer_logits(self.model, inputs, mask)  # (N, V)
         return F.cross_entropy(logits.float(), targets[mask], reduction="sum")
+
+
+def answer_logits(model, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Llama.forward, with the output layer applied at the masked positions only: (B, T) -> (N, V)."""
+    length = inputs.size(1)
+    cos, sin = model.rope_cos[:length], model.rope_sin[:length]  # (T, head_dim/2)
+    hidden = model.dropout(model.embedding(inputs))  # (B, T, d_model)
+    for block in model.blocks:
+        hidden = block(hidden, cos, sin)
+    answers = model.final_norm(hidden)[mask]  # (N, d_model): the N answer positions of the batch
+    weight = model.embedding.weight if model.output_proj is None else model.output_proj.weight  # (V, d_model)
+    return F.linear(answers, weight)  # (N, V)
 
 
 @torch.no_grad()

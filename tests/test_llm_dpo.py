@@ -124,3 +124,66 @@ def test_full_fine_tuning_reference_is_the_model_before_its_first_step():
     assert float(loss.detach()) == float(torch.tensor(math.log(2), dtype=torch.float32))
     loss.backward()
     assert all(parameter.grad is not None for parameter in model.parameters())
+
+
+def test_fast_answer_log_probs_equal_the_full_logits_version():
+    from llm.dpo import fast_answer_log_probs
+
+    model = tiny_model()
+    inputs, targets, mask = pair_batch()
+    torch.testing.assert_close(fast_answer_log_probs(model, inputs, targets, mask),
+                               answer_log_probs(model, inputs, targets, mask))
+
+
+def test_pairs_prefer_the_best_sample_or_else_the_reference():
+    from llm.dpo import pair_from_samples
+    from llm.instructions import surname_example, translation_example
+
+    example = surname_example("Abaimov", "Russian")
+    pair = pair_from_samples("surnames", example, ["Polish", "Russian", "Czech"])
+    assert pair["chosen"] == "Russian" and pair["rejected"] in ("Polish", "Czech")
+    assert pair["chosen_score"] == 1.0 and pair["rejected_score"] == 0.0
+    all_wrong = pair_from_samples("surnames", example, ["Polish", "Czech"])
+    assert all_wrong["chosen"] == "Russian" and all_wrong["rejected"] in ("Polish", "Czech")
+    assert pair_from_samples("surnames", example, ["Russian", "Russian"]) is None
+    spanish = translation_example("I am hungry.", "Tengo hambre.")
+    pair = pair_from_samples("translation", spanish, ["Tengo hambre.", "Yo soy un gato."])
+    assert pair["chosen"] == "Tengo hambre." and pair["chosen_score"] > pair["rejected_score"]
+
+
+def test_dpo_script_starts_at_log_2_keeps_prompts_apart_and_resumes_exactly(tmp_path, capsys):
+    """On a tiny model pretrained and chat-tuned here: the held-out loss before the first step is exactly log 2,
+    no held-out pair shares a prompt with a training pair, and a resumed run equals an uninterrupted one."""
+    import json
+
+    from data import fetch
+    from llm.dpo import main as dpo
+    from llm.sft import main as sft
+    from llm.train import main as pretrain
+    from tests.test_llm_sft import TINY_PRETRAIN, TINY_SFT
+
+    text_file = tmp_path / "wiki.txt"
+    text_file.write_text((fetch("wikitext-2") / "valid.raw").read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    pretrain([*TINY_PRETRAIN, "--text-file", str(text_file), "--data-dir", str(tmp_path / "data"),
+              "--out-dir", str(tmp_path / "base")])
+    sft([*TINY_SFT, "--checkpoint", str(tmp_path / "base" / "best.pt"), "--out-dir", str(tmp_path / "sft")])
+    common = ["--checkpoint", str(tmp_path / "sft" / "model.pt"), "--prompts", "surnames=12,translation=6",
+              "--held-out", "surnames=6,translation=4", "--samples", "3", "--batch-size", "4", "--max-steps", "6",
+              "--eval-every", "3", "--max-length", "96", "--dtype", "float32", "--device", "cpu", "--lr", "1e-2"]
+    dpo([*common, "--out-dir", str(tmp_path / "straight")])
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and rows[0]["val_loss"] == float(torch.tensor(math.log(2), dtype=torch.float32))
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    for name in ("model.pt", "adapters.pt", "loss.png", "best.pt"):
+        assert (tmp_path / "straight" / name).is_file()
+    pairs = json.loads((tmp_path / "straight" / "pairs.json").read_text())
+    train_prompts = {json.dumps(pair["prompt"]) for pair in pairs["train"]}
+    assert pairs["held_out"] and not train_prompts & {json.dumps(pair["prompt"]) for pair in pairs["held_out"]}
+    assert all(pair["chosen_score"] > pair["rejected_score"] for pair in pairs["train"] + pairs["held_out"])
+    dpo([*common, "--out-dir", str(tmp_path / "stopped"), "--stop-at-step", "4"])
+    assert "resume with: python llm/dpo.py" in capsys.readouterr().out
+    dpo([*common, "--out-dir", str(tmp_path / "stopped"), "--resume"])
+    straight = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    resumed = [json.loads(line) for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in straight] == \
+           [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in resumed]
