@@ -176,7 +176,7 @@ class Attention(nn.Module):
         self.out_proj.is_residual_output = True
         self.attend = handwritten_causal_attention if config.attention_impl == "handwritten" else fused_causal_attention
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, start: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, start: int = 0, attention_mask=None):
         batch, length, _ = x.shape  # (B, T, d_model)
         query, key, value = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)  # (B, T, H*hd), (B, T, Hkv*hd) twice
         query = query.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
@@ -186,17 +186,20 @@ class Attention(nn.Module):
         if cache is not None:
             key, value = cache.update(layer, key, value)  # each (B, Hkv, start+T, hd)
         group = self.n_heads // self.n_kv_heads
-        if length == 1 and cache is not None and self.attend is fused_causal_attention:
-            # generating: the one new position may see every cached key, so no mask is needed, and each key/value
+        if length == 1 and cache is not None and (self.attend is fused_causal_attention or attention_mask is not None):
+            # generating: the one new position may see every cached key (of its row: attention_mask), and each key/value
             # head can take its `group` query heads as if they were query positions: the cache is read in place
             grouped = query.reshape(batch, self.n_kv_heads, group, self.head_dim)  # (B, Hkv, group, hd)
-            attended = F.scaled_dot_product_attention(grouped, key, value)  # (B, Hkv, group, hd)
+            attended = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask)  # (B,Hkv,group,hd)
             attended = attended.reshape(batch, self.n_heads, 1, self.head_dim)  # (B, H, 1, hd)
             return self.out_proj(attended.transpose(1, 2).reshape(batch, 1, -1))  # (B, 1, d_model)
         if group > 1:  # each key/value head serves `group` query heads
             key = key.repeat_interleave(group, dim=1)  # (B, H, Tk, hd)
             value = value.repeat_interleave(group, dim=1)
-        attended = self.attend(query, key, value, start)  # (B, H, T, hd)
+        if attention_mask is not None:  # rows of different lengths: each query sees the keys its mask allows
+            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)  # (B, H, T, hd)
+        else:
+            attended = self.attend(query, key, value, start)  # (B, H, T, hd)
         return self.out_proj(attended.transpose(1, 2).reshape(batch, length, -1))  # (B, T, d_model)
 
 
@@ -225,8 +228,8 @@ class Block(nn.Module):
         self.ffn = SwiGLU(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, start=0):
-        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache, layer, start))
+    def forward(self, x, cos, sin, cache=None, layer=0, start=0, attention_mask=None):
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache, layer, start, attention_mask))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))  # (B, T, d_model)
 
 
@@ -271,18 +274,27 @@ class Llama(nn.Module):
         length = context_length or self.config.context_length
         return 6 * self.num_parameters() + 12 * self.config.n_layers * self.config.d_model * length
 
-    def forward(self, tokens, targets=None, cache: KVCache | None = None):
-        """tokens (B, T) -> logits (B, T, vocab); with targets also the mean cross-entropy."""
-        start = cache.length if cache is not None else 0
+    def forward(self, tokens, targets=None, cache: KVCache | None = None, positions=None, attention_mask=None):
+        """tokens (B, T) -> logits (B, T, vocab); with targets also the mean cross-entropy.
+
+        Rows at different lengths (a server decoding several conversations in one batch) pass positions (B, T),
+        each token's own position, and attention_mask (B, 1, T, Tk), True where a token may see a key; their cache
+        keeps each row's length itself.
+        """
+        start = cache.length if cache is not None and positions is None else 0
         length = tokens.size(1)
-        if start + length > self.rope_cos.size(0):
+        if positions is not None:
+            cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, head_dim/2): each row turned by its own positions
+            sin = self.rope_sin[positions].unsqueeze(1)
+        elif start + length > self.rope_cos.size(0):
             raise ValueError(f"sequence of {start + length} positions exceeds the rope table ({self.rope_cos.size(0)})")
-        cos = self.rope_cos[start : start + length]  # (T, head_dim/2)
-        sin = self.rope_sin[start : start + length]
+        else:
+            cos = self.rope_cos[start : start + length]  # (T, head_dim/2)
+            sin = self.rope_sin[start : start + length]
         x = self.dropout(self.embedding(tokens))  # (B, T, d_model)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, layer, start)
-        if cache is not None:
+            x = block(x, cos, sin, cache, layer, start, attention_mask)
+        if cache is not None and positions is None:
             cache.length += length
         x = self.final_norm(x)
         output_weight = self.embedding.weight if self.output_proj is None else self.output_proj.weight  # (vocab, d)

@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import http.server
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -199,6 +200,17 @@ def test_real_dataset_from_the_shared_mirror(tmp_path, monkeypatch):
     folder = fetch("names")
     assert len(list(folder.glob("*.txt"))) == 18
     assert "Nakamura" in (folder / "Japanese.txt").read_text(encoding="utf-8")
+
+
+def test_chat_model_file_and_chitchat_from_the_shared_mirror(tmp_path, monkeypatch):
+    if "HCL_DATA_MIRROR" not in os.environ:
+        pytest.skip("no local mirror beside this checkout")
+    monkeypatch.setenv("HCL_DATA_DIR", str(tmp_path))
+    model_file = fetch("smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with open(model_file, "rb") as handle:
+        assert handle.read(4) == b"GGUF" and model_file.stat().st_size == 98362432
+    conversations = json.loads((fetch("chitchat") / "dataset.json").read_text(encoding="utf-8"))
+    assert len(conversations) == 7168
 
 
 def test_cli_unknown_dataset_is_one_clear_error(run_cli, tmp_path):
