@@ -12,8 +12,8 @@
     chitchat     cross-entropy of the held-out answers (nats per answer token; lower is better)
 
 Each task scores a fixed random sample of its test split (--count TASK=N; the same sample for every model).
-Answers are decoded greedily, many prompts at once: prompts of the same token length form one batch, so no row
-needs padding and each row decodes exactly as it would alone.
+Answers are decoded greedily, many prompts at once (padded on the left, with an attention mask that hides the
+padding, so each row decodes as it would alone).
 """
 
 import argparse
@@ -47,19 +47,37 @@ def next_tokens_of(logits: torch.Tensor, temperature: float, generator) -> torch
 
 
 @torch.no_grad()
-def generate_same_length(model, prompts: list, max_new_tokens: int, stop_ids, temperature: float = 0.0,
-                         generator: torch.Generator | None = None) -> list:
-    """Answers of prompts that all have the same number of tokens, decoded as one batch with a KV cache
-    (greedy, or sampled with nucleus 0.95 at `temperature`)."""
+def generate_batch(model, prompts: list, max_new_tokens: int, stop_ids, temperature: float = 0.0,
+                   generator: torch.Generator | None = None) -> list:
+    """Answers of several prompts decoded together (greedy, or sampled with nucleus 0.95 at `temperature`).
+
+    The prompts are padded on the left to one length, so every row writes its next token into the same cache
+    column. Each row's tokens are rotated by their own positions (0 at its first real token) and an attention mask
+    hides the padding from the real tokens: each row computes what it would compute alone.
+    """
     device = model.embedding.weight.device
-    length = len(prompts[0])
-    window = model.rope_cos.size(0)
-    steps = min(max_new_tokens, window - length)
+    longest = max(len(prompt) for prompt in prompts)
+    steps = min(max_new_tokens, model.rope_cos.size(0) - longest)
     if steps < 1:
         return [[] for _ in prompts]
-    cache = KVCache(model.config, len(prompts), length + steps, device, model.embedding.weight.dtype)
-    logits, _ = model(torch.tensor(prompts, device=device), cache=cache)  # (B, T, V)
-    next_tokens = next_tokens_of(logits[:, -1], temperature, generator)  # (B,)
+    pads = torch.tensor([longest - len(prompt) for prompt in prompts], device=device)  # (B,)
+    tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)  # (B, T)
+    columns = torch.arange(longest + steps, device=device)  # cache columns
+    real = columns[None, :] >= pads[:, None]  # (B, T + steps): the columns that hold a row's real tokens
+    cache = KVCache(model.config, len(prompts), longest + steps, device, model.embedding.weight.dtype)
+
+    def read(new_tokens, first: int):
+        """Feed the tokens of cache columns first..first+T-1; return the logits of the last one (B, V)."""
+        length = new_tokens.size(1)
+        queries = columns[first : first + length]  # (T,)
+        allowed = (columns[None, None, : first + length] <= queries[None, :, None]) & \
+            (real[:, None, : first + length] | (columns[None, None, : first + length] == queries[None, :, None]))
+        positions = (queries[None, :] - pads[:, None]).clamp(min=0)  # (B, T): a pad sees only itself
+        logits, _ = model(new_tokens, cache=cache, positions=positions, attention_mask=allowed[:, None])
+        cache.length += length
+        return logits[:, -1]
+
+    next_tokens = next_tokens_of(read(tokens, 0), temperature, generator)  # (B,)
     answers, done = [[] for _ in prompts], [False] * len(prompts)
     for step in range(steps):
         for row, token in enumerate(next_tokens.tolist()):
@@ -68,27 +86,26 @@ def generate_same_length(model, prompts: list, max_new_tokens: int, stop_ids, te
                 done[row] = token in stop_ids
         if all(done) or step == steps - 1:
             break
-        logits, _ = model(next_tokens[:, None], cache=cache)  # (B, 1, V)
-        next_tokens = next_tokens_of(logits[:, -1], temperature, generator)
+        next_tokens = next_tokens_of(read(next_tokens[:, None], longest + step), temperature, generator)
     return [[token for token in answer if token not in stop_ids] for answer in answers]
 
 
 def answer_all(model, tokenizer, examples, max_new_tokens: int, batch_size: int, progress=None) -> list[str]:
-    """The model's greedy answer to the first user turn of every example (batched by prompt length)."""
+    """The model's greedy answer to every example's question (an empty one where the question outgrows the
+    model's context)."""
     prompts = [tokenizer.encode(tokenizer.apply_chat_template(example.messages[:-1], add_generation_prompt=True))
                for example in examples]
-    groups = {}
-    for index, prompt in enumerate(prompts):
-        groups.setdefault(len(prompt), []).append(index)
+    window = model.rope_cos.size(0)
+    fits = [i for i, prompt in enumerate(prompts) if len(prompt) < window]  # a longer one gets no answer
+    order = sorted(fits, key=lambda i: len(prompts[i]))  # similar lengths: little padding
     answers = [""] * len(examples)
-    for indices in groups.values():
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start : start + batch_size]
-            outputs = generate_same_length(model, [prompts[i] for i in chunk], max_new_tokens, set(tokenizer.stop_ids))
-            for index, output in zip(chunk, outputs):
-                answers[index] = tokenizer.decode(output).strip()
-            if progress is not None:
-                progress(len(chunk))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        outputs = generate_batch(model, [prompts[i] for i in chunk], max_new_tokens, set(tokenizer.stop_ids))
+        for index, output in zip(chunk, outputs):
+            answers[index] = tokenizer.decode(output).strip()
+        if progress is not None:
+            progress(len(chunk))
     return answers
 
 
@@ -97,7 +114,7 @@ def score_task(task: str, model, tokenizer, count: int, batch_size: int, log) ->
     started = time.perf_counter()
     examples = sample_examples(task, "test", count, seed=SAMPLE_SEED)
     if task == "chitchat":
-        encoded = encode_examples(tokenizer, examples, 512)
+        encoded = encode_examples(tokenizer, examples, min(512, model.rope_cos.size(0)))
         loss = answer_loss(AnswerLoss(model), encoded, batch_size, tokenizer.eos_id() or 0,
                            model.embedding.weight.device, torch.autocast("cpu", enabled=False))
         return {"metric": "answer_loss", "value": round(loss, 4), "count": len(encoded),

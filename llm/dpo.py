@@ -115,15 +115,15 @@ def sentence_score(task: str, answer: str, example) -> float:
 @torch.no_grad()
 def sample_answers(model, tokenizer, examples, samples: int, temperature: float, max_new_tokens: int,
                    generator: torch.Generator) -> list[list[str]]:
-    """`samples` sampled answers per example; the copies of a prompt share a length, so they decode as one batch."""
-    from llm.chat_eval import generate_same_length
+    """`samples` sampled answers per example, the copies of one prompt decoded as one batch."""
+    from llm.chat_eval import generate_batch
 
     answers = []
     for example in tqdm(examples, desc="sampling answers", leave=False, dynamic_ncols=True):
         text = tokenizer.apply_chat_template(example.messages[:-1], add_generation_prompt=True)
         prompt = tokenizer.encode(text)
-        outputs = generate_same_length(model, [prompt] * samples, max_new_tokens, set(tokenizer.stop_ids),
-                                       temperature=temperature, generator=generator)
+        outputs = generate_batch(model, [prompt] * samples, max_new_tokens, set(tokenizer.stop_ids),
+                                 temperature=temperature, generator=generator)
         answers.append([tokenizer.decode(output).strip() for output in outputs])
     return answers
 
