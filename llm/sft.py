@@ -59,7 +59,7 @@ from llm.train import plot_curves
 
 RUN_FILES = ("last.pt", "best.pt", "*.tmp", "metrics.jsonl", "loss.png", "adapters.pt", "model.pt", "results.json",
              "tokenizer.model")
-DEFAULT_MIX = "translation=2400,surnames=1600,entities=1200,chitchat=800"
+DEFAULT_MIX = "translation=3200,surnames=1200,entities=1600,chitchat=600"
 # --quick: the same recipe on fewer examples and steps, in a folder of its own
 QUICK = dict(mix="translation=600,surnames=400,entities=300,chitchat=200", max_steps=120, eval_every=40,
              eval_examples=12, out_dir="runs/sft-quick")
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max-length", type=positive_int, default=384, help="tokens per conversation (longer: cut)")
     data.add_argument("--eval-examples", type=positive_int, default=24,
                       help="held-out conversations per task for the validation loss (from each task's valid split)")
-    add_training_arguments(parser, dict(max_steps=700, lr_lora=1e-3, lr_full=5e-5, warmup_steps=30, eval_every=100,
+    add_training_arguments(parser, dict(max_steps=600, lr_lora=1e-3, lr_full=5e-5, warmup_steps=30, eval_every=100,
                                         out_dir="runs/sft"))
     return parser
 
