@@ -337,3 +337,46 @@ def test_lora_fine_tuning_of_smollm2_runs_and_its_merged_model_chats(tmp_path, r
     load_adapters(out / "adapters.pt", base)
     ids = torch.tensor([tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}]))])
     torch.testing.assert_close(merged(ids)[0], base(ids)[0], atol=2e-3, rtol=1e-3)
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(pretrained, tmp_path, monkeypatch):
+    import llm.sft
+
+    real_step = llm.sft.train_step
+
+    def poisoned(run, step):
+        loss, grad_norm, tokens = real_step(run, step)
+        return (float("nan") if step == 4 else loss), grad_norm, tokens
+
+    monkeypatch.setattr(llm.sft, "train_step", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="not finite at step 5"):
+        sft(*TINY_SFT, "--checkpoint", str(pretrained), "--out-dir", str(out), "--eval-every", "2")
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 4
+    assert not (out / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_exits_130_and_the_resumed_run_finishes(pretrained, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    command = [sys.executable, "llm/sft.py", *TINY_SFT, "--checkpoint", str(pretrained), "--out-dir", str(out),
+               "--max-steps", "400", "--eval-every", "1000"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, **ONE_THREAD})
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and
+                                          (out / "metrics.jsonl").read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, _ = process.communicate(timeout=120)
+    assert process.returncode == 130 and "resume with: python llm/sft.py" in stdout
+    stopped_at = torch.load(out / "last.pt", weights_only=True)["step"]
+    assert 3 <= stopped_at < 400
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == stopped_at
+    resumed = subprocess.run([*command, "--resume", "--max-steps", "400"], cwd=REPO, capture_output=True, text=True,
+                             env={**os.environ, **ONE_THREAD}, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (out / "model.pt").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) == 400
