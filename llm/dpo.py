@@ -172,8 +172,8 @@ def make_pairs(model, tokenizer, counts: dict, split: str, args, log=print) -> l
 
 # ---------------------------------------------------------------------------------------------- the script
 
-DEFAULT_PROMPTS = "translation=300,surnames=300,entities=150"
-DEFAULT_HELD_OUT = "translation=60,surnames=60,entities=30"
+DEFAULT_PROMPTS = "translation=200,surnames=200,entities=100"
+DEFAULT_HELD_OUT = "translation=50,surnames=50,entities=25"
 QUICK = dict(prompts="translation=60,surnames=60,entities=30", held_out="translation=20,surnames=20,entities=10",
              samples=4, max_steps=30, eval_every=10, out_dir="runs/dpo-quick")
 FIXED_ON_RESUME = ("gguf", "hf", "checkpoint", "adapters", "dtype", "prompts", "held_out", "samples", "temperature",
