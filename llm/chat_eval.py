@@ -7,7 +7,7 @@
 
     translation  BLEU (sacrebleu, one reference per pair) of "Translate to Spanish: ..." on the transformer
                  chapter's test pairs
-    surnames     accuracy on the rnn chapter's test names (the answer's first word is the language)
+    surnames     accuracy on the rnn chapter's test names (the first language the answer names is the right one)
     entities     strict entity F1 (seqeval, IOBES) on the gru chapter's test sentences
     chitchat     cross-entropy of the held-out answers (nats per answer token; lower is better)
 
@@ -34,7 +34,7 @@ from llm.runs import positive_int
 from llm.sft import AnswerLoss, answer_loss, parse_mix
 
 DEFAULT_COUNTS = "translation=200,surnames=300,entities=150,chitchat=100"
-MAX_NEW_TOKENS = {"translation": 48, "surnames": 4, "entities": 64}
+MAX_NEW_TOKENS = {"translation": 48, "surnames": 16, "entities": 64}
 SAMPLE_SEED = 0
 
 

@@ -119,10 +119,18 @@ def surname_example(name: str, language: str) -> Example:
                                 {"role": "assistant", "content": language}], language)
 
 
+SURNAME_LANGUAGES = ("Arabic", "Chinese", "Czech", "Dutch", "English", "French", "German", "Greek", "Irish", "Italian",
+                     "Japanese", "Korean", "Polish", "Portuguese", "Russian", "Scottish", "Spanish", "Vietnamese")
+
+
 def surname_is_right(answer: str, language: str) -> bool:
-    """The answer's first word, without punctuation, is the language (any case)."""
-    words = re.findall(r"[^\W\d_]+", answer)
-    return bool(words) and words[0].lower() == language.lower()
+    """The first of the 18 language names the answer mentions (any case) is the right one.
+
+    "Russian" and "The surname Abaimov is Russian." are right; "Polish or Russian" and "I do not know" are not.
+    """
+    known = {name.lower() for name in SURNAME_LANGUAGES}
+    named = [word for word in re.findall(r"[^\W\d_]+", answer.lower()) if word in known]
+    return bool(named) and named[0] == language.lower()
 
 
 # ---------------------------------------------------------------- entities: the gru chapter's test sentences

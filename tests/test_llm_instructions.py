@@ -106,12 +106,15 @@ def test_entity_answers_of_the_test_set_read_back_almost_perfectly():
     assert entity_f1(gold, gold) == 1.0
 
 
-def test_surname_answers_are_judged_by_their_first_word():
+def test_surname_answers_are_judged_by_the_first_language_they_name():
     assert surname_is_right("Russian", "Russian")
     assert surname_is_right("russian.", "Russian")
-    assert surname_is_right("Italian (the surname is common in Sicily)", "Italian")
-    assert not surname_is_right("It is Russian", "Russian")
+    assert surname_is_right("The surname Abaimov comes from Russian.", "Russian")
+    assert surname_is_right("Italian (common in Sicily, like some Greek names)", "Italian")
+    assert not surname_is_right("Polish or Russian", "Russian")
+    assert not surname_is_right("The surname Abaimov", "Russian")
     assert not surname_is_right("", "Russian")
+    assert sorted(instructions.SURNAME_LANGUAGES) == sorted({lang for _, lang in instructions.surname_pairs()})
 
 
 def test_hf_dataset_reads_messages_and_sharegpt_conversations(tmp_path):
