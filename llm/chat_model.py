@@ -74,6 +74,8 @@ def load_checkpoint_for_chat(path, device, notice=print_notice):
     from llm.checkpoint import check_tokenizer, load_model
 
     model, checkpoint = load_model(path, device)
+    if checkpoint.get("tokenizer_gguf"):  # fine-tuned from a GGUF model (llm/sft.py): the base file's tokenizer
+        return model, gguf_tokenizer_of(checkpoint, path)
     tokenizer_path = checkpoint.get("tokenizer_path", "")
     if not Path(tokenizer_path).is_file():
         raise ValueError(f"the tokenizer {tokenizer_path!r} of {path} is missing; rerun llm/train.py")
@@ -83,6 +85,22 @@ def load_checkpoint_for_chat(path, device, notice=print_notice):
         notice(f"note: {path} has no chat template; the conversation is written as plain 'User: ...' / "
                f"'Assistant:' lines")
     return model, CheckpointTokenizer(spm.SentencePieceProcessor(model_file=str(tokenizer_path)), template)
+
+
+def gguf_tokenizer_of(checkpoint: dict, path):
+    """The tokenizer of the GGUF file a fine-tuned checkpoint names, checked by sha256 (metadata only is read)."""
+    from llm.gguf_file import GGUFTokenizer, open_gguf
+    from llm.prepare import file_sha256
+
+    source = Path(checkpoint["tokenizer_gguf"])
+    if not source.is_file():
+        raise ValueError(f"the GGUF file {str(source)!r} whose tokenizer {path} uses is missing")
+    recorded = checkpoint.get("tokenizer_gguf_sha256")
+    if recorded and file_sha256(source) != recorded:
+        raise ValueError(f"{source} is not the GGUF file {path} was fine-tuned from (its sha256 differs)")
+    tokenizer = GGUFTokenizer(open_gguf(source), str(source))
+    tokenizer.chat_template = checkpoint.get("chat_template") or tokenizer.chat_template
+    return tokenizer
 
 
 def default_model_path() -> Path:

@@ -1,0 +1,502 @@
+"""Direct preference optimisation by hand: teach the model to prefer one answer over another, with no reward model.
+
+    python llm/dpo.py --adapters runs/sft/adapters.pt     # on top of the SFT run: pairs made, then DPO (LoRA)
+    python llm/dpo.py --quick                             # fewer pairs and steps: a few minutes on 2 cores
+    python llm/dpo.py --pairs-only                        # make the preference pairs and stop
+
+The pairs come from the model's own answers. For a prompt whose right answer is known (a translation, a surname's
+language, the names in a sentence), sample several answers, score each with the task's metric, and pair the best
+against a worse one; when every sample is equally bad, the reference answer is the chosen one. Training pairs are
+made from the tasks' train prompts, held-out pairs from their valid prompts, so no held-out pair shares a prompt
+with training. They are written to OUT_DIR/pairs.json and reused by --resume.
+
+The loss (Rafailov et al., 2023), for a prompt x, a chosen answer y_w and a rejected answer y_l:
+
+    loss = -log sigma( beta [ (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)) ] )
+
+log pi(y|x) is the log-probability of the whole answer: the SUM of its tokens' log-probabilities (never the
+mean), over the answer's tokens only (the prompt's tokens are context, not something the model says).
+pi_ref is the model before DPO: with LoRA, the same model with its adapters switched off (no second copy in
+memory); for full fine-tuning, the model as it was before the first step. Either way its log-probabilities of
+every pair are computed once, before training, and kept as numbers.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import DataError
+from llm.runs import (
+    EXIT_INTERRUPTED,
+    CheckpointError,
+    StopFlag,
+    check_run_folder,
+    load_checkpoint,
+    pick_device,
+    remove_run_files,
+    restore_rng_states,
+    rng_states,
+    save_checkpoint,
+    warn_if_threads_changed,
+    write_text_atomically,
+)
+
+
+def token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target_t | tokens before it) for every position: logits (B, T, V), targets (B, T) -> (B, T)."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)  # (B, T, V), in float32 even from a bf16 model
+    return log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+
+
+def answer_log_probs(model, inputs: torch.Tensor, targets: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """log pi(y|x) of each row: the sum of the answer tokens' log-probabilities. All (B, T) -> (B,).
+
+    answer_mask[b, t] is True where targets[b, t] is a token of the answer (the model's turn and its end token).
+    """
+    logits, _ = model(inputs)  # (B, T, V)
+    return (token_log_probs(logits, targets) * answer_mask).sum(dim=-1)  # (B,)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
+    """The DPO loss of a batch of pairs (each argument (B,): summed answer log-probs) and its metrics.
+
+    The implicit reward of an answer is r(y) = beta (log pi(y|x) - log pi_ref(y|x)): how much more likely the
+    model has made it than the reference did. The loss pushes r(y_w) - r(y_l) up through a logistic link.
+    """
+    chosen_rewards = beta * (policy_chosen - reference_chosen)  # (B,)
+    rejected_rewards = beta * (policy_rejected - reference_rejected)  # (B,)
+    margins = chosen_rewards - rejected_rewards  # (B,)
+    loss = -F.logsigmoid(margins).mean()  # -log sigma(m), computed without overflow for large |m|
+    metrics = {
+        "loss": float(loss.detach()),
+        "accuracy": float((margins > 0).float().mean()),  # pairs where the chosen answer has the larger reward
+        "margin": float(margins.detach().mean()),
+        "chosen_reward": float(chosen_rewards.detach().mean()),
+        "rejected_reward": float(rejected_rewards.detach().mean()),
+    }
+    return loss, metrics
+
+
+def fast_answer_log_probs(model, inputs, targets, answer_mask) -> torch.Tensor:
+    """answer_log_probs with the output layer applied at the answer positions only (the same numbers, faster)."""
+    from llm.sft import answer_logits
+
+    logits = answer_logits(model, inputs, answer_mask)  # (N, V)
+    picked = token_log_probs(logits[None], targets[answer_mask][None])[0]  # (N,)
+    rows = torch.arange(inputs.size(0), device=inputs.device)[:, None].expand_as(answer_mask)[answer_mask]  # (N,)
+    return torch.zeros(inputs.size(0), device=inputs.device).index_add(0, rows, picked)  # (B,)
+
+
+# ---------------------------------------------------------------------------------------------- pairs
+
+
+def sentence_score(task: str, answer: str, example) -> float:
+    """How good one answer is, by its task's metric: sentence BLEU, right or wrong, sentence entity F1."""
+    from llm.instructions import entity_f1, surname_is_right, tags_from_answer
+
+    if task == "translation":
+        import sacrebleu
+
+        return sacrebleu.sentence_bleu(answer, [example.reference]).score
+    if task == "surnames":
+        return float(surname_is_right(answer, example.reference))
+    predicted = tags_from_answer(answer, example.extra["chars"])
+    return entity_f1([example.reference], [predicted])
+
+
+@torch.no_grad()
+def sample_answers(model, tokenizer, examples, samples: int, temperature: float, max_new_tokens: int,
+                   generator: torch.Generator) -> list[list[str]]:
+    """`samples` sampled answers per example, the copies of one prompt decoded as one batch."""
+    from llm.chat_eval import generate_batch
+
+    answers = []
+    for example in tqdm(examples, desc="sampling answers", leave=False, dynamic_ncols=True):
+        text = tokenizer.apply_chat_template(example.messages[:-1], add_generation_prompt=True)
+        prompt = tokenizer.encode(text)
+        outputs = generate_batch(model, [prompt] * samples, max_new_tokens, set(tokenizer.stop_ids),
+                                 temperature=temperature, generator=generator)
+        answers.append([tokenizer.decode(output).strip() for output in outputs])
+    return answers
+
+
+def pair_from_samples(task: str, example, answers: list[str]) -> dict | None:
+    """The best sample against the worst, or the reference against the worst when no sample is better than it.
+
+    None when every sample is the reference itself (nothing to prefer).
+    """
+    scored = sorted(((sentence_score(task, answer, example), answer) for answer in answers), key=lambda x: x[0])
+    (worst_score, worst), (best_score, best) = scored[0], scored[-1]
+    reference = example.messages[-1]["content"]
+    if best_score > worst_score and best.strip() and best != worst:
+        chosen, chosen_score = best, best_score
+    elif worst != reference:
+        chosen, chosen_score = reference, sentence_score(task, reference, example)
+    else:
+        return None
+    if chosen_score <= worst_score:
+        return None
+    return {"task": task, "prompt": example.messages[:-1], "chosen": chosen, "rejected": worst,
+            "chosen_score": chosen_score, "rejected_score": worst_score}
+
+
+def make_pairs(model, tokenizer, counts: dict, split: str, args, log=print) -> list[dict]:
+    """Preference pairs from the model's own sampled answers to `counts[task]` prompts of a task split."""
+    from llm.chat_eval import MAX_NEW_TOKENS
+    from llm.instructions import sample_examples
+
+    generator = torch.Generator().manual_seed(args.seed + (0 if split == "train" else 1))
+    pairs = []
+    model.eval()
+    for task, count in counts.items():
+        if not count or task == "chitchat":
+            continue
+        examples = sample_examples(task, split, count, seed=args.seed + 7)
+        answers = sample_answers(model, tokenizer, examples, args.samples, args.temperature, MAX_NEW_TOKENS[task],
+                                 generator)
+        made = [pair for example, sampled in zip(examples, answers)
+                if (pair := pair_from_samples(task, example, sampled)) is not None]
+        log(f"{split} pairs, {task}: {len(made)} from {len(examples)} prompts")
+        pairs += made
+    model.train()
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------- the script
+
+DEFAULT_PROMPTS = "translation=200,surnames=200,entities=100"
+DEFAULT_HELD_OUT = "translation=50,surnames=50,entities=25"
+QUICK = dict(prompts="translation=60,surnames=60,entities=30", held_out="translation=20,surnames=20,entities=10",
+             samples=4, max_steps=30, eval_every=10, out_dir="runs/dpo-quick")
+FIXED_ON_RESUME = ("gguf", "hf", "checkpoint", "adapters", "dtype", "prompts", "held_out", "samples", "temperature",
+                   "beta", "max_length", "full", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout",
+                   "batch_size", "max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip",
+                   "eval_every", "seed")
+RUN_FILES = ("last.pt", "best.pt", "*.tmp", "metrics.jsonl", "loss.png", "adapters.pt", "model.pt", "pairs.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from llm.chat_model import add_model_arguments
+    from llm.runs import positive_float, positive_int
+    from llm.sft import add_training_arguments
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.set_defaults(dtype="bfloat16")
+    parser.add_argument("--adapters", action="append", default=[],
+                        help="LoRA adapters merged into the model before DPO (the SFT run's adapters.pt)")
+    pairs = parser.add_argument_group("preference pairs")
+    pairs.add_argument("--prompts", default=DEFAULT_PROMPTS, help="train prompts per task that pairs are made from")
+    pairs.add_argument("--held-out", default=DEFAULT_HELD_OUT,
+                       help="valid prompts per task for the held-out pairs (never a training prompt)")
+    pairs.add_argument("--samples", type=positive_int, default=4, help="answers sampled per prompt")
+    pairs.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature of the answers")
+    pairs.add_argument("--pairs-only", action="store_true", help="make and write the pairs, then stop")
+    pairs.add_argument("--beta", type=positive_float, default=0.1,
+                       help="DPO's beta: how far the model may move from the reference (smaller = further)")
+    pairs.add_argument("--max-length", type=positive_int, default=256, help="tokens per prompt and answer")
+    add_training_arguments(parser, dict(max_steps=120, lr_lora=5e-4, lr_full=1e-6, warmup_steps=10, eval_every=20,
+                                        out_dir="runs/dpo"))
+    return parser
+
+
+def encode_pairs(tokenizer, pairs: list, max_length: int) -> list:
+    """Each pair as (chosen ids, mask, rejected ids, mask); a pair with an answer cut away entirely is dropped."""
+    from llm.conversations import render_with_mask
+
+    encoded = []
+    for pair in pairs:
+        chosen = render_with_mask(tokenizer, pair["prompt"] + [{"role": "assistant", "content": pair["chosen"]}],
+                                  max_length)
+        rejected = render_with_mask(tokenizer, pair["prompt"] + [{"role": "assistant", "content": pair["rejected"]}],
+                                    max_length)
+        if any(chosen[1][1:]) and any(rejected[1][1:]):
+            encoded.append((chosen, rejected))
+    return encoded
+
+
+def pair_log_probs(model, encoded: list, indices: list, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed answer log-probs of the chosen and the rejected answers of some pairs: two (B,) tensors."""
+    from llm.conversations import collate
+
+    rows = [encoded[i][0] for i in indices] + [encoded[i][1] for i in indices]
+    inputs, targets, mask = collate(rows, range(len(rows)), pad_id)
+    log_probs = fast_answer_log_probs(model, inputs.to(device), targets.to(device), mask.to(device))  # (2B,)
+    return log_probs[: len(indices)], log_probs[len(indices):]
+
+
+@torch.no_grad()
+def all_log_probs(model, encoded: list, pad_id: int, device, batch_size: int) -> torch.Tensor:
+    """(number of pairs, 2): chosen and rejected log-probs of every pair, in batches."""
+    model.eval()
+    rows = []
+    for start in range(0, len(encoded), batch_size):
+        chosen, rejected = pair_log_probs(model, encoded, list(range(start, min(len(encoded), start + batch_size))),
+                                          pad_id, device)
+        rows.append(torch.stack([chosen, rejected], dim=1).float().cpu())
+    model.train()
+    return torch.cat(rows) if rows else torch.zeros(0, 2)
+
+
+def reference_log_probs(model, encoded: list, pad_id: int, device, batch_size: int) -> torch.Tensor:
+    """pi_ref's log-probs, computed once: the model with its adapters off (LoRA), or as it is before training."""
+    from llm.lora import adapters_disabled
+
+    with adapters_disabled(model):
+        return all_log_probs(model, encoded, pad_id, device, batch_size)
+
+
+def held_out_metrics(model, encoded: list, reference: torch.Tensor, beta: float, pad_id: int, device,
+                     batch_size: int) -> dict:
+    """DPO loss, preference accuracy, reward margin and the chosen/rejected rewards on the held-out pairs."""
+    policy = all_log_probs(model, encoded, pad_id, device, batch_size)
+    _, metrics = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], beta)
+    return {f"val_{name}": value for name, value in metrics.items()}
+
+
+class PreferenceRun:
+    """One DPO run: the model (SFT merged in, LoRA on top), its pairs and reference log-probs, the optimizer."""
+
+    def __init__(self, args, argv, log=print):
+        from llm.chat_eval import merge_adapter_files
+        from llm.chat_model import load_chat_model
+        from llm.sft import base_record, take_saved_settings
+
+        self.args, self.log, self.out_dir = args, log, Path(args.out_dir)
+        self.device = pick_device(args.device)
+        check_run_folder(self.out_dir, args.resume, args.overwrite)
+        self.checkpoint = None
+        if args.resume:
+            self.checkpoint = load_checkpoint(self.out_dir / "last.pt", "DPO",
+                                              ("args", "step", "optimizer", "rng", "base", "reference"))
+            take_saved_settings(args, argv, self.checkpoint["args"], 1, build_parser, QUICK)
+        if args.lr is None:
+            args.lr = 1e-6 if args.full else 5e-4
+        self.base = base_record(args)
+        self.model, self.tokenizer = load_chat_model(gguf=args.gguf, hf=args.hf, checkpoint=args.checkpoint,
+                                                     notice=lambda message: None)
+        merge_adapter_files(self.model, args.adapters)  # the model DPO starts from, and its reference
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(True)
+        if args.dtype == "bfloat16" and not args.full:
+            self.model.to(torch.bfloat16)
+        self.model.to(self.device)
+        self.pad_id = self.tokenizer.eos_id() if self.tokenizer.eos_id() is not None else 0
+
+    def load_pairs(self) -> dict:
+        """The pairs of a resumed run, or new ones made from the model's own sampled answers."""
+        from llm.sft import parse_mix
+
+        if self.checkpoint is not None:
+            return json.loads((self.out_dir / "pairs.json").read_text(encoding="utf-8"))
+        started = time.perf_counter()
+        pairs = {"train": make_pairs(self.model, self.tokenizer, parse_mix(self.args.prompts, "--prompts"), "train",
+                                     self.args, self.log),
+                 "held_out": make_pairs(self.model, self.tokenizer, parse_mix(self.args.held_out, "--held-out"),
+                                        "valid", self.args, self.log)}
+        self.log(f"made {len(pairs['train'])} training and {len(pairs['held_out'])} held-out pairs in "
+                 f"{time.perf_counter() - started:.0f} s")
+        return pairs
+
+    def prepare(self, pairs: dict):
+        """Encode the pairs, put the adapters on, and compute (or restore) the reference log-probs once."""
+        from llm.conversations import LengthBuckets
+        from llm.sft import attach_adapters, make_optimizer
+
+        self.encoded = encode_pairs(self.tokenizer, pairs["train"], self.args.max_length)
+        self.held_out = encode_pairs(self.tokenizer, pairs["held_out"], self.args.max_length)
+        if not self.encoded or not self.held_out:
+            raise ValueError("no preference pairs were made (the model's samples were all equally good): "
+                             "raise --prompts or --samples")
+        lengths = [max(len(chosen[0]), len(rejected[0])) for chosen, rejected in self.encoded]
+        self.buckets = LengthBuckets(lengths, min(self.args.batch_size, len(lengths)), self.args.seed)
+        torch.manual_seed(self.args.seed)
+        self.trainable = attach_adapters(self.model, self.args)
+        self.optimizer = make_optimizer(self.trainable, self.args)
+        if self.checkpoint is not None:
+            self.reference = self.checkpoint["reference"]
+        else:
+            started = time.perf_counter()
+            self.reference = {name: reference_log_probs(self.model, encoded, self.pad_id, self.device,
+                                                        self.args.batch_size)
+                              for name, encoded in (("train", self.encoded), ("held_out", self.held_out))}
+            self.log(f"reference log-probabilities of {len(self.encoded)} + {len(self.held_out)} pairs in "
+                     f"{time.perf_counter() - started:.0f} s (computed once, adapters off)")
+
+    def state(self, step: int, best_val_loss: float) -> dict:
+        from llm.sft import trained_state
+
+        return {**trained_state(self.model, self.args), "optimizer": self.optimizer.state_dict(), "step": step,
+                "best_val_loss": best_val_loss, "rng": rng_states(), "args": dict(vars(self.args)),
+                "base": self.base, "base_config": self.model.config.to_dict(), "reference": self.reference,
+                "threads": torch.get_num_threads()}
+
+    def restore(self) -> tuple[int, float]:
+        from llm.sft import restore_trained_state
+
+        try:
+            restore_trained_state(self.model, self.checkpoint)
+            self.optimizer.load_state_dict(self.checkpoint["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise CheckpointError(f"{self.out_dir / 'last.pt'} does not fit this run: "
+                                  f"{str(error).splitlines()[0][:200]}") from None
+        restore_rng_states(self.checkpoint["rng"])
+        warn_if_threads_changed(self.checkpoint.get("threads"))
+        step = int(self.checkpoint["step"])
+        metrics = self.out_dir / "metrics.jsonl"
+        if metrics.exists():
+            kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            write_text_atomically(metrics, "".join(line + "\n" for line in kept))
+        self.log(f"resumed from {self.out_dir / 'last.pt'} at step {step}")
+        return step, float(self.checkpoint["best_val_loss"])
+
+    def evaluate(self) -> dict:
+        return held_out_metrics(self.model, self.held_out, self.reference["held_out"], self.args.beta, self.pad_id,
+                                self.device, self.args.batch_size)
+
+
+def dpo_step(run: PreferenceRun, step: int) -> dict:
+    """One optimizer step on one batch of training pairs; returns the batch's DPO metrics and gradient norm."""
+    from llm.sft import learning_rate
+
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(step, run.args)
+    indices = run.buckets.batch(step)
+    chosen, rejected = pair_log_probs(run.model, run.encoded, indices, run.pad_id, run.device)
+    reference = run.reference["train"][indices].to(run.device)  # (B, 2)
+    loss, metrics = dpo_loss(chosen, rejected, reference[:, 0], reference[:, 1], run.args.beta)
+    loss.backward()
+    metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(run.trainable, run.args.grad_clip or float("inf")))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return metrics
+
+
+def preference_loop(run: PreferenceRun, start_step: int, best_val_loss: float) -> tuple[str, int]:
+    """Steps to --max-steps with held-out metrics, checkpoints and Ctrl-C; returns (status, last step)."""
+    from llm.sft import learning_rate
+
+    args, out_dir = run.args, run.out_dir
+    stop = StopFlag()
+    status, completed, started = "finished", start_step, time.perf_counter()
+    with open(out_dir / "metrics.jsonl", "a") as metrics_file:
+        if start_step == 0:  # before the first step: the loss is log 2 and no pair is preferred yet
+            metrics_file.write(json.dumps({"step": 0, **run.evaluate()}) + "\n")
+        progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
+                        dynamic_ncols=True)
+        for step in progress:
+            metrics = dpo_step(run, step)
+            if not math.isfinite(metrics["loss"]):
+                status = "diverged"
+                break
+            completed = step + 1
+            record = {"step": completed, "train_loss": metrics.pop("loss"), "lr": learning_rate(step, args),
+                      **{f"train_{k}": v for k, v in metrics.items()}, "elapsed_s": time.perf_counter() - started}
+            progress.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['train_accuracy']:.2f}")
+            if completed % args.eval_every == 0 or completed == args.max_steps:
+                record.update(run.evaluate())
+                if record["val_loss"] < best_val_loss:
+                    best_val_loss = record["val_loss"]
+                    save_checkpoint(out_dir / "best.pt", run.state(completed, best_val_loss))
+                save_checkpoint(out_dir / "last.pt", run.state(completed, best_val_loss))
+                progress.write(f"step {completed}: held-out loss {record['val_loss']:.3f}, preference accuracy "
+                               f"{record['val_accuracy']:.3f}, reward margin {record['val_margin']:.3f}")
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            if stop.requested or completed == args.stop_at_step:
+                status = "interrupted"
+                break
+        progress.close()
+    stop.close()
+    if status == "interrupted":
+        save_checkpoint(out_dir / "last.pt", run.state(completed, best_val_loss))
+    return status, completed
+
+
+def finish(run: PreferenceRun) -> Path:
+    """The best checkpoint's adapters alone (adapters.pt) and merged into the model (model.pt)."""
+    from llm.lora import merge_lora, save_adapters
+    from llm.sft import final_checkpoint, restore_trained_state
+
+    best = load_checkpoint(run.out_dir / "best.pt", "DPO", ("step",))
+    restore_trained_state(run.model, best)
+    if not run.args.full:
+        save_adapters(run.out_dir / "adapters.pt", run.model, {"base": run.base, "step": best["step"],
+                                                               "merged_before": list(run.args.adapters)})
+        merge_lora(run.model)
+    state = final_checkpoint(run.model, run.tokenizer, run.args, run.base, run.out_dir,
+                             {"step": best["step"], "best_val_loss": best["best_val_loss"]})
+    save_checkpoint(run.out_dir / "model.pt", state)
+    plot_preferences(run.out_dir / "metrics.jsonl", run.out_dir / "loss.png")
+    return run.out_dir / "model.pt"
+
+
+def plot_preferences(metrics_path: Path, png_path: Path) -> None:
+    """The DPO loss (train and held-out) and the held-out preference accuracy against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
+    train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+    held = [(r["step"], r["val_loss"], r["val_accuracy"]) for r in rows if "val_loss" in r]
+    if train:
+        left.plot(*zip(*train), linewidth=0.8, alpha=0.8, label="train batch")
+    if held:
+        steps, losses, accuracies = zip(*held)
+        left.plot(steps, losses, "o-", markersize=3, label="held-out pairs")
+        right.plot(steps, accuracies, "o-", markersize=3, color="C2")
+    left.axhline(math.log(2), color="grey", linestyle=":", linewidth=0.8)
+    left.set(xlabel="optimizer step", ylabel="DPO loss", title="loss (dotted: log 2)")
+    right.set(xlabel="optimizer step", ylabel="accuracy", title="held-out preference accuracy", ylim=(0, 1))
+    left.legend()
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(png_path)
+    plt.close(figure)
+
+
+def main(argv=None):
+    from llm.sft import parse_args
+
+    args = parse_args(argv, build_parser, QUICK)
+    try:
+        run = PreferenceRun(args, argv)
+        pairs = run.load_pairs()
+        run.prepare(pairs)
+        start_step, best_val_loss = (0, float("inf"))
+        if run.checkpoint is not None:
+            start_step, best_val_loss = run.restore()
+        else:
+            run.out_dir.mkdir(parents=True, exist_ok=True)
+            remove_run_files(run.out_dir, RUN_FILES)  # --overwrite: the old run goes only now
+            write_text_atomically(run.out_dir / "pairs.json", json.dumps(pairs, ensure_ascii=False, indent=0))
+    except (ValueError, DataError, OSError) as error:
+        sys.exit(f"error: {error}")
+    if args.pairs_only:
+        print(f"wrote {run.out_dir / 'pairs.json'}")
+        return
+    status, step = preference_loop(run, start_step, best_val_loss)
+    if status == "diverged":
+        sys.exit(f"error: the DPO loss is not finite at step {step}; stopped (last.pt holds the last good state)")
+    if status == "interrupted":
+        print(f"stopped at step {step}; resume with: python llm/dpo.py --out-dir {run.out_dir} --resume")
+        if step != args.stop_at_step:
+            sys.exit(EXIT_INTERRUPTED)
+        return
+    print(f"wrote {finish(run)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""DPO by hand: the loss equals its formula (value and gradients), starts at log 2, and moves the right way."""
+
+import math
+
+import torch
+
+from llm.dpo import answer_log_probs, dpo_loss
+from llm.lora import adapters_disabled, add_lora
+from llm.model import Llama, LlamaConfig
+
+torch.set_num_threads(1)
+
+
+def tiny_model(seed: int = 0) -> Llama:
+    torch.manual_seed(seed)
+    return Llama(LlamaConfig(vocab_size=41, context_length=16, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32))
+
+
+def pair_batch(seed: int = 3):
+    """Two sequences per pair sharing a prompt of 5 tokens; answers of 4 and 6 tokens (mask marks them)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, 41, (4, 12), generator=generator)  # rows 0,1: chosen; rows 2,3: rejected
+    rows[2:, :5] = rows[:2, :5]  # the same prompts
+    inputs, targets = rows[:, :-1], rows[:, 1:]
+    mask = torch.zeros_like(targets, dtype=torch.bool)
+    mask[0, 4:8] = mask[1, 4:10] = mask[2, 4:9] = mask[3, 4:11] = True  # answer tokens among the targets
+    return inputs, targets, mask
+
+
+def formula_loss(pc, pr, rc, rr, beta):
+    """-log sigma(beta[(pc - rc) - (pr - rr)]) written out with exp, averaged over the pairs."""
+    margins = beta * ((pc - rc) - (pr - rr))
+    return (torch.log(1 + torch.exp(-margins))).mean().detach()
+
+
+def test_loss_and_gradients_equal_the_formula_on_a_hand_made_example():
+    beta = 0.3
+    policy_chosen = torch.tensor([-12.0, -7.5, -20.0], dtype=torch.float64, requires_grad=True)
+    policy_rejected = torch.tensor([-15.0, -6.0, -20.5], dtype=torch.float64, requires_grad=True)
+    reference_chosen = torch.tensor([-13.0, -7.0, -19.0], dtype=torch.float64)
+    reference_rejected = torch.tensor([-14.0, -6.5, -21.0], dtype=torch.float64)
+    loss, metrics = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta)
+    loss.backward()
+    loss = loss.detach()
+    # by hand: margins 0.3 * ((1) - (-1)) = 0.6, 0.3 * ((-0.5) - (0.5)) = -0.3, 0.3 * ((-1) - (0.5)) = -0.45
+    margins = torch.tensor([0.6, -0.3, -0.45], dtype=torch.float64)
+    expected = torch.log(1 + torch.exp(-margins)).mean()
+    assert math.isclose(float(loss), float(expected), rel_tol=1e-12)
+    assert math.isclose(float(loss), float(formula_loss(policy_chosen, policy_rejected, reference_chosen,
+                                                        reference_rejected, beta)), rel_tol=1e-12)
+    # d loss / d log pi(y_w) = -(beta / B) sigma(-m); d loss / d log pi(y_l) = +(beta / B) sigma(-m)
+    expected_chosen_grad = -(beta / 3) * torch.sigmoid(-margins)
+    torch.testing.assert_close(policy_chosen.grad, expected_chosen_grad, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(policy_rejected.grad, -expected_chosen_grad, rtol=1e-12, atol=1e-15)
+    assert math.isclose(metrics["accuracy"], 1 / 3, rel_tol=1e-6)
+    assert math.isclose(metrics["margin"], float(margins.mean()), rel_tol=1e-12)
+    assert math.isclose(metrics["chosen_reward"], 0.3 * (1 - 0.5 - 1) / 3, rel_tol=1e-12)
+    assert math.isclose(metrics["rejected_reward"], 0.3 * (-1 + 0.5 + 0.5) / 3, abs_tol=1e-15)
+
+
+def test_raising_the_chosen_answers_log_prob_lowers_the_loss():
+    reference = torch.tensor([-10.0, -10.0]), torch.tensor([-10.0, -10.0])
+    losses = [float(dpo_loss(torch.tensor([-10.0 + shift, -11.0]), torch.tensor([-10.0, -10.0]), *reference,
+                             beta=0.1)[0]) for shift in (-2.0, -1.0, 0.0, 1.0, 2.0)]
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:]))
+
+
+def test_answer_log_prob_is_the_sum_over_answer_tokens_only():
+    model = tiny_model()
+    inputs, targets, mask = pair_batch()
+    summed = answer_log_probs(model, inputs, targets, mask)
+    logits, _ = model(inputs)
+    for row in range(4):
+        by_hand = sum(torch.log_softmax(logits[row, t], dim=-1)[targets[row, t]] for t in range(targets.size(1))
+                      if mask[row, t])
+        torch.testing.assert_close(summed[row], by_hand, rtol=1e-5, atol=1e-5)
+    changed = targets.clone()
+    changed[:, :4] = (changed[:, :4] + 1) % 41  # other prompt targets: not part of the answer
+    assert torch.equal(answer_log_probs(model, inputs, changed, mask), summed)
+    longer = mask.clone()
+    longer[0, 8] = True  # one more answer token: the sum falls (a log-probability is negative); a mean need not
+    assert answer_log_probs(model, inputs, targets, longer)[0] < summed[0]
+
+
+def test_loss_starts_at_exactly_log_2_with_the_adapters_switched_off_as_reference():
+    model = add_lora(tiny_model(), rank=4, alpha=8)
+    inputs, targets, mask = pair_batch()
+    with torch.no_grad(), adapters_disabled(model):
+        reference = answer_log_probs(model, inputs, targets, mask)  # computed once, before training
+    policy = answer_log_probs(model, inputs, targets, mask)
+    loss, metrics = dpo_loss(policy[:2], policy[2:], reference[:2], reference[2:], beta=0.1)
+    assert float(loss.detach()) == float(torch.tensor(math.log(2), dtype=torch.float32))
+    assert metrics["margin"] == 0.0 and metrics["accuracy"] == 0.0
+
+
+def test_dpo_steps_make_the_model_prefer_the_chosen_answers_and_keep_the_base():
+    model = add_lora(tiny_model(), rank=4, alpha=8)
+    base_weight = model.blocks[0].attention.qkv_proj.weight.clone()
+    inputs, targets, mask = pair_batch()
+    with torch.no_grad(), adapters_disabled(model):
+        reference = answer_log_probs(model, inputs, targets, mask)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    history = []
+    for _ in range(30):
+        policy = answer_log_probs(model, inputs, targets, mask)
+        loss, metrics = dpo_loss(policy[:2], policy[2:], reference[:2], reference[2:], beta=0.5)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        history.append(metrics)
+    assert history[0]["loss"] == float(torch.tensor(math.log(2), dtype=torch.float32))
+    assert history[-1]["loss"] < 0.3 and history[-1]["accuracy"] == 1.0
+    assert history[-1]["chosen_reward"] > history[-1]["rejected_reward"]
+    assert torch.equal(model.blocks[0].attention.qkv_proj.weight, base_weight)
+
+
+def test_full_fine_tuning_reference_is_the_model_before_its_first_step():
+    model = tiny_model()
+    inputs, targets, mask = pair_batch()
+    with torch.no_grad():
+        reference = answer_log_probs(model, inputs, targets, mask)  # the frozen copy's numbers, kept, not the copy
+    policy = answer_log_probs(model, inputs, targets, mask)
+    loss, _ = dpo_loss(policy[:2], policy[2:], reference[:2], reference[2:], beta=0.1)
+    assert float(loss.detach()) == float(torch.tensor(math.log(2), dtype=torch.float32))
+    loss.backward()
+    assert all(parameter.grad is not None for parameter in model.parameters())
+
+
+def test_fast_answer_log_probs_equal_the_full_logits_version():
+    from llm.dpo import fast_answer_log_probs
+
+    model = tiny_model()
+    inputs, targets, mask = pair_batch()
+    torch.testing.assert_close(fast_answer_log_probs(model, inputs, targets, mask),
+                               answer_log_probs(model, inputs, targets, mask))
+
+
+def test_pairs_prefer_the_best_sample_or_else_the_reference():
+    from llm.dpo import pair_from_samples
+    from llm.instructions import surname_example, translation_example
+
+    example = surname_example("Abaimov", "Russian")
+    pair = pair_from_samples("surnames", example, ["Polish", "Russian", "Czech"])
+    assert pair["chosen"] == "Russian" and pair["rejected"] in ("Polish", "Czech")
+    assert pair["chosen_score"] == 1.0 and pair["rejected_score"] == 0.0
+    all_wrong = pair_from_samples("surnames", example, ["Polish", "Czech"])
+    assert all_wrong["chosen"] == "Russian" and all_wrong["rejected"] in ("Polish", "Czech")
+    assert pair_from_samples("surnames", example, ["Russian", "Russian"]) is None
+    spanish = translation_example("I am hungry.", "Tengo hambre.")
+    pair = pair_from_samples("translation", spanish, ["Tengo hambre.", "Yo soy un gato."])
+    assert pair["chosen"] == "Tengo hambre." and pair["chosen_score"] > pair["rejected_score"]
+
+
+def test_dpo_script_starts_at_log_2_keeps_prompts_apart_and_resumes_exactly(tmp_path, capsys):
+    """On a tiny model pretrained and chat-tuned here: the held-out loss before the first step is exactly log 2,
+    no held-out pair shares a prompt with a training pair, and a resumed run equals an uninterrupted one."""
+    import json
+
+    from data import fetch
+    from llm.dpo import main as dpo
+    from llm.sft import main as sft
+    from llm.train import main as pretrain
+    from tests.test_llm_sft import TINY_PRETRAIN, TINY_SFT
+
+    text_file = tmp_path / "wiki.txt"
+    text_file.write_text((fetch("wikitext-2") / "valid.raw").read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    pretrain([*TINY_PRETRAIN, "--text-file", str(text_file), "--data-dir", str(tmp_path / "data"),
+              "--out-dir", str(tmp_path / "base")])
+    sft([*TINY_SFT, "--checkpoint", str(tmp_path / "base" / "best.pt"), "--out-dir", str(tmp_path / "sft")])
+    common = ["--checkpoint", str(tmp_path / "sft" / "model.pt"), "--prompts", "surnames=12,translation=6",
+              "--held-out", "surnames=6,translation=4", "--samples", "3", "--batch-size", "4", "--max-steps", "6",
+              "--eval-every", "3", "--max-length", "96", "--dtype", "float32", "--device", "cpu", "--lr", "1e-2"]
+    dpo([*common, "--out-dir", str(tmp_path / "straight")])
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and rows[0]["val_loss"] == float(torch.tensor(math.log(2), dtype=torch.float32))
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    for name in ("model.pt", "adapters.pt", "loss.png", "best.pt"):
+        assert (tmp_path / "straight" / name).is_file()
+    pairs = json.loads((tmp_path / "straight" / "pairs.json").read_text())
+    train_prompts = {json.dumps(pair["prompt"]) for pair in pairs["train"]}
+    assert pairs["held_out"] and not train_prompts & {json.dumps(pair["prompt"]) for pair in pairs["held_out"]}
+    assert all(pair["chosen_score"] > pair["rejected_score"] for pair in pairs["train"] + pairs["held_out"])
+    dpo([*common, "--out-dir", str(tmp_path / "stopped"), "--stop-at-step", "4"])
+    assert "resume with: python llm/dpo.py" in capsys.readouterr().out
+    dpo([*common, "--out-dir", str(tmp_path / "stopped"), "--resume"])
+    straight = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    resumed = [json.loads(line) for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in straight] == \
+           [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in resumed]
