@@ -174,7 +174,7 @@ def test_a_non_finite_loss_stops_before_any_write(tmp_path, monkeypatch, capsys)
     with monkeypatch.context() as patch:
         patch.setattr(torch.nn.functional, "cross_entropy", lambda *arguments, **keywords: torch.tensor(float("nan")))
         with pytest.raises(SystemExit) as diverged:
-            train_module.main([*TORCH_RUN, "--out-dir", str(run), "--resume"])
+            train_module.main([*TORCH_RUN, "--out-dir", str(run), "--resume", "--threads", "2"])
         assert diverged.value.code == (f"error: the training loss is not finite at step 4; stopped without saving: "
                                        f"{run / 'last.pt'} (step 3) holds the last good state")
         with pytest.raises(SystemExit, match="at step 1; stopped without saving: no checkpoint was written yet"):
@@ -183,7 +183,7 @@ def test_a_non_finite_loss_stops_before_any_write(tmp_path, monkeypatch, capsys)
     with monkeypatch.context() as patch:
         patch.setattr(train_module, "evaluate", lambda *arguments: (float("nan"), 0.5))
         with pytest.raises(SystemExit) as diverged:
-            train_module.main([*TORCH_RUN, "--out-dir", str(run), "--resume"])
+            train_module.main([*TORCH_RUN, "--out-dir", str(run), "--resume", "--threads", "2"])
         assert diverged.value.code == (f"error: the validation loss is not finite at step 12; stopped without "
                                        f"saving: {run / 'last.pt'} (step 3) holds the last good state")
     after = folder_bytes(run)
@@ -249,6 +249,6 @@ def test_a_resume_at_another_thread_count_warns_that_it_is_not_bit_identical(str
     run = tmp_path / "run"
     shutil.copytree(straight_torch, run)  # trained on one thread
     with torch_threads(2):
-        train_module.main([*TORCH_RUN, "--out-dir", str(run), "--resume"])
+        train_module.main([*TORCH_RUN, "--out-dir", str(run), "--resume", "--threads", "2"])
     warning = capsys.readouterr().err
     assert "warning: the saved run used 1 CPU threads and this one uses 2" in warning and "bit-identical" in warning

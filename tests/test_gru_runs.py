@@ -212,7 +212,8 @@ def test_a_non_finite_loss_stops_the_run_before_any_write(finished_epoch, capsys
     else:
         monkeypatch.setattr(train_script, "mean_loss", lambda *arguments, **options: math.inf)
         expected = "the validation loss is not finite at step 8"
-    code, _, err = call_main(train_script.main, [*TINY, "--out-dir", finished_epoch, "--resume"], capsys)
+    code, _, err = call_main(train_script.main, [*TINY, "--out-dir", finished_epoch, "--resume", "--threads", "2"],
+                                    capsys)
     assert code == 1
     assert last_line(err) == f"error: {expected}; stopped without saving: last.pt (step 4) holds the last good state"
     assert folder_bytes(finished_epoch) == before
@@ -312,6 +313,7 @@ def test_eval_draws_its_picture_into_the_run_folder_unless_told_otherwise(finish
 @pytest.mark.slow
 def test_a_resume_at_another_thread_count_warns_that_it_is_not_bit_identical(finished_epoch, capsys):
     with torch_threads(2):  # the first epoch was trained on one thread
-        code, _, err = call_main(train_script.main, [*TINY, "--out-dir", finished_epoch, "--resume"], capsys)
+        code, _, err = call_main(train_script.main, [*TINY, "--out-dir", finished_epoch, "--resume", "--threads", "2"],
+                                    capsys)
     assert code == 0, err
     assert "warning: the saved run used 1 CPU threads and this one uses 2" in err and "bit-identical" in err

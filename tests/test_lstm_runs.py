@@ -316,6 +316,6 @@ def test_a_resume_at_another_thread_count_warns_that_it_is_not_bit_identical(ref
     out_dir = tmp_path / "run"
     shutil.copytree(reference_run, out_dir)  # trained on one thread
     with torch_threads(2):
-        code, _, err = train(capsys, *TINY, "--out-dir", out_dir, "--resume")
+        code, _, err = train(capsys, *TINY, "--out-dir", out_dir, "--resume", "--threads", "2")
     assert code == 0, err
     assert "warning: the saved run used 1 CPU threads and this one uses 2" in err and "bit-identical" in err

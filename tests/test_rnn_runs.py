@@ -320,6 +320,6 @@ def test_vanishing_writes_into_the_run_folder_or_where_out_says_never_over_the_c
 def test_a_resume_at_another_thread_count_warns_that_it_is_not_bit_identical(reference, tmp_path, capsys):
     out_dir = copy_of(reference, tmp_path)  # trained on one thread
     with torch_threads(2):
-        assert train_in_process(out_dir, "--resume") == 0
+        assert train_in_process(out_dir, "--resume", "--threads", "2") == 0
     warning = capsys.readouterr().err
     assert "warning: the saved run used 1 CPU threads and this one uses 2" in warning and "bit-identical" in warning
