@@ -84,19 +84,21 @@ def prepare_for_decoding(model: Llama, choose=None) -> dict:
     becomes a packed copy of it (vocab x d more memory); column by column, the one matrix serves both.
     """
     choices, by_shape = {}, {}
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if not isinstance(child, nn.Linear) or child.bias is not None:
-                continue
-            weight = child.weight.data
+    parents = [(name, module) for name, module in model.named_modules() if not isinstance(module, nn.Linear)]
+    for name, module in parents:  # one layer at a time, so that a replaced weight is freed before the next is packed
+        linears = [child_name for child_name, child in module.named_children()
+                   if isinstance(child, nn.Linear) and child.bias is None]
+        for child_name in linears:
+            weight = getattr(module, child_name).weight.data
             key = (tuple(weight.shape), weight.dtype)
             if key not in by_shape:
                 by_shape[key] = (choose or fastest_layout)(weight)
             layout = by_shape[key]
             if layout == "column":
-                child.weight.data = column_major(weight)
+                getattr(module, child_name).weight.data = column_major(weight)
             elif layout == "packed":
                 setattr(module, child_name, PackedLinear(weight))
+            del weight
             choices[f"{name}.{child_name}".lstrip(".")] = layout
     if model.output_proj is None:  # tied: the embedding matrix is also the output projection
         weight = model.embedding.weight.data

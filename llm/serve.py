@@ -15,6 +15,7 @@ that arrive while others are being answered join the running batch between two d
 import argparse
 import asyncio
 import json
+import socket
 import sys
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
@@ -127,20 +128,11 @@ def sse(payload) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def create_app(server: Server):
-    """The FastAPI application: the routes, and OpenAI's error object for every failure."""
-    from fastapi import FastAPI, Request
+def add_error_handlers(app):
+    """OpenAI's error object, with its HTTP status, for every failure: ours, an unknown path, a crash."""
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
-
-    @asynccontextmanager
-    async def lifespan(app):
-        server.engine.start()
-        yield
-        server.engine.stop()
-
-    app = FastAPI(title="hand-craft-llm", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
     def error_response(error: APIError):
         return JSONResponse(error.body(), status_code=error.status)
@@ -164,6 +156,21 @@ def create_app(server: Server):
         print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
         return error_response(APIError(500, "The server had an error while processing the request.",
                                        type="server_error"))
+
+
+def create_app(server: Server):
+    """The FastAPI application: the page, the health check and the OpenAI routes."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.engine.start()
+        yield
+        server.engine.stop()
+
+    app = FastAPI(title="hand-craft-llm", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    add_error_handlers(app)
 
     @app.get("/")
     async def page():
@@ -227,11 +234,24 @@ def default_model_name(args) -> str:
     return name.split(".")[0] if args.gguf else name
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads, so that a busy port is said at once and in one line."""
+    if not 0 < port < 65536:
+        raise ValueError(f"--port {port} is not a port (1-65535)")
+    try:
+        address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listener = socket.socket(address[0], socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address[4])
+    except OSError as error:
+        raise ValueError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return listener
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if not 0 < args.port < 65536:
-        sys.exit(f"error: --port {args.port} is not a port (1-65535)")
     try:
+        listener = listening_socket(args.host, args.port)
         model, tokenizer = model_from_arguments(args)
         if not tokenizer.chat_template:
             raise ValueError("this model has no chat template")
@@ -243,7 +263,7 @@ def main(argv=None):
     server = Server(model, tokenizer, default_model_name(args), args.max_batch, args.max_body_bytes)
     print(f"serving {server.model_id} on http://{args.host}:{args.port} (the chat page at /, the OpenAI API at /v1)",
           file=sys.stderr, flush=True)
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning")).run(sockets=[listener])
 
 
 if __name__ == "__main__":

@@ -327,6 +327,26 @@ def test_a_client_that_disconnects_mid_stream_stops_its_generation_at_once(serve
 
 
 @pytest.mark.slow
+def test_serve_cli_refuses_bad_flags_a_missing_model_and_a_busy_port_in_one_line(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    folder = save_tiny_chat_model(tmp_path / "model")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        for arguments, expected in [(["--port", "0"], "--port"), (["--port", "70000"], "--port"),
+                                    (["--max-batch", "0"], "--max-batch"), (["--hf", str(tmp_path / "none")], "error"),
+                                    (["--hf", str(folder), "--port", str(busy.getsockname()[1])], "cannot listen")]:
+            result = subprocess.run([sys.executable, str(repo / "llm/serve.py"), *arguments], capture_output=True,
+                                    text=True, timeout=120, cwd=repo)
+            assert result.returncode != 0 and "Traceback" not in result.stderr, (arguments, result.stderr)
+            assert expected in result.stderr.strip().splitlines()[-1], (arguments, result.stderr)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not SMOLLM2.is_file(), reason="the SmolLM2 GGUF is not in the data mirror (HCL_DATA_MIRROR)")
 def test_smollm2_served_in_bfloat16_answers_the_openai_client():
     running = RunningServer("--gguf", str(SMOLLM2), "--dtype", "bfloat16")
