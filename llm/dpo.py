@@ -24,6 +24,7 @@ every pair are computed once, before training, and kept as numbers.
 import argparse
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -386,6 +387,8 @@ def preference_loop(run: PreferenceRun, start_step: int, best_val_loss: float) -
 
     args, out_dir = run.args, run.out_dir
     stop = StopFlag()
+    # a SIGTERM (how a job scheduler or `kill` stops a run) is taken as a Ctrl-C: save at the step boundary
+    previous_term = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(stop, "requested", True))
     status, completed, started = "finished", start_step, time.perf_counter()
     with open(out_dir / "metrics.jsonl", "a") as metrics_file:
         if start_step == 0:  # before the first step: the loss is log 2 and no pair is preferred yet
@@ -416,6 +419,7 @@ def preference_loop(run: PreferenceRun, start_step: int, best_val_loss: float) -
                 break
         progress.close()
     stop.close()
+    signal.signal(signal.SIGTERM, previous_term)
     if status == "interrupted":
         save_checkpoint(out_dir / "last.pt", run.state(completed, best_val_loss))
     return status, completed

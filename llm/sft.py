@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -473,6 +474,8 @@ def train_loop(run: Run, start_step: int, best_val_loss: float) -> tuple[str, in
     """Steps from start_step to --max-steps with evaluation, checkpoints and Ctrl-C; returns (status, last step)."""
     args, out_dir = run.args, run.out_dir
     stop = StopFlag()
+    # a SIGTERM (how a job scheduler or `kill` stops a run) is taken as a Ctrl-C: save at the step boundary
+    previous_term = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(stop, "requested", True))
     metrics = open(out_dir / "metrics.jsonl", "a") if run.is_main else None
     progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
                     disable=not run.is_main, dynamic_ncols=True)
@@ -507,6 +510,7 @@ def train_loop(run: Run, start_step: int, best_val_loss: float) -> tuple[str, in
             break
     progress.close()
     stop.close()
+    signal.signal(signal.SIGTERM, previous_term)
     if metrics:
         metrics.close()
     if status == "diverged":

@@ -369,7 +369,8 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(pret
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_exits_130_and_the_resumed_run_finishes(pretrained, tmp_path):
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_saves_exits_130_and_the_resumed_run_finishes(pretrained, tmp_path, signal_name):
     import signal
     import time
 
@@ -382,7 +383,7 @@ def test_ctrl_c_saves_exits_130_and_the_resumed_run_finishes(pretrained, tmp_pat
     while time.time() < deadline and not ((out / "metrics.jsonl").exists() and
                                           (out / "metrics.jsonl").read_text().count("\n") >= 3):
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(getattr(signal, signal_name))
     stdout, _ = process.communicate(timeout=120)
     assert process.returncode == 130 and "resume with: python llm/sft.py" in stdout
     stopped_at = torch.load(out / "last.pt", weights_only=True)["step"]
