@@ -322,35 +322,6 @@ def test_two_process_ddp_matches_one_process_at_the_same_global_batch(pretrained
         assert distributed[step] == pytest.approx(single[step], abs=1e-5)
 
 
-@pytest.mark.slow
-def test_lora_fine_tuning_of_smollm2_merges_chats_and_exports_to_transformers(tmp_path, run_cli):
-    from llm.chat_model import load_chat_model
-    from llm.lora import load_adapters
-
-    out = tmp_path / "smol"
-    result = run_cli("llm/sft.py", "--mix", "surnames=16,translation=16", "--eval-examples", "2", "--batch-size", "4",
-                     "--max-steps", "2", "--eval-every", "2", "--out-dir", str(out), env=ONE_THREAD, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert (out / "adapters.pt").stat().st_size < 15e6
-    merged, tokenizer = load_chat_model(checkpoint=str(out / "model.pt"))
-    base, _ = load_chat_model()
-    load_adapters(out / "adapters.pt", base)
-    ids = torch.tensor([tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}]))])
-    torch.testing.assert_close(merged(ids)[0], base(ids)[0], atol=2e-3, rtol=1e-3)
-    exported = run_cli("llm/export.py", "--checkpoint", str(out / "model.pt"), "--out", str(tmp_path / "hf"),
-                       env=ONE_THREAD, timeout=600)
-    assert exported.returncode == 0, exported.stderr[-2000:]
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
-    their_tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
-    text = their_tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
-                                               add_generation_prompt=True)
-    assert their_tokenizer(text, add_special_tokens=False).input_ids == ids[0].tolist()
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(ids).logits, merged(ids)[0], atol=1e-3, rtol=1e-3)
-
-
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(pretrained, tmp_path, monkeypatch):
     import llm.sft
 
