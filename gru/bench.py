@@ -3,6 +3,7 @@
     python gru/bench.py                 # the README's tables
     python gru/bench.py --repeats 3     # quicker, noisier
     python gru/bench.py --skip-tagging  # only the GRU layer
+    python gru/bench.py --skip-layer    # only the tagging throughput
 
 The three GRUs share their weights: the hand-written GRU with its hand-written backward (GRULayerFunction),
 the same hand-written forward differentiated by autograd, and torch.nn.GRU.
@@ -21,8 +22,9 @@ from gru.model import HandwrittenGRU, Tagger, TaggerConfig, TorchGRU
 from gru.runs import RunError, pick_device, positive_int
 from gru.tagging import predict
 
-# (batch, length, input size, hidden size, bidirectional); the first row is the default tagger's shape: batch 32,
-# MSRA sentences of 45 characters on average, embedding 128, hidden 128 per direction, both directions
+# (batch, length, input size, hidden size, bidirectional); the first row is about the default tagger's shape: batch 32,
+# 45 characters (a training sentence has 42.8 on average, and a length-sorted batch of 32 pads to 43.7), embedding
+# 128, hidden 128 per direction, both directions
 GRU_SIZES = [(32, 45, 128, 128, True), (128, 45, 128, 128, True), (64, 100, 256, 256, False), (64, 100, 256, 256, True)]
 GRUS = ("handwritten", "autograd", "torch")  # GRULayerFunction, autograd through the same forward, torch.nn.GRU
 
@@ -35,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tag-sentences", type=positive_int, default=2000, help="test sentences tagged for throughput")
     parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps")
     parser.add_argument("--skip-tagging", action="store_true", help="time only the GRU layer")
+    parser.add_argument("--skip-layer", action="store_true", help="time only the tagging throughput")
     return parser
 
 
@@ -55,21 +58,15 @@ def seconds_of(device, work, *arguments) -> float:
     return time.perf_counter() - started
 
 
-def median_seconds(device, repeats: int, work, *arguments) -> float:
-    """Median wall-clock seconds of work(*arguments) after one warm-up run."""
-    work(*arguments)
-    return statistics.median([seconds_of(device, work, *arguments) for _ in range(repeats)])
-
-
 def forward_backward(module, inputs, lengths) -> None:
     """One forward and backward pass through a GRU."""
     outputs, _ = module(inputs, lengths)  # (B, T, D*H)
     outputs.sum().backward()
 
 
-def spread(values) -> str:
+def spread(values, style: str = ".2f") -> str:
     """median [min-max] of a few measurements."""
-    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+    return f"{statistics.median(values):{style}} [{min(values):{style}}-{max(values):{style}}]"
 
 
 def bench_gru(device, repeats):
@@ -104,19 +101,39 @@ def bench_gru(device, repeats):
 
 
 def bench_tagging(device, repeats, sentence_count):
-    """Characters tagged per second on MSRA test sentences, for each GRU and output layer."""
+    """Characters tagged per second on MSRA test sentences, for each GRU and output layer.
+
+    As in bench_gru, each repeat times the four taggers one after another in a rotating order, and the ratios are
+    taken within a repeat. The two output layers of one GRU share its work, so CRF / softmax is the cost of Viterbi
+    (the same code for both GRUs), and the two GRUs with one output layer differ only in the GRU.
+    """
     sentences = load_file("test", 100, log=lambda message: None)[:sentence_count]
     vocab = build_vocab(sentences, min_count=1)
     char_to_id = {char: i for i, char in enumerate(vocab)}
     characters = sum(len(chars) for chars, _ in sentences)
-    print(f"\ntagging throughput, {len(sentences)} MSRA test sentences ({characters} characters), batches of 256")
-    print(f"{'GRU':>12} {'output':>7} {'chars/s':>9}")
+    taggers = {}
     for impl in ("handwritten", "torch"):
         for output in ("crf", "softmax"):
             torch.manual_seed(0)
-            model = Tagger(TaggerConfig(len(vocab), len(TAGS), output=output, impl=impl)).to(device).eval()
-            seconds = median_seconds(device, repeats, predict, model, sentences, char_to_id, TAGS, device)
-            print(f"{impl:>12} {output:>7} {characters / seconds:>9.0f}")
+            taggers[impl, output] = Tagger(TaggerConfig(len(vocab), len(TAGS), output=output, impl=impl)).to(device)
+    speeds = {key: [] for key in taggers}
+    for model in taggers.values():  # one warm-up each
+        predict(model, sentences, char_to_id, TAGS, device)
+    order = list(taggers)
+    for repeat in range(repeats):
+        for key in order[repeat % 4 :] + order[: repeat % 4]:
+            seconds = seconds_of(device, predict, taggers[key], sentences, char_to_id, TAGS, device)
+            speeds[key].append(characters / seconds)
+    print(f"\ntagging throughput, {len(sentences)} MSRA test sentences ({characters} characters), batches of 256, "
+          f"characters/s: median [min-max] of {repeats} repeats")
+    print(f"{'GRU':>12} {'CRF (Viterbi)':>24} {'softmax (argmax)':>24} {'CRF / softmax':>18}")
+    for impl in ("handwritten", "torch"):
+        crf, softmax = speeds[impl, "crf"], speeds[impl, "softmax"]
+        print(f"{impl:>12} {spread(crf, '.0f'):>24} {spread(softmax, '.0f'):>24} "
+              f"{spread([a / b for a, b in zip(crf, softmax)]):>18}")
+    for output in ("crf", "softmax"):
+        ratios = [hand / reference for hand, reference in zip(speeds["handwritten", output], speeds["torch", output])]
+        print(f"{output}: hand-written / torch.nn.GRU characters/s {spread(ratios)}")
 
 
 def main(argv=None) -> int:
@@ -125,7 +142,8 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         device = pick_device(args.device)
         print(f"device {device}, {torch.get_num_threads()} thread(s)")
-        bench_gru(device, args.repeats)
+        if not args.skip_layer:
+            bench_gru(device, args.repeats)
         if not args.skip_tagging:
             bench_tagging(device, args.repeats, args.tag_sentences)
     except (RunError, DataError) as error:

@@ -42,6 +42,7 @@ from llm.runs import (
     StopFlag,
     check_run_folder,
     fraction,
+    int_in_range,
     load_checkpoint,
     non_negative_float,
     non_negative_int,
@@ -118,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="validation loss on this many global batches of windows")
     train.add_argument("--seed", type=seed_int, default=1337, help="random seed")
     train.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    train.add_argument("--threads", type=int_in_range(1, 1024), default=None,
+                       help="CPU threads for torch (default: OMP_NUM_THREADS if set, else one per core)")
     train.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="autocast dtype; auto = bf16 on GPUs that support it (else fp16), on a CPU bf16 "
                             "where a timed bf16 matmul is clearly faster than fp32 (else fp32)")
@@ -518,6 +521,8 @@ def set_up(args, given: set) -> tuple[Run, dict | None]:
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
     log = print if rank == 0 else (lambda *a, **k: None)
+    if args.threads:  # else OMP_NUM_THREADS, else torch's default: one thread per core
+        torch.set_num_threads(args.threads)
     try:
         device = pick_device(args.device)
         checkpoint = open_saved_run(args, given, world_size)  # before any work: never start over a run that is there

@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(parser)
     add_training_flags(parser)
     parser.add_argument("--threads", type=int_in_range(0, 1024), default=0,
-                        help="torch CPU threads (0: torch's default)")
+                        help="torch CPU threads (0: OMP_NUM_THREADS if set, else one per core)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
     parser.add_argument("--out-dir", default="runs/transformer", help="checkpoints, metrics.jsonl and plots")
     parser.add_argument("--resume", action="store_true",
