@@ -15,9 +15,8 @@ import sys
 
 import torch
 
-from llm.chat_model import add_model_arguments, model_from_arguments
+from llm.chat_model import add_model_arguments, chat_model_from_arguments
 from llm.conversation import ChatSession, ContextFull, Sampling
-from llm.fast_decoding import prepare_for_decoding
 from llm.runs import non_negative_float, non_negative_int, positive_int, seed_int
 
 HELP = "commands: /reset (start again), /system TEXT (set the system prompt), /quit (or Ctrl-D); Ctrl-C stops an answer"
@@ -142,12 +141,9 @@ def main(argv=None):
     if prompt is not None and not prompt.strip():
         sys.exit("error: the prompt is empty")
     try:
-        model, tokenizer = model_from_arguments(args)
-        if not tokenizer.chat_template:
-            raise ValueError("this model has no chat template")
+        model, tokenizer = chat_model_from_arguments(args)
     except ValueError as error:
         sys.exit(f"error: {error}")
-    prepare_for_decoding(model)
     generator = torch.Generator().manual_seed(args.seed if args.seed is not None else torch.seed() % 2**32)
     session = ChatSession(model, tokenizer, system=args.system)
     if interactive:

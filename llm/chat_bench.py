@@ -16,7 +16,6 @@ import copy
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,9 +24,11 @@ from types import SimpleNamespace
 
 import torch
 
+from llm.bench import TimeStamps
 from llm.chat_model import default_model_path, load_chat_model
 from llm.conversation import ChatSession, Sampling
 from llm.fast_decoding import prepare_for_decoding
+from llm.serve import start_server_process
 
 GREEDY = Sampling(temperature=0)
 QUESTION = "Write a short story about a lighthouse keeper and a storm."
@@ -53,21 +54,6 @@ def transformers_copy(model):
     return reference.to(dtype)
 
 
-class TimeStamps:
-    """A transformers streamer noting when each new token arrives (its first put() is the prompt)."""
-
-    def __init__(self):
-        self.stamps, self.prompt_seen = [], False
-
-    def put(self, value):
-        if self.prompt_seen:
-            self.stamps.append(time.perf_counter())
-        self.prompt_seen = True
-
-    def end(self):
-        pass
-
-
 def run_ours(model, tokenizer, new_tokens: int) -> tuple[list, float]:
     """Token arrival times of one chat answer of exactly new_tokens tokens (no stop token), and its start."""
     no_stops = SimpleNamespace(encode=tokenizer.encode, decode=tokenizer.decode, stop_ids=(),
@@ -80,12 +66,12 @@ def run_ours(model, tokenizer, new_tokens: int) -> tuple[list, float]:
 
 
 def run_transformers(reference, prompt_ids: list[int], new_tokens: int) -> tuple[list, float]:
-    streamer = TimeStamps()
+    stamps = []
     start = time.perf_counter()
     with torch.inference_mode():
         reference.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                           max_new_tokens=new_tokens, do_sample=False, streamer=streamer)
-    return streamer.stamps, start
+                           max_new_tokens=new_tokens, do_sample=False, streamer=TimeStamps(stamps))
+    return stamps, start
 
 
 def decode_comparison(dtype_name: str, threads: int, new_tokens: int, rounds: int, path: Path) -> dict:
@@ -164,31 +150,6 @@ def fifth_turn(path: Path, dtype_name: str, threads: int, rounds: int) -> dict:
     return result
 
 
-def start_server(path: Path, threads: int) -> tuple[subprocess.Popen, str]:
-    """serve.py with the model in bfloat16 on a free port; (process, base url) once it answers."""
-    import socket
-    import urllib.request
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("serve.py")), "--gguf", str(path),
-                                "--dtype", "bfloat16", "--port", str(port)], env=environment,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if process.poll() is not None:
-            raise RuntimeError(f"serve.py exited with {process.returncode}")
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            return process, url
-        except OSError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("serve.py did not start")
-
-
 def stream_answer(url: str, topic: str, max_tokens: int) -> tuple[int, float]:
     """(completion tokens, seconds to the first piece of text) of one streamed chat answer."""
     import httpx
@@ -216,7 +177,8 @@ def server_throughput(path: Path, threads: int, max_tokens: int) -> dict:
     """Tokens/s of 1, 4 and 16 concurrent streams together, and the server's peak memory (Linux)."""
     import urllib.request
 
-    process, url = start_server(path, threads)
+    process, url = start_server_process(["--gguf", str(path), "--dtype", "bfloat16"],
+                                        {**os.environ, "OMP_NUM_THREADS": str(threads)}, quiet=True)
     results = {"dtype": "bfloat16", "threads": threads, "max_tokens": max_tokens}
     try:
         stream_answer(url, "warm-up", 8)

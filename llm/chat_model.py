@@ -159,3 +159,15 @@ def model_from_arguments(args: argparse.Namespace, notice=print_notice):
     device = pick_device(getattr(args, "device", "cpu"))
     return load_chat_model(gguf=args.gguf, hf=args.hf, checkpoint=args.checkpoint, dtype=DTYPES[args.dtype],
                            device=device, notice=notice)
+
+
+def chat_model_from_arguments(args: argparse.Namespace):
+    """model_from_arguments for chat.py and serve.py: a model with no chat template is refused (ValueError, one
+    line); one with a template is laid out for fast decoding (the same equations, faster steps)."""
+    from llm.fast_decoding import prepare_for_decoding
+
+    model, tokenizer = model_from_arguments(args)
+    if not tokenizer.chat_template:
+        raise ValueError("this model has no chat template")
+    prepare_for_decoding(model)
+    return model, tokenizer

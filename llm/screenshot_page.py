@@ -7,35 +7,14 @@ Needs the dev extra (playwright) and a Chromium or Chrome binary (Debian: apt-ge
 
 import argparse
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
+
+from llm.serve import start_server_process
 
 QUESTIONS = ["What is the capital of France?", "Give me three things to see there."]
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def start_server(arguments: list[str]) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("serve.py")), "--port", str(port),
-                                *arguments])
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if process.poll() is not None:
-            sys.exit(f"error: serve.py ended with {process.returncode}")
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            return process, url
-        except OSError:
-            time.sleep(0.2)
-    process.terminate()
-    sys.exit("error: serve.py did not start within two minutes")
 
 
 def main():
@@ -49,7 +28,10 @@ def main():
         sys.exit("error: no chromium found; install it (apt-get install chromium) or pass --chromium PATH")
     from playwright.sync_api import expect, sync_playwright
 
-    process, url = start_server(["--gguf", args.gguf] if args.gguf else [])
+    try:
+        process, url = start_server_process(["--gguf", args.gguf] if args.gguf else [])
+    except RuntimeError as error:
+        sys.exit(f"error: {error}")
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=args.chromium, headless=True, args=CHROMIUM_ARGS)

@@ -16,16 +16,18 @@ import argparse
 import asyncio
 import json
 import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 
 import torch
 
 from llm.batching import Engine, Request
-from llm.chat_model import add_model_arguments, model_from_arguments
+from llm.chat_model import add_model_arguments, chat_model_from_arguments
 from llm.chat_template import IncrementalDecoder
-from llm.fast_decoding import prepare_for_decoding
 from llm.openai_api import (
     APIError,
     Job,
@@ -248,16 +250,35 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return listener
 
 
+def start_server_process(arguments: list[str], environment=None, quiet=False) -> tuple[subprocess.Popen, str]:
+    """serve.py started as a process on a free local port with these arguments, for scripts that talk to it:
+    (process, base url) once /health answers; RuntimeError (one line) if it ends or is silent for two minutes."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    output = subprocess.DEVNULL if quiet else None
+    process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--port", str(port), *arguments],
+                               env=environment, stdout=output, stderr=output)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if process.poll() is not None:
+            raise RuntimeError(f"serve.py ended with exit status {process.returncode}")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return process, url
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("serve.py did not answer within two minutes")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         listener = listening_socket(args.host, args.port)
-        model, tokenizer = model_from_arguments(args)
-        if not tokenizer.chat_template:
-            raise ValueError("this model has no chat template")
+        model, tokenizer = chat_model_from_arguments(args)
     except ValueError as error:
         sys.exit(f"error: {error}")
-    prepare_for_decoding(model)
     import uvicorn
 
     server = Server(model, tokenizer, default_model_name(args), args.max_batch, args.max_body_bytes)
