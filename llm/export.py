@@ -18,41 +18,17 @@ from pathlib import Path
 
 from llm.chat_model import gguf_tokenizer_of
 from llm.checkpoint import load_model, saved_tokenizer
-from llm.hf import export_hf
+from llm.hf import export_hf, write_hf_folder
 
 
 def export_with_gguf_tokenizer(model, tokenizer, out: Path) -> Path:
     """A Hugging Face folder for a model fine-tuned from a GGUF file: the weights as export_hf writes them, the
     GGUF's byte-level BPE as tokenizer.json, and the chat template in tokenizer_config.json."""
-    import os
-    import shutil
-    import tempfile
-
-    from safetensors.torch import save_file
-
-    from llm.hf import hf_config_from_ours, hf_tensors_from_ours, write_json
-
     special = tokenizer.special_tokens
-    eos, bos = tokenizer.eos_id(), getattr(tokenizer, "bos", None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
-        write_json(staging / "config.json", hf_config_from_ours(model.config, eos, bos))
-        write_json(staging / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos})
-        save_file(hf_tensors_from_ours(model), str(staging / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.tokenizer.save(str(staging / "tokenizer.json"))
-        write_json(staging / "tokenizer_config.json", {
-            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.context_length,
-            "chat_template": tokenizer.chat_template, "add_bos_token": False, "clean_up_tokenization_spaces": False,
-            **{name: special[name] for name in ("bos_token", "eos_token", "unk_token", "pad_token") if name in special},
-        })
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return out
+    names = [name for name in ("bos_token", "eos_token", "unk_token", "pad_token") if name in special]
+    settings = {"chat_template": tokenizer.chat_template, **{name: special[name] for name in names}}
+    return write_hf_folder(model, out, tokenizer.eos_id(), getattr(tokenizer, "bos", None),
+                           lambda folder: tokenizer.tokenizer.save(str(folder / "tokenizer.json")), settings)
 
 
 def main():

@@ -411,14 +411,11 @@ def tokenizer_json_from_sentencepiece(model_path):
 def export_hf(model: Llama, tokenizer_path, out_dir) -> Path:
     """Write a folder that transformers' AutoModelForCausalLM and AutoTokenizer load with no custom code.
 
-    config.json, model.safetensors (float32), generation_config.json, our SentencePiece tokenizer.model (what
-    llama.cpp's converter reads) and the same tokenizer as tokenizer.json (what transformers reads), written into
-    a temporary folder and renamed into place, so a failure never leaves half a folder.
+    write_hf_folder's files, with our SentencePiece tokenizer twice: tokenizer.model (what llama.cpp's converter
+    reads) and the same tokenizer as tokenizer.json (what transformers reads).
     """
     import sentencepiece as spm
-    from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
     processor = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
     if processor.get_piece_size() != model.config.vocab_size:
         raise CheckpointError(f"the tokenizer has {processor.get_piece_size()} pieces, the model "
@@ -426,19 +423,34 @@ def export_hf(model: Llama, tokenizer_path, out_dir) -> Path:
     eos_id = processor.eos_id() if processor.eos_id() >= 0 else None
     bos_id = processor.bos_id() if processor.bos_id() >= 0 else None
     piece = processor.id_to_piece
+
+    def write_tokenizer(folder: Path):
+        shutil.copyfile(tokenizer_path, folder / "tokenizer.model")
+        tokenizer_json_from_sentencepiece(tokenizer_path).save(str(folder / "tokenizer.json"))
+
+    return write_hf_folder(model, out_dir, eos_id, bos_id, write_tokenizer, {
+        "unk_token": piece(processor.unk_id()), "eos_token": piece(eos_id) if eos_id is not None else None,
+        "bos_token": piece(bos_id) if bos_id is not None else None, "add_eos_token": False,
+    })
+
+
+def write_hf_folder(model: Llama, out_dir, eos_id, bos_id, write_tokenizer, tokenizer_settings: dict) -> Path:
+    """The folder every export writes: config.json, generation_config.json, model.safetensors (float32), the
+    tokenizer's files (write_tokenizer(folder) writes them) and tokenizer_config.json (tokenizer_settings added),
+    all written into a temporary folder and renamed into place, so a failure never leaves half a folder."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     try:
         write_json(staging / "config.json", hf_config_from_ours(model.config, eos_id, bos_id))
         write_json(staging / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id})
         save_file(hf_tensors_from_ours(model), str(staging / "model.safetensors"), metadata={"format": "pt"})
-        shutil.copyfile(tokenizer_path, staging / "tokenizer.model")
-        tokenizer_json_from_sentencepiece(tokenizer_path).save(str(staging / "tokenizer.json"))
+        write_tokenizer(staging)
         write_json(staging / "tokenizer_config.json", {
             "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.context_length,
-            "unk_token": piece(processor.unk_id()), "eos_token": piece(eos_id) if eos_id is not None else None,
-            "bos_token": piece(bos_id) if bos_id is not None else None, "add_bos_token": False,
-            "add_eos_token": False, "clean_up_tokenization_spaces": False,
+            "add_bos_token": False, "clean_up_tokenization_spaces": False, **tokenizer_settings,
         })
         if out_dir.exists():
             shutil.rmtree(out_dir)
