@@ -23,7 +23,7 @@ from tqdm import tqdm
 from llm.checkpoint import check_tokenizer, load_model
 from llm.model import Llama, LlamaConfig
 from llm.prepare import PrepareError, prepare, read_token_file, saved_hf_source
-from llm.runs import pick_device
+from llm.runs import pick_device, positive_int, positive_int_list
 
 BAND = 16  # positions averaged together in the figure and in the order check
 METHODS = ("none", "interpolation", "ntk")
@@ -73,17 +73,16 @@ def order_agreement(per_window: dict, first_band: int) -> tuple[int, int]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="runs/llm/best.pt", help="checkpoint written by llm/train.py")
-    parser.add_argument("--factors", default="1,2,4", help="context lengths to test, as multiples of the trained T")
-    parser.add_argument("--max-windows", type=int, default=None,
+    parser.add_argument("--factors", type=positive_int_list, default=[1, 2, 4],
+                        help="context lengths to test, as multiples of the trained T (comma-separated)")
+    parser.add_argument("--max-windows", type=positive_int, default=None,
                         help="at most this many validation windows per context length (default: the whole split)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--out-dir", default="runs/llm", help="where long_context.json and .png go")
     args = parser.parse_args()
     try:
-        factors = sorted({int(f) for f in args.factors.split(",")})
-        if min(factors) < 1 or (args.max_windows is not None and args.max_windows < 1) or args.batch_size < 1:
-            raise ValueError("--factors, --max-windows and --batch-size must be positive")
+        factors = sorted(set(args.factors))
         existing = next(folder for folder in (Path(args.out_dir), *Path(args.out_dir).parents) if folder.exists())
         if not existing.is_dir():  # checked before the work; the folder itself is made when there is a result
             raise ValueError(f"--out-dir {args.out_dir} cannot be made: {existing} is a file")
