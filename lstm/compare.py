@@ -62,6 +62,24 @@ def context_curves(runs, window: int) -> list[list[float]]:
     return curves
 
 
+def plot_curves(runs, labels, path: Path):
+    """Validation bpc against step for each run, with its test bpc in the legend; prints a table too."""
+    print("| run | model | hidden | parameters | test bpc | best validation bpc | wall-clock |")
+    print("|---|---|---|---|---|---|---|")
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for (run_dir, records, summary), label in zip(runs, labels):
+        minutes = summary["train_seconds"] / 60
+        print(f"| {run_dir} | {label} | {summary['hidden_size']} | {summary['parameters']:,} | "
+              f"{summary['test_bpc']:.4f} | {summary['best_validation_bpc']:.4f} | {minutes:.1f} min |")
+        axes.plot([step for step, _ in records], [bpc for _, bpc in records], marker="o", markersize=3,
+                  label=f"{label}: test {summary['test_bpc']:.3f}")
+    axes.set_xlabel("step (64 x 100 characters each)")
+    axes.set_ylabel("validation bits per character")
+    axes.set_title("character language model on three Austen novels")
+    axes.grid(alpha=0.3)
+    save_figure(figure, axes, path)
+
+
 def plot_context(runs, labels, curves, path: Path, window: int):
     """Test bpc against the number of characters of context, for each run's best checkpoint; prints a table too."""
     figure, axes = plt.subplots(figsize=(6, 4))
@@ -78,6 +96,11 @@ def plot_context(runs, labels, curves, path: Path, window: int):
     axes.set_ylabel("test bits per character")
     axes.set_title("how much history each model uses")
     axes.grid(alpha=0.3, which="both")
+    save_figure(figure, axes, path)
+
+
+def save_figure(figure, axes, path: Path):
+    """The legend, then the PNG (its folder made if missing) and a line saying where it went."""
     axes.legend()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,25 +144,7 @@ def main(argv=None):
     except (RunError, DataError, OSError, ValueError) as error:
         fail(str(error))
     labels = args.labels or [run_label(run_dir, summary) for run_dir, _, summary in runs]
-    print("| run | model | hidden | parameters | test bpc | best validation bpc | wall-clock |")
-    print("|---|---|---|---|---|---|---|")
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for (run_dir, records, summary), label in zip(runs, labels):
-        minutes = summary["train_seconds"] / 60
-        print(f"| {run_dir} | {label} | {summary['hidden_size']} | {summary['parameters']:,} | "
-              f"{summary['test_bpc']:.4f} | {summary['best_validation_bpc']:.4f} | {minutes:.1f} min |")
-        axes.plot([step for step, _ in records], [bpc for _, bpc in records], marker="o", markersize=3,
-                  label=f"{label}: test {summary['test_bpc']:.3f}")
-    axes.set_xlabel("step (64 x 100 characters each)")
-    axes.set_ylabel("validation bits per character")
-    axes.set_title("character language model on three Austen novels")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=100)
-    plt.close(figure)
-    print(f"wrote {out}")
+    plot_curves(runs, labels, out)
     if args.context_out:
         plot_context(runs, labels, curves, Path(args.context_out), args.window)
 
