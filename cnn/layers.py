@@ -154,17 +154,22 @@ def add_windows(window_values, input_shape, stride):
     return grid
 
 
+def window_elements(images, kernel_size, stride):
+    """The K*K strided views that pooling visits, e = 0 .. K*K-1: element (e // K, e % K) of every K x K window at
+    once, each (N, C, P, Q). They are views, so adding into one adds into `images`."""
+    height, width = images.shape[2:]
+    out_height, out_width = output_size(height, kernel_size, stride), output_size(width, kernel_size, stride)
+    for element in range(kernel_size * kernel_size):
+        yield window_slice(images, element // kernel_size, element % kernel_size, out_height, out_width, stride)
+
+
 def max_pool2d_forward(images, kernel_size, stride=None):
     """The largest value of every K x K window (eq. 6), and which of the K*K elements it was."""
     stride = stride or kernel_size
-    out_height, out_width = (
-        output_size(images.shape[2], kernel_size, stride),
-        output_size(images.shape[3], kernel_size, stride),
-    )
-    output = window_slice(images, 0, 0, out_height, out_width, stride).clone()  # (N, C, P, Q)
+    elements = window_elements(images, kernel_size, stride)
+    output = next(elements).clone()  # (N, C, P, Q): element 0 of every window, the first candidate
     winner = torch.zeros(output.shape, dtype=torch.uint8, device=images.device)  # (N, C, P, Q)
-    for element in range(1, kernel_size * kernel_size):  # one pass per window element: K*K cheap passes
-        candidate = window_slice(images, element // kernel_size, element % kernel_size, out_height, out_width, stride)
+    for element, candidate in enumerate(elements, start=1):  # one pass per window element: K*K cheap passes
         larger = candidate > output  # strictly larger: on a tie the first element keeps the max, as in torch
         output = torch.where(larger, candidate, output)
         winner.masked_fill_(larger, element)
@@ -174,12 +179,8 @@ def max_pool2d_forward(images, kernel_size, stride=None):
 def max_pool2d_backward(output_gradient, cache):
     """Eq. 7 (max): each window's delta goes to the element that won the max, zero to the others."""
     winner, input_shape, kernel_size, stride = cache
-    out_height, out_width = winner.shape[2:]
     input_gradient = output_gradient.new_zeros(input_shape)  # (N, C, H, W)
-    for element in range(kernel_size * kernel_size):
-        target = window_slice(
-            input_gradient, element // kernel_size, element % kernel_size, out_height, out_width, stride
-        )
+    for element, target in enumerate(window_elements(input_gradient, kernel_size, stride)):
         target.add_(output_gradient * (winner == element))  # (N, C, P, Q)
     return input_gradient
 
@@ -187,13 +188,10 @@ def max_pool2d_backward(output_gradient, cache):
 def avg_pool2d_forward(images, kernel_size, stride=None):
     """The mean of every K x K window (eq. 6)."""
     stride = stride or kernel_size
-    out_height, out_width = (
-        output_size(images.shape[2], kernel_size, stride),
-        output_size(images.shape[3], kernel_size, stride),
-    )
-    total = window_slice(images, 0, 0, out_height, out_width, stride).clone()  # (N, C, P, Q)
-    for element in range(1, kernel_size * kernel_size):
-        total += window_slice(images, element // kernel_size, element % kernel_size, out_height, out_width, stride)
+    elements = window_elements(images, kernel_size, stride)
+    total = next(elements).clone()  # (N, C, P, Q)
+    for element in elements:
+        total += element
     return total / (kernel_size * kernel_size), (images.shape, kernel_size, stride)
 
 
@@ -201,12 +199,9 @@ def avg_pool2d_backward(output_gradient, cache):
     """Eq. 7 (average): each window's delta is shared equally, delta / K^2, by its K^2 inputs."""
     input_shape, kernel_size, stride = cache
     share = output_gradient / (kernel_size * kernel_size)  # (N, C, P, Q)
-    out_height, out_width = output_gradient.shape[2:]
     input_gradient = output_gradient.new_zeros(input_shape)  # (N, C, H, W)
-    for element in range(kernel_size * kernel_size):
-        window_slice(input_gradient, element // kernel_size, element % kernel_size, out_height, out_width, stride).add_(
-            share
-        )
+    for target in window_elements(input_gradient, kernel_size, stride):
+        target.add_(share)
     return input_gradient
 
 
