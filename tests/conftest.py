@@ -188,6 +188,17 @@ def tiny_llama_config(**overrides):
     return LlamaConfig(**settings)
 
 
+def made_up_text_file(path: Path) -> Path:
+    """1,200 lines of 150 made-up words of one to three syllables (seeded): a corpus a tiny tokenizer and model learn
+    quickly. Written to path; returns it."""
+    generator = random.Random(0)
+    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "de", "po", "an", "el"]
+    words = ["".join(generator.choice(syllables) for _ in range(generator.randint(1, 3))) for _ in range(150)]
+    lines = [" ".join(generator.choice(words) for _ in range(generator.randint(6, 14))) + "." for _ in range(1200)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 def train_llm_in_process(*arguments: str):
     """Run llm/train.py's main in this process (saves the interpreter start-up of a subprocess)."""
     from llm.train import main

@@ -4,12 +4,12 @@ and --json alone to stdout; a bad value of any flag ends in one line."""
 
 import json
 import math
-import random
 import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import made_up_text_file
 
 from llm import eval as evaluation
 from llm.model import Llama, LlamaConfig
@@ -24,12 +24,7 @@ def repeat_model(tmp_path_factory) -> dict:
     embedding is c * identity, so the logits of the token after token i are a * [j == i] with
     a = c^2 / sqrt(c^2 / V + eps) (the final RMSNorm of c * e_i, dotted with the embedding); and its data."""
     folder = tmp_path_factory.mktemp("eval")
-    generator = random.Random(0)
-    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "de", "po", "an", "el"]
-    words = ["".join(generator.choice(syllables) for _ in range(generator.randint(1, 3))) for _ in range(150)]
-    lines = [" ".join(generator.choice(words) for _ in range(generator.randint(6, 14))) + "." for _ in range(1200)]
-    text_file = folder / "corpus.txt"
-    text_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    text_file = made_up_text_file(folder / "corpus.txt")
     prepared = prepare("text", VOCAB, folder / "data", str(text_file), log=lambda *a: None)
     config = LlamaConfig(vocab_size=VOCAB, context_length=64, n_layers=1, n_heads=4, n_kv_heads=2, d_model=VOCAB)
     model = Llama(config)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_run, folder_bytes, logged, torch_threads
+from conftest import assert_same_run, folder_bytes, logged, made_up_text_file, torch_threads
 
 import llm.train as train_module
 from llm.model import Llama
@@ -35,12 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def corpus(tmp_path_factory) -> dict:
     """A small made-up text (seeded) and a data folder whose tokenizer and token files every test reuses."""
     folder = tmp_path_factory.mktemp("llm_runs")
-    generator = random.Random(0)
-    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "de", "po", "an", "el"]
-    words = ["".join(generator.choice(syllables) for _ in range(generator.randint(1, 3))) for _ in range(150)]
-    lines = [" ".join(generator.choice(words) for _ in range(generator.randint(6, 14))) + "." for _ in range(1200)]
-    text_file = folder / "corpus.txt"
-    text_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    text_file = made_up_text_file(folder / "corpus.txt")
     data_dir = folder / "data"
     prepare("text", 320, data_dir, str(text_file), log=lambda *a: None)
     return {"root": folder, "data": ["--text-file", str(text_file), "--data-dir", str(data_dir)],
