@@ -158,6 +158,7 @@ def test_two_process_ddp_matches_one_process_at_the_same_global_batch(corpus, ru
         assert ddp_losses[step] == pytest.approx(single_losses[step], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_chinese_text_file_trains_and_its_tokenizer_round_trips(tmp_path):
     import sentencepiece as spm
 

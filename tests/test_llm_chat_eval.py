@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from llm.chat_eval import generate_batch
@@ -50,6 +51,7 @@ def test_sampled_answers_follow_the_generator():
     assert first == again and len({tuple(answer) for answer in first}) > 1
 
 
+@pytest.mark.slow
 def test_chat_eval_scores_every_task_of_a_model_fine_tuned_here(tmp_path, run_cli):
     from data import fetch
     from llm.sft import main as sft

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from llm.dpo import answer_log_probs, dpo_loss
@@ -151,6 +152,7 @@ def test_pairs_prefer_the_best_sample_or_else_the_reference():
     assert pair["chosen"] == "Tengo hambre." and pair["chosen_score"] > pair["rejected_score"]
 
 
+@pytest.mark.slow
 def test_dpo_script_starts_at_log_2_keeps_prompts_apart_and_resumes_exactly(tmp_path, capsys):
     """On a tiny model pretrained and chat-tuned here: the held-out loss before the first step is exactly log 2,
     no held-out pair shares a prompt with a training pair, and a resumed run equals an uninterrupted one."""

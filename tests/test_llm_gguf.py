@@ -269,6 +269,7 @@ def test_files_that_are_not_llama_weights_are_refused_in_one_line(tiny_model, tm
     assert "pre-tokenizer 'no-such-split'" in one_line_refusal(lambda: load_gguf(path))
 
 
+@pytest.mark.slow
 def test_describe_cli_prints_the_model_and_refuses_a_bad_file_in_one_line(tiny_folder, tmp_path, run_cli):
     result = run_cli("llm/gguf_file.py", str(tiny_folder / "tiny-Q4_1.gguf"))
     assert result.returncode == 0, result.stderr

@@ -278,6 +278,7 @@ def test_interrupted_then_resumed_run_equals_the_uninterrupted_one(pretrained, t
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
 
 
+@pytest.mark.slow
 def test_lora_on_a_grown_vocabulary_and_bad_input_end_in_one_line(pretrained, tmp_path, run_cli):
     base = ["--checkpoint", str(pretrained), "--mix", "surnames=8", "--max-steps", "1", "--device", "cpu"]
     cases = [
