@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from llm.chat_model import CheckpointTokenizer, add_model_arguments, load_chat_model, model_from_arguments
+from llm.chat_model import (
+    CheckpointTokenizer,
+    add_model_arguments,
+    chat_model_from_arguments,
+    load_chat_model,
+    model_from_arguments,
+)
 from llm.chat_template import ChatTemplateError, IncrementalDecoder, render_chat_template
 from llm.gguf_file import GGUFError, load_gguf
 from llm.hf import HFTokenizer, hf_tensors_from_ours
@@ -85,7 +91,7 @@ def random_k_blocks(rows: int, columns: int, kind, generator: np.random.Generato
 
 
 def write_gguf(path: Path, model: Llama, weight_type=Q.F32, architecture="llama", tokenizer_model="gpt2",
-               pre="smollm", extra_tensors=None, drop=(), seed=0) -> Path:
+               pre="smollm", extra_tensors=None, drop=(), seed=0, chat_template=TEMPLATE) -> Path:
     """A GGUF file as llama.cpp's converter writes one: metadata, tokenizer, chat template, weights in `weight_type`
     (norms stay F32, as in real files). Random bytes stand in for weights in the K-quant types (the gguf package
     reads them but cannot write them)."""
@@ -108,7 +114,8 @@ def write_gguf(path: Path, model: Llama, weight_type=Q.F32, architecture="llama"
     writer.add_token_merges(MERGES)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
-    writer.add_chat_template(TEMPLATE)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
     tensors = {**gguf_tensors(model), **(extra_tensors or {})}
     for name, values in tensors.items():
         if name in drop:
@@ -439,6 +446,19 @@ def test_model_flags_are_shared_and_exclusive(tiny_folder, capsys):
     assert "not allowed with argument" in capsys.readouterr().err
     with pytest.raises(ValueError, match="at most one"):
         load_chat_model(gguf="a.gguf", checkpoint="b.pt")
+
+
+def test_chat_and_serve_take_a_model_with_a_chat_template_and_refuse_one_without(tiny_model, tiny_folder, tmp_path):
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    bare = write_gguf(tmp_path / "bare.gguf", tiny_model, chat_template=None)
+    with pytest.raises(ValueError, match="^this model has no chat template$"):
+        chat_model_from_arguments(parser.parse_args(["--gguf", str(bare), "--device", "cpu"]))
+    model, tokenizer = chat_model_from_arguments(parser.parse_args(["--gguf", str(tiny_folder / "tiny-F32.gguf")]))
+    expected, _ = load_gguf(tiny_folder / "tiny-F32.gguf")
+    ids = torch.tensor([[3, 5, 7, 11]])
+    assert tokenizer.chat_template == TEMPLATE  # and laid out for decoding: the same logits
+    torch.testing.assert_close(model(ids)[0], expected(ids)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_no_model_flag_fetches_smollm2_through_the_data_helper(monkeypatch, tmp_path):
