@@ -187,6 +187,7 @@ def tiny_run_arguments(out_dir, *extra):
     return parse_arguments([*fixed, *extra])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backprop", ["autograd", "manual"])
 def test_tiny_training_run_on_real_digits_beats_chance(tmp_path, backprop):
     record, finished = train(tiny_run_arguments(tmp_path, "--backprop", backprop))

@@ -524,6 +524,7 @@ def smollm2_transformers_tokenizer(smollm2_path):
     return AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
 
 
+@pytest.mark.slow
 def test_smollm2_shape_comes_from_its_metadata(smollm2):
     model, tokenizer = smollm2
     config = model.config
@@ -533,6 +534,7 @@ def test_smollm2_shape_comes_from_its_metadata(smollm2):
     assert tokenizer.stop_ids == (2,) and tokenizer.decode([2]) == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("language", list(SAMPLE_TEXTS))
 def test_smollm2_tokenizer_gives_transformers_ids(smollm2, smollm2_transformers_tokenizer, language):
     _, tokenizer = smollm2
@@ -542,6 +544,7 @@ def test_smollm2_tokenizer_gives_transformers_ids(smollm2, smollm2_transformers_
     assert tokenizer.decode(ids) == text
 
 
+@pytest.mark.slow
 def test_smollm2_chat_template_renders_as_transformers_renders_it(smollm2, smollm2_transformers_tokenizer):
     _, tokenizer = smollm2
     conversations = [

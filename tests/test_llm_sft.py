@@ -91,6 +91,7 @@ def tokenizer_piece(tokenizer, token: int) -> str:
     return tokenizer.tokenizer.decode([token], skip_special_tokens=False)
 
 
+@pytest.mark.slow
 def test_mask_covers_exactly_the_answers_and_their_end_token_with_smollm2s_template(smollm2_tokenizer):
     ids, mask = render_with_mask(smollm2_tokenizer, CONVERSATION)
     expected_ids, expected = expected_mask(smollm2_tokenizer, CONVERSATION)
