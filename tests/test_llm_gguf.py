@@ -461,6 +461,24 @@ def test_chat_and_serve_take_a_model_with_a_chat_template_and_refuse_one_without
     torch.testing.assert_close(model(ids)[0], expected(ids)[0], atol=1e-5, rtol=1e-5)
 
 
+def test_a_model_with_a_gguf_tokenizer_exports_a_folder_transformers_reads(tiny_folder, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm.export import export_with_gguf_tokenizer
+
+    model, tokenizer = load_gguf(tiny_folder / "tiny-F32.gguf")
+    out = export_with_gguf_tokenizer(model, tokenizer, tmp_path / "hf")
+    assert sorted(path.name for path in out.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    theirs = AutoTokenizer.from_pretrained(out)
+    text = "<|im_start|>user\n the tin<|im_end|>"
+    assert theirs.encode(text, add_special_tokens=False) == tokenizer.encode(text)
+    assert theirs.chat_template == TEMPLATE and theirs.eos_token == tokenizer.special_tokens["eos_token"]
+    ids = torch.tensor([tokenizer.encode(text)])
+    reference = AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(reference(ids).logits, model(ids)[0], atol=1e-4, rtol=1e-4)
+
+
 def test_no_model_flag_fetches_smollm2_through_the_data_helper(monkeypatch, tmp_path):
     import data
 
