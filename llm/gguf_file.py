@@ -292,6 +292,8 @@ def load_gguf(path, dtype=torch.float32, device="cpu") -> tuple[Llama, GGUFToken
     if tokenizer.vocab_size != config.vocab_size:
         print(f"note: {source}: the tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}",
               file=sys.stderr)
+    for key in [key for key in reader.fields if key.startswith("tokenizer.ggml.")]:
+        del reader.fields[key]  # the tokenizer has them now: the reader's copy (~90 MB of small arrays) goes first
     model = load_gguf_model(reader, config, source, dtype).to(device)
     return model, tokenizer
 
