@@ -7,11 +7,12 @@
     python llm/eval.py --hf PATH --max-tokens 20000        # a quick look: the first 20,000 tokens only
 
 Every token is scored with a sliding window: windows of --context-length tokens that move by --stride tokens, so
-every scored token sees at least context - stride tokens of text before it. Word-level perplexity = exp(total
-negative log-likelihood of the split / its whitespace-separated words), the convention of published WikiText-2
-results; bits per byte = total NLL / ln 2 / UTF-8 bytes. Both divide the same total by a tokenizer-independent
-count, so tokenizers of any size compare fairly. A progress bar (on stderr) shows the tokens scored, the rate and
-the time left; --json prints only the JSON line on stdout.
+every scored token sees at least context - stride tokens of text before it (see --stride for what that costs), and
+scored once. A model read with --hf or --gguf is scored in bf16 where a bf16 matmul is clearly faster (--dtype).
+Word-level perplexity = exp(total negative log-likelihood of the split / its whitespace-separated words), the
+convention of published WikiText-2 results; bits per byte = total NLL / ln 2 / UTF-8 bytes. Both divide the same
+total by a tokenizer-independent count, so tokenizers of any size compare fairly. A progress bar (on stderr) shows
+the tokens scored, the rate and the time left; --json prints only the JSON line on stdout.
 """
 
 import argparse
@@ -246,15 +247,14 @@ def choose_dtype(requested: str, device, checkpoint: bool) -> tuple[torch.dtype,
     two); for --hf and --gguf, bf16 where train.py's --dtype auto takes it (a timed bf16 matmul clearly faster than
     fp32: a GPU, or a CPU with AVX-512 BF16 or AMX), else float32."""
     if requested != "auto":
-        return DTYPES[requested], f"--dtype {requested}"
+        return DTYPES[requested], "--dtype"
     if checkpoint:
-        return torch.float32, "float32 for a checkpoint of train.py"
+        return torch.float32, "--dtype auto, a checkpoint of train.py"
     from llm.train import choose_dtype as training_dtype
 
     name, measurement = training_dtype(device)
-    if name != "bfloat16":  # float16 (a GPU without bf16) risks overflow in the activations of a model trained in bf16
-        return torch.float32, f"float32 ({measurement})"
-    return torch.bfloat16, f"bfloat16 ({measurement})"
+    # float16 (a GPU without bf16) risks overflow in the activations of a model trained in bf16: float32 instead
+    return (torch.bfloat16 if name == "bfloat16" else torch.float32), f"--dtype auto, {measurement}"
 
 
 def first_tokens(text: str, encode, max_tokens: int) -> tuple[np.ndarray, str]:
@@ -364,7 +364,7 @@ def main():
             model, name, facts["step"] = model.to(dtype), args.checkpoint, checkpoint.get("step")
         facts["dtype"] = str(dtype).removeprefix("torch.")
         results = {**evaluate(model, texts, device, name, args.context_length, args.stride, args.batch_size,
-                              f"{facts['dtype']}: {why}"), **facts}
+                              f"{facts['dtype']} ({why})"), **facts}
     except (ValueError, PrepareError) as error:
         sys.exit(f"error: {error}")
     if args.json:
