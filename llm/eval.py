@@ -7,17 +7,19 @@
     python llm/eval.py --hf PATH --max-tokens 20000        # a quick look: the first 20,000 tokens only
 
 Every token is scored with a sliding window: windows of --context-length tokens that move by --stride tokens, so
-every scored token sees at least context - stride tokens of text before it. Word-level perplexity = exp(total
-negative log-likelihood of the split / its whitespace-separated words), the convention of published WikiText-2
-results; bits per byte = total NLL / ln 2 / UTF-8 bytes. Both divide the same total by a tokenizer-independent
-count, so tokenizers of any size compare fairly. A progress bar (on stderr) shows the tokens scored, the rate and
-the time left; --json prints only the JSON line on stdout.
+every scored token sees at least context - stride tokens of text before it (see --stride for what that costs), and
+scored once. A model read with --hf or --gguf is scored in bf16 where a bf16 matmul is clearly faster (--dtype).
+Word-level perplexity = exp(total negative log-likelihood of the split / its whitespace-separated words), the
+convention of published WikiText-2 results; bits per byte = total NLL / ln 2 / UTF-8 bytes. Both divide the same
+total by a tokenizer-independent count, so tokenizers of any size compare fairly. A progress bar (on stderr) shows
+the tokens scored, the rate and the time left; --json prints only the JSON line on stdout.
 """
 
 import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +32,13 @@ from llm.runs import RunError, pick_device, positive_int
 
 # --context-length by default: a model's own context, at most this many tokens on each kind of device. Attention
 # costs up to 4 * T * d FLOPs per token and layer while the weights' share does not grow with the window T: at 8,192
-# positions SmolLM2-135M would spend twice its weights' FLOPs on attention, at 1,024 a quarter. A GPU affords more.
-LONGEST_DEFAULT_WINDOW = {"cpu": 1024, "mps": 2048, "cuda": 4096}
-LOGITS_BUDGET_BYTES = 256 * 2**20  # fewer windows per forward pass when their logits would take more than this
+# positions SmolLM2-135M would spend twice its weights' FLOPs on attention, at 2,048 half of them. A GPU affords more.
+LONGEST_DEFAULT_WINDOW = {"cpu": 2048, "mps": 2048, "cuda": 4096}
+LEAST_CONTEXT = 512  # by default every scored token sees at least this many tokens before it (or half a window)
+POSITIONS_PER_FORWARD = 4096  # fewer windows per forward pass when they would hold more positions than this
+LOGITS_CHUNK = 128  # positions whose logits exist at once (V floats each: 25 MB for a 49,152-token vocabulary)
 SPLIT_CHOICES = {"valid": ("valid",), "test": ("test",), "both": ("valid", "test")}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def half_context_stride(context_length: int) -> int:
@@ -41,65 +46,106 @@ def half_context_stride(context_length: int) -> int:
     return context_length // 2
 
 
-def windows_per_batch(batch_size: int, context_length: int, vocab_size: int) -> int:
-    """At most batch_size windows, fewer where their fp32 logits pass the budget (at least one window)."""
-    per_window = context_length * vocab_size * 4  # bytes
-    return max(1, min(batch_size, LOGITS_BUDGET_BYTES // per_window))
+def default_stride(context_length: int) -> int:
+    """--stride by default: every scored token sees at least half a window or LEAST_CONTEXT tokens, the fewer.
+
+    Each position of a window costs a forward pass, but only the last `stride` are scored, so a window of T costs
+    T / stride forward passes per scored token: 2 at half a window, 4/3 for a window of 2,048 moving by 1,536."""
+    return max(half_context_stride(context_length), context_length - LEAST_CONTEXT)
+
+
+def windows_per_batch(batch_size: int, context_length: int) -> int:
+    """At most batch_size windows, fewer where they would hold more than POSITIONS_PER_FORWARD (at least one)."""
+    return max(1, min(batch_size, POSITIONS_PER_FORWARD // context_length))
+
+
+def scoring_windows(count: int, context_length: int, stride: int) -> list[tuple[int, int]]:
+    """(first token, first scored target) of each window, so that each of `count` targets is scored exactly once.
+
+    Windows of context_length tokens start every `stride` tokens. The first window scores all its targets; every
+    later one only its last `stride`, each of which then sees at least context_length - stride tokens before it. A
+    last window, ending at the final token, scores the targets no earlier window reached.
+    """
+    if count < 1:
+        return []
+    length = min(context_length, count)
+    starts = list(range(0, count - length + 1, stride))
+    windows = [(start, 0 if start == 0 else length - stride) for start in starts]
+    reached = starts[-1] + length
+    if reached < count:
+        windows.append((count - length, length - (count - reached)))
+    return windows
+
+
+def final_hidden_states(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Llama.forward without its output projection: tokens (B, T) -> the final RMSNorm's output (B, T, d_model).
+
+    Scoring needs the logits only of the positions it scores, and of those only a few at a time."""
+    length = tokens.size(1)
+    cos, sin = model.rope_cos[:length], model.rope_sin[:length]  # (T, head_dim/2)
+    x = model.embedding(tokens)  # (B, T, d_model)
+    for layer, block in enumerate(model.blocks):
+        x = block(x, cos, sin, None, layer)
+    return model.final_norm(x)  # (B, T, d_model)
+
+
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The output projection of Llama.forward: hidden (..., d_model) -> logits (..., vocab)."""
+    if model.output_proj is None:
+        return torch.nn.functional.linear(hidden, model.embedding.weight)  # the tied embedding
+    return model.output_proj(hidden)
+
+
+def summed_token_losses(model, hidden: torch.Tensor, targets: torch.Tensor) -> float:
+    """Sum of -log p(target) over positions, from their final hidden states (P, d_model) and targets (P,), with
+    the logits of LOGITS_CHUNK positions at a time: a whole window's (200 MB at 1,024 positions and a 49,152-token
+    vocabulary, and as much again for their log-softmax) would double the memory of a 135M model."""
+    total = 0.0
+    for start in range(0, targets.size(0), LOGITS_CHUNK):
+        logits = output_logits(model, hidden[start : start + LOGITS_CHUNK]).float()  # (chunk, V)
+        total += float(torch.nn.functional.cross_entropy(logits, targets[start : start + LOGITS_CHUNK],
+                                                         reduction="sum"))
+    return total
 
 
 @torch.no_grad()
 def total_negative_log_likelihood(model, tokens: np.ndarray, context_length: int, batch_size: int, device,
                                   stride: int | None = None, progress: tqdm | None = None):
-    """Sum of -log p(token | up to context_length previous tokens) over every token after the first.
+    """Sum of -log p(token | up to context_length previous tokens) over every token after the first, and how many.
 
-    Windows of context_length tokens start every `stride` tokens (default: context_length, non-overlapping).
-    The first window scores all its targets; every later one scores only its last `stride` targets, each of
-    which then sees at least context_length - stride tokens of context (a sliding window: with non-overlapping
-    windows the first targets of every window are predicted from almost nothing). A last window ending at the
-    final token scores the targets no earlier window reached. `progress` (a tqdm bar) advances by the targets.
+    The windows of scoring_windows (default stride: context_length, non-overlapping), batched; the logits of the
+    scored positions only. `progress` (a tqdm bar) advances by the targets, and after the first batch an estimate of
+    the whole run's time is written above it.
     """
     stride = min(stride or context_length, context_length)
     model.eval()
-    count = len(tokens) - 1  # targets: tokens[1:]
-    starts = list(range(0, count - context_length + 1, stride))
-    batch_size = windows_per_batch(batch_size, context_length, model.config.vocab_size)
-    total, scored = 0.0, 0
-    for first in range(0, len(starts), batch_size):
-        batch_starts = starts[first : first + batch_size]
-        rows = [np.asarray(tokens[s : s + context_length + 1], dtype=np.int64) for s in batch_starts]
+    windows = scoring_windows(len(tokens) - 1, context_length, stride)
+    per_batch = windows_per_batch(batch_size, context_length)
+    length = min(context_length, len(tokens) - 1)  # shorter only where the text is
+    total, scored, started = 0.0, 0, time.perf_counter()
+    for first in range(0, len(windows), per_batch):
+        batch = windows[first : first + per_batch]
+        rows = [np.asarray(tokens[start : start + length + 1], dtype=np.int64) for start, _ in batch]
         block = torch.from_numpy(np.stack(rows)).to(device)  # (B, T+1)
-        logits, _ = model(block[:, :-1])  # (B, T, V)
-        nll = token_losses(logits, block[:, 1:])  # (B, T)
-        del logits
+        hidden = final_hidden_states(model, block[:, :-1])  # (B, T, d_model)
         before = scored
-        total += float(nll[:, context_length - stride :].sum())
-        scored += nll[:, context_length - stride :].numel()
-        if batch_starts[0] == 0 and stride < context_length:  # the very first window scores all its targets
-            total += float(nll[0, : context_length - stride].sum())
-            scored += context_length - stride
+        for row, (_, first_scored) in enumerate(batch):
+            total += summed_token_losses(model, hidden[row, first_scored:], block[row, first_scored + 1 :])
+            scored += length - first_scored
         if progress is not None:
             progress.update(scored - before)
-    tail = count - scored
-    if tail > 0:
-        length = min(context_length, count)
-        window = torch.from_numpy(np.asarray(tokens[-(length + 1) :], dtype=np.int64)).to(device)[None]  # (1, L+1)
-        logits, _ = model(window[:, :-1])  # (1, L, V)
-        nll = torch.nn.functional.cross_entropy(logits[0, -tail:].float(), window[0, -tail:], reduction="sum")
-        total += float(nll)
-        scored += tail
-        if progress is not None:
-            progress.update(tail)
+            if first == 0 and len(windows) > per_batch:
+                print_estimate(time.perf_counter() - started, len(batch), len(windows))
     model.train()
     return total, scored
 
 
-def token_losses(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 128) -> torch.Tensor:
-    """-log p(target) at each position (B, T) from logits (B, T, V), `chunk` positions at a time: the log-softmax
-    of every position at once would take as much memory again as the logits (with a large vocabulary, hundreds of
-    MB a window)."""
-    return torch.cat([torch.nn.functional.cross_entropy(logits[:, start : start + chunk].float().transpose(1, 2),
-                                                        targets[:, start : start + chunk], reduction="none")
-                      for start in range(0, targets.size(1), chunk)], dim=1)
+def print_estimate(seconds: float, windows_done: int, windows: int):
+    """One line on stderr: how long the first windows took, and the time left at that rate."""
+    left = seconds / windows_done * (windows - windows_done)
+    when = f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s"
+    tqdm.write(f"the first {windows_done} of {windows:,} windows took {seconds:.1f} s: about {when} more at this rate",
+               file=sys.stderr)
 
 
 def text_metrics(model, tokens, text: str, context_length: int, batch_size: int, device, stride=None,
@@ -184,15 +230,31 @@ def wikitext_texts(tokenizer, splits, max_tokens: int | None) -> dict:
     return texts
 
 
-def other_model(hf: str | None, gguf: str | None, device):
-    """A Llama someone else trained (--hf folder or hub name, --gguf file) in our model, and its own tokenizer."""
+def other_model(hf: str | None, gguf: str | None, device, dtype=torch.float32):
+    """A Llama someone else trained (--hf folder or hub name, --gguf file) in our model, and its own tokenizer;
+    the weights are read straight into `dtype`, one tensor at a time."""
     if gguf:
         from llm.gguf_file import load_gguf
 
-        return load_gguf(gguf, device=device)
+        return load_gguf(gguf, dtype, device)
     from llm.hf import load_hf_model
 
-    return load_hf_model(hf, device)
+    return load_hf_model(hf, device, dtype)
+
+
+def choose_dtype(requested: str, device, checkpoint: bool) -> tuple[torch.dtype, str]:
+    """--dtype, and why: auto = float32 for a checkpoint of train.py (its results table was scored so, in a minute or
+    two); for --hf and --gguf, bf16 where train.py's --dtype auto takes it (a timed bf16 matmul clearly faster than
+    fp32: a GPU, or a CPU with AVX-512 BF16 or AMX), else float32."""
+    if requested != "auto":
+        return DTYPES[requested], "--dtype"
+    if checkpoint:
+        return torch.float32, "--dtype auto, a checkpoint of train.py"
+    from llm.train import choose_dtype as training_dtype
+
+    name, measurement = training_dtype(device)
+    # float16 (a GPU without bf16) risks overflow in the activations of a model trained in bf16: float32 instead
+    return (torch.bfloat16 if name == "bfloat16" else torch.float32), f"--dtype auto, {measurement}"
 
 
 def first_tokens(text: str, encode, max_tokens: int) -> tuple[np.ndarray, str]:
@@ -218,16 +280,19 @@ def choose_context_length(model, device, requested: int | None, shortest_split: 
 
 
 def evaluate(model, texts: dict, device, name: str, context_length: int | None = None, stride: int | None = None,
-             batch_size: int = 16) -> dict:
-    """Score every split of `texts` ({split: (tokens, text)}) in sliding windows; the window is printed on stderr."""
+             batch_size: int = 16, precision: str | None = None) -> dict:
+    """Score every split of `texts` ({split: (tokens, text)}) in sliding windows; the window (and the `precision`,
+    a line of why) is printed on stderr."""
     device = torch.device(device)
     shortest = min(len(tokens) - 1 for tokens, _ in texts.values())
     length, reason = choose_context_length(model, device, context_length, shortest)
-    stride = stride if stride is not None else half_context_stride(length)
+    stride = stride if stride is not None else default_stride(length)
     if stride > length:
         raise RunError(f"--stride {stride} is longer than the context ({length} tokens)")
     if length > model.rope_cos.size(0):  # checked above to fit the text: only then is a longer table built
         model.set_rope_table(length)
+    if precision:
+        print(f"weights and computation in {precision}", file=sys.stderr)
     print(f"{name}: {', '.join(texts)}; windows of {length:,} tokens ({reason}) moving by {stride:,}, so every "
           f"scored token sees at least {length - stride:,} before it", file=sys.stderr, flush=True)
     results = {"model": name, "context_length": length, "stride": stride}
@@ -261,14 +326,24 @@ def build_parser() -> argparse.ArgumentParser:
                              + ", ".join(f"{n:,} on {device}" for device, n in LONGEST_DEFAULT_WINDOW.items())
                              + "; the choice is printed)")
     parser.add_argument("--stride", type=positive_int, default=None,
-                        help="how far each window moves: every scored token sees at least context - stride tokens "
-                             "before it (default: half the context; the context itself = non-overlapping windows, "
-                             "twice as fast, but the first tokens of each window are predicted from little)")
+                        help="how far each window moves; each window scores only its last `stride` tokens, so every "
+                             "scored token sees at least context - stride tokens before it, and every position of "
+                             "the window costs a forward pass: context / stride passes per scored token. A larger "
+                             "stride is faster but gives the first scored tokens of each window less context; the "
+                             "context itself = non-overlapping windows, the fastest, but the first tokens of each "
+                             f"window are predicted from almost nothing. Default: context - {LEAST_CONTEXT}, or half "
+                             f"the context where that is larger (2,048 moving by 1,536: 4/3 passes per token, at "
+                             f"least {LEAST_CONTEXT} tokens of context; 128 moving by 64)")
     parser.add_argument("--max-tokens", type=positive_int, default=None,
                         help="score only the beginning of each split: its first lines, as many as hold at most "
                              "this many tokens (a quick look; the numbers are not those of the whole split)")
     parser.add_argument("--batch-size", type=positive_int, default=16,
-                        help="windows per forward pass (fewer where their logits would pass 256 MiB)")
+                        help=f"windows per forward pass (fewer where they would hold more than "
+                             f"{POSITIONS_PER_FORWARD:,} positions)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="precision of the weights and the computation; auto = float32 for a checkpoint of "
+                             "train.py, and for --hf and --gguf bfloat16 where a timed bf16 matmul is clearly faster "
+                             "than fp32 (a GPU, a CPU with AVX-512 BF16 or AMX), else float32; the choice is printed")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object on stdout")
     return parser
@@ -278,22 +353,26 @@ def main():
     args = build_parser().parse_args()
     try:
         device, facts = pick_device(args.device), {"max_tokens": args.max_tokens}
+        dtype, why = choose_dtype(args.dtype, device, checkpoint=not (args.hf or args.gguf))
         if args.hf or args.gguf:
-            model, tokenizer = other_model(args.hf, args.gguf, device)
+            model, tokenizer = other_model(args.hf, args.gguf, device, dtype)
             texts = wikitext_texts(tokenizer, SPLIT_CHOICES[args.split or "test"], args.max_tokens)
             name = args.hf or args.gguf
         else:
             model, texts, checkpoint = checkpoint_texts(args.checkpoint, device, SPLIT_CHOICES[args.split or "both"],
                                                         args.max_tokens)
-            name, facts["step"] = args.checkpoint, checkpoint.get("step")
-        results = {**evaluate(model, texts, device, name, args.context_length, args.stride, args.batch_size), **facts}
+            model, name, facts["step"] = model.to(dtype), args.checkpoint, checkpoint.get("step")
+        facts["dtype"] = str(dtype).removeprefix("torch.")
+        results = {**evaluate(model, texts, device, name, args.context_length, args.stride, args.batch_size,
+                              f"{facts['dtype']} ({why})"), **facts}
     except (ValueError, PrepareError) as error:
         sys.exit(f"error: {error}")
     if args.json:
         print(json.dumps(results))
         return
     step = f" (step {results['step']})" if results.get("step") is not None else ""
-    print(f"{results['model']}{step}, windows of {results['context_length']:,} tokens moving by {results['stride']:,}")
+    print(f"{results['model']}{step}, {results['dtype']}, windows of {results['context_length']:,} tokens moving by "
+          f"{results['stride']:,}")
     for split in ("valid", "test"):
         if split in results:
             metrics = results[split]

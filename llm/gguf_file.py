@@ -129,23 +129,39 @@ def config_from_gguf(reader, source: str) -> LlamaConfig:
         raise GGUFError(f"{source}: inconsistent llama.* metadata ({error})") from None
 
 
+DEQUANTIZE_ROWS = 2048  # rows turned into floats at a time (a few MB of float32 temporaries, however large the tensor)
+
+
 def dequantized(tensor, dtype: torch.dtype, source: str) -> torch.Tensor:
-    """One tensor as floats, (rows, columns) as torch expects, whatever block type the file stores it in."""
+    """One tensor as floats of `dtype`, (rows, columns) as torch expects, whatever block type the file stores it in.
+
+    A few thousand rows at a time, each written straight into the result: the gguf package makes float32
+    temporaries as large as what it dequantizes (for an 8-bit embedding, the int8 values as floats, then their
+    product with the scales), which for a whole 49,152-row embedding would pass 200 MB on top of the model.
+    """
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     kind = GGMLQuantizationType(tensor.tensor_type).name
-    try:
-        values = dequantize(tensor.data, tensor.tensor_type)  # float32 numpy, (rows, columns) or (columns,)
-    except NotImplementedError:
-        raise GGUFError(f"{source}: tensor {tensor.name} is stored as {kind}, a type the gguf package cannot "
-                        f"dequantize") from None
     if kind in ("I8", "I16", "I32", "I64", "F64"):
         raise GGUFError(f"{source}: tensor {tensor.name} is stored as {kind}, not as weights this model reads")
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    if not values.flags.writeable:  # an F32 tensor comes back as a view of the read-only file: copy it
-        values = values.copy()
-    return torch.from_numpy(values).to(dtype)
+    data = tensor.data  # (rows, bytes per row) when quantized, (rows, columns) when stored as floats; (n,) a vector
+    steps = range(0, len(data), DEQUANTIZE_ROWS) if data.ndim == 2 else [None]  # a vector (a norm's weights) at once
+    result = None
+    for start in steps:
+        rows = data if start is None else data[start : start + DEQUANTIZE_ROWS]
+        try:
+            values = dequantize(rows, tensor.tensor_type)  # float32 numpy, (rows, columns) or (columns,)
+        except NotImplementedError:
+            raise GGUFError(f"{source}: tensor {tensor.name} is stored as {kind}, a type the gguf package cannot "
+                            f"dequantize") from None
+        values = torch.from_numpy(np.array(values, dtype=np.float32))  # a copy: F32 rows are a view of the file
+        if start is None:
+            return values.to(dtype)
+        if result is None:
+            result = torch.empty((len(data), values.size(1)), dtype=dtype)
+        result[start : start + len(values)] = values
+    return result
 
 
 def gguf_name(hf_name: str) -> str:
@@ -170,12 +186,12 @@ def load_gguf_model(reader, config: LlamaConfig, source: str, dtype=torch.float3
         name = gguf_name(hf_name)
         if name not in tensors:
             raise GGUFError(f"{source}: tensor {name} is missing")
-        weight = dequantized(tensors[name], torch.float32, source)
+        weight = dequantized(tensors[name], dtype, source)
         if name.endswith("attn_q.weight"):  # llama.cpp's neighbour order back to our halves (see the docstring)
             weight = neighbour_pairs_to_halves(weight, config.n_heads)
         elif name.endswith("attn_k.weight"):
             weight = neighbour_pairs_to_halves(weight, config.n_kv_heads)
-        return weight.to(dtype)
+        return weight
 
     try:
         state = ours_from_hf_tensors(get, config, dtype)
@@ -276,6 +292,8 @@ def load_gguf(path, dtype=torch.float32, device="cpu") -> tuple[Llama, GGUFToken
     if tokenizer.vocab_size != config.vocab_size:
         print(f"note: {source}: the tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}",
               file=sys.stderr)
+    for key in [key for key in reader.fields if key.startswith("tokenizer.ggml.")]:
+        del reader.fields[key]  # the tokenizer has them now: the reader's copy (~90 MB of small arrays) goes first
     model = load_gguf_model(reader, config, source, dtype).to(device)
     return model, tokenizer
 

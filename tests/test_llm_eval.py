@@ -103,6 +103,7 @@ def test_both_splits_by_default_with_a_progress_bar_on_stderr_and_only_json_on_s
     assert len(out.splitlines()) == 1 and set(json.loads(out)) >= {"valid", "test"}
     assert "windows of 64 tokens (the model's context) moving by 32" in err  # the choice, printed
     assert "valid: 100%" in err and "test: 100%" in err and "token/s" in err  # the bars, with their rate
+    assert "weights and computation in float32" in err and "windows took" in err  # the precision, an estimate
     code, out, err = run_eval(["--checkpoint", repeat_model["checkpoint"], "--max-tokens", "200"], monkeypatch, capsys)
     assert code == 0 and "valid: loss" in out and "test : loss" in out and "100%" not in out
 
@@ -110,7 +111,7 @@ def test_both_splits_by_default_with_a_progress_bar_on_stderr_and_only_json_on_s
 @pytest.mark.parametrize("flag, values", [
     ("--split", ["train", "", "Test"]), ("--max-tokens", ["0", "-5", "nan", "1.5"]),
     ("--context-length", ["0", "-1", "x", "1000000000"]), ("--stride", ["0", "-2", "100000"]),
-    ("--batch-size", ["0", "nan"]), ("--device", ["foo"]),
+    ("--batch-size", ["0", "nan"]), ("--device", ["foo"]), ("--dtype", ["float16", "fp32", ""]),
 ])
 def test_a_bad_value_of_any_eval_flag_is_one_line_and_a_non_zero_exit(repeat_model, monkeypatch, capsys, flag,
                                                                       values):
@@ -126,3 +127,57 @@ def test_a_long_context_model_defaults_to_a_window_that_suits_the_device():
     assert length == evaluation.LONGEST_DEFAULT_WINDOW["cpu"] and "8,192" in reason
     assert evaluation.choose_context_length(model, torch.device("cpu"), 300, 100_000) == (300, "--context-length")
     assert evaluation.choose_context_length(model, torch.device("cpu"), None, 500)[0] == 500  # a short text
+
+
+def test_a_long_context_model_scores_windows_of_2048_moving_by_1536_on_a_cpu_and_ours_by_half_a_window():
+    assert evaluation.LONGEST_DEFAULT_WINDOW["cpu"] == 2048 and evaluation.default_stride(2048) == 1536
+    assert evaluation.default_stride(128) == 64 and evaluation.default_stride(1024) == 512  # half a window
+    assert evaluation.default_stride(4096) == 4096 - evaluation.LEAST_CONTEXT
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_scoring_from_hidden_states_a_few_positions_at_a_time_equals_the_models_own_logits(tie, monkeypatch):
+    """final_hidden_states + output_logits is Llama.forward; the scored positions' losses, LOGITS_CHUNK at a time,
+    sum to the cross-entropy of the whole forward pass's logits, window by window, for every stride."""
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=50, context_length=16, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32,
+                              tie_embeddings=tie)).eval()
+    tokens = np.random.default_rng(0).integers(0, 50, 61)
+    monkeypatch.setattr(evaluation, "LOGITS_CHUNK", 3)
+    with torch.no_grad():
+        block = torch.from_numpy(tokens[:17])[None]  # (1, 17)
+        logits = model(block[:, :-1])[0]  # (1, 16, V)
+        assert torch.allclose(evaluation.output_logits(model, evaluation.final_hidden_states(model, block[:, :-1])),
+                              logits, atol=1e-6)
+        for stride in (16, 10, 3):
+            expected = 0.0
+            for start, first_scored in evaluation.scoring_windows(60, 16, stride):
+                window = torch.from_numpy(tokens[start : start + 17])[None]  # (1, 17)
+                window_logits = model(window[:, :-1])[0][0, first_scored:]  # (scored, V)
+                expected += float(torch.nn.functional.cross_entropy(window_logits, window[0, first_scored + 1 :],
+                                                                    reduction="sum"))
+            total, scored = evaluation.total_negative_log_likelihood(model, tokens, 16, 2, "cpu", stride)
+            assert scored == 60 and total == pytest.approx(expected, rel=1e-5)
+
+
+def test_windows_score_every_target_exactly_once():
+    for count, length, stride in [(60, 16, 16), (60, 16, 10), (60, 16, 1), (16, 16, 8), (5, 16, 4), (2048 * 3 + 7,
+                                                                                                    2048, 1536)]:
+        windows = evaluation.scoring_windows(count, length, stride)
+        window = min(length, count)
+        targets = [start + position for start, first in windows for position in range(first, window)]
+        assert sorted(targets) == list(range(count)), (count, length, stride)
+        assert all(first == 0 or first >= window - stride for _, first in windows[1:])  # context: window - stride
+
+
+def test_dtype_bfloat16_scores_a_checkpoint_close_to_float32_and_auto_keeps_float32(repeat_model, monkeypatch,
+                                                                                    capsys):
+    losses = {}
+    for dtype in ("auto", "bfloat16"):
+        code, out, err = run_eval(["--checkpoint", repeat_model["checkpoint"], "--split", "valid", "--max-tokens",
+                                   "300", "--dtype", dtype, "--json"], monkeypatch, capsys)
+        assert code == 0, err
+        results = json.loads(out)
+        losses[results["dtype"]] = results["valid"]["loss"]
+    assert set(losses) == {"float32", "bfloat16"}
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=1e-2) and losses["bfloat16"] != losses["float32"]

@@ -220,6 +220,34 @@ def test_bfloat16_load_rounds_the_float32_weights(tiny_folder):
         assert other.dtype == torch.bfloat16 and torch.equal(other, tensor.to(torch.bfloat16)), name
 
 
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1", "F32"])
+def test_dequantizing_a_few_rows_at_a_time_gives_the_whole_tensors_with_temporaries_of_a_few_rows(tiny_folder,
+                                                                                                 monkeypatch, kind):
+    """The gguf package's float32 temporaries are numpy arrays, which tracemalloc sees (the model's own tensors are
+    torch's, which it does not). Read 5 rows at a time, a whole model loads with less than half of its largest
+    tensor's float32 bytes of them (whole tensors at once: several times the largest); and the weights are those
+    of whole-tensor dequantization."""
+    import tracemalloc
+
+    from gguf.quants import dequantize
+
+    import llm.gguf_file as gguf_file
+
+    reader = gguf_file.open_gguf(tiny_folder / f"tiny-{kind}.gguf")
+    config = gguf_file.config_from_gguf(reader, "test")
+    largest = max(4 * int(np.prod(tensor.shape)) for tensor in reader.tensors)  # bytes as float32
+    monkeypatch.setattr(gguf_file, "DEQUANTIZE_ROWS", 5)
+    gguf_file.load_gguf_model(reader, config, "test")  # once before: what it imports on first use is not counted
+    tracemalloc.start()
+    model = gguf_file.load_gguf_model(reader, config, "test")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < largest / 2, (peak, largest)
+    embedding = next(tensor for tensor in reader.tensors if tensor.name == "token_embd.weight")
+    assert len(embedding.data) % 5 != 0  # a last step of fewer rows
+    assert torch.equal(model.embedding.weight, torch.from_numpy(dequantize(embedding.data, embedding.tensor_type)))
+
+
 # ---------------------------------------------------------------------------------------------------- refusals
 
 
