@@ -267,8 +267,8 @@ class PreferenceRun:
     """One DPO run: the model (SFT merged in, LoRA on top), its pairs and reference log-probs, the optimizer."""
 
     def __init__(self, args, argv, log=print):
-        from llm.chat_eval import merge_adapter_files
         from llm.chat_model import load_chat_model
+        from llm.lora import merge_adapter_files
         from llm.sft import base_record, take_saved_settings
 
         self.args, self.log, self.out_dir = args, log, Path(args.out_dir)
@@ -427,15 +427,16 @@ def preference_loop(run: PreferenceRun, start_step: int, best_val_loss: float) -
 
 def finish(run: PreferenceRun) -> Path:
     """The best checkpoint's adapters alone (adapters.pt) and merged into the model (model.pt)."""
-    from llm.lora import merge_lora, save_adapters
-    from llm.sft import final_checkpoint, restore_trained_state
+    from llm.lora import save_adapters
+    from llm.sft import final_checkpoint, merged_in_float32, restore_trained_state
 
     best = load_checkpoint(run.out_dir / "best.pt", "DPO", ("step",))
     restore_trained_state(run.model, best)
     if not run.args.full:
         save_adapters(run.out_dir / "adapters.pt", run.model, {"base": run.base, "step": best["step"],
                                                                "merged_before": list(run.args.adapters)})
-        merge_lora(run.model)
+        # the SFT adapters, then DPO's, folded into the base in float32
+        run.model = merged_in_float32(run.args, [*run.args.adapters, run.out_dir / "adapters.pt"])
     state = final_checkpoint(run.model, run.tokenizer, run.args, run.base, run.out_dir,
                              {"step": best["step"], "best_val_loss": best["best_val_loss"]})
     save_checkpoint(run.out_dir / "model.pt", state)
