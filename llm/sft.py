@@ -57,7 +57,7 @@ from llm.runs import (
     warn_if_threads_changed,
     write_text_atomically,
 )
-from llm.train import plot_curves
+from llm.train import learning_rate, plot_curves  # warmup, then cosine decay to min_lr_ratio * lr
 
 RUN_FILES = ("last.pt", "best.pt", "*.tmp", "metrics.jsonl", "loss.png", "adapters.pt", "model.pt", "results.json",
              "tokenizer.model")
@@ -271,15 +271,6 @@ def answer_loss(loss_module, encoded, batch_size: int, pad_id: int, device, auto
         count += int(mask.sum())
     loss_module.train()
     return total / max(1, count)
-
-
-def learning_rate(step: int, args) -> float:
-    """Linear warmup to --lr, then cosine decay to min_lr_ratio * lr at max_steps."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
-    minimum = args.lr * args.min_lr_ratio
-    return minimum + 0.5 * (args.lr - minimum) * (1 + math.cos(math.pi * progress))
 
 
 def make_optimizer(parameters: list, args) -> torch.optim.AdamW:
@@ -596,15 +587,24 @@ def main(argv=None):
         dist.destroy_process_group()
     if not run.is_main:
         return
-    if status == "diverged":
-        kept = "last.pt holds the last good state" if (run.out_dir / "last.pt").exists() else "nothing was saved"
-        sys.exit(f"error: the training loss is not finite at step {step}; stopped ({kept})")
-    if status == "interrupted":
-        print(f"stopped at step {step}; resume with: python llm/sft.py --out-dir {run.out_dir} --resume")
-        if step != args.stop_at_step:
-            sys.exit(EXIT_INTERRUPTED)
+    if stopped_early(status, step, args, "llm/sft.py", "training loss"):
         return
     print(f"wrote {finish(run)} (chat with it: python llm/chat.py --checkpoint {run.out_dir / 'model.pt'})")
+
+
+def stopped_early(status: str, step: int, args, script: str, what: str) -> bool:
+    """End a run that did not finish: one line and exit 1 when `what` was not finite, the resume command and exit
+    130 (as Ctrl-C) when interrupted, or a normal return at --stop-at-step. False for a finished run."""
+    out_dir = Path(args.out_dir)
+    if status == "diverged":
+        kept = "last.pt holds the last good state" if (out_dir / "last.pt").exists() else "nothing was saved"
+        sys.exit(f"error: the {what} is not finite at step {step}; stopped ({kept})")
+    if status == "interrupted":
+        print(f"stopped at step {step}; resume with: python {script} --out-dir {out_dir} --resume")
+        if step != args.stop_at_step:
+            sys.exit(EXIT_INTERRUPTED)
+        return True
+    return False
 
 
 if __name__ == "__main__":
