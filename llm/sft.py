@@ -1,7 +1,7 @@
 """Supervised fine-tuning: teach a model to answer by showing it conversations, learning only from the answers.
 
     python llm/sft.py                              # LoRA on SmolLM2-135M-Instruct, 400 steps: the README's run,
-                                                   # about 17 min on 2 cores (AMD EPYC, bf16)
+                                                   # 18-19 min on 2 cores (AMD EPYC, bf16)
     python llm/sft.py --quick                      # the same steps on fewer examples: about 5 min on 2 cores
     python llm/sft.py --full                       # every weight trains instead of adapters
     python llm/sft.py --checkpoint runs/llm/best.pt --full   # a model pretrained by llm/train.py learns to chat
