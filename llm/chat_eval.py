@@ -138,24 +138,14 @@ def score_task(task: str, model, tokenizer, count: int, batch_size: int, log) ->
 
 
 def load_model(args):
-    """The model of the flags with every --adapters file merged into it, in order."""
+    """The model of the flags with every --adapters file merged into it, in order (in float32, then --dtype)."""
     from llm.chat_model import DTYPES
+    from llm.lora import merge_adapter_files
 
     model, tokenizer = load_chat_model(gguf=args.gguf, hf=args.hf, checkpoint=args.checkpoint,
                                        dtype=torch.float32, notice=lambda message: None)
     merge_adapter_files(model, args.adapters)
     return model.to(DTYPES[args.dtype]).eval(), tokenizer
-
-
-def merge_adapter_files(model, paths) -> None:
-    """Load each LoRA adapter file onto the model and fold it into the weights (float32), one after the other."""
-    from llm.lora import load_adapters, merge_lora
-
-    for path in paths:
-        load_adapters(Path(path), model)
-        merge_lora(model)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
 
 
 def main(argv=None):

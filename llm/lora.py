@@ -183,7 +183,12 @@ def load_adapters(path: Path, model: Llama) -> dict:
 
 @torch.no_grad()
 def merge_lora(model: Llama) -> Llama:
-    """Fold every adapter into its weight, W <- W + (alpha / r) B A, and put plain nn.Linear maps back (in place)."""
+    """Fold every adapter into its weight, W <- W + (alpha / r) B A, and put plain nn.Linear maps back (in place).
+
+    Merge into float32 weights: a bf16 weight cannot hold the sum. Its spacing near a typical weight of SmolLM2
+    (0.19) is 2^-10, about 1e-3, while an update after a few dozen LoRA steps is about 3e-4, so rounding
+    W + (alpha / r) B A to bf16 throws most of the fine-tune away (merge_adapter_files loads the base in float32).
+    """
     for block in model.blocks:
         for module_name in PROJECTIONS:
             parent_name, child_name = module_name.split(".")
@@ -191,7 +196,7 @@ def merge_lora(model: Llama) -> Llama:
             module = getattr(parent, child_name)
             if not isinstance(module, LoRALinear):
                 continue
-            weight = module.weight.float()  # (d_out, d_in), merged in float32 even for a bf16 model
+            weight = module.weight.float()  # (d_out, d_in), summed in float32 (stored back in the weight's dtype)
             pieces = list(weight.split(module.part_sizes, dim=0))
             for index, name in enumerate(module.part_names):
                 if name in module.lora_A:
@@ -204,4 +209,18 @@ def merge_lora(model: Llama) -> Llama:
         del model.lora
     for parameter in model.parameters():
         parameter.requires_grad_(True)
+    return model
+
+
+def merge_adapter_files(model: Llama, paths) -> Llama:
+    """Load each LoRA adapter file onto `model` and fold it into the weights, one after the other (in place).
+
+    Give it the base in float32 (see merge_lora): then the merged model computes what base + adapters compute, up
+    to float32 rounding.
+    """
+    for path in paths:
+        load_adapters(Path(path), model)
+        merge_lora(model)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
     return model

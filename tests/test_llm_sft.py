@@ -324,6 +324,48 @@ def test_two_process_ddp_matches_one_process_at_the_same_global_batch(pretrained
         assert distributed[step] == pytest.approx(single[step], abs=1e-5)
 
 
+@pytest.mark.slow
+def test_a_smollm2_lora_fine_tune_merged_into_model_pt_computes_base_plus_adapters_and_exports(tmp_path, run_cli):
+    """A few LoRA steps on the real SmolLM2 (its base trained in bf16), then model.pt and the HF export reloaded.
+
+    The merged float32 model and the float32 base with the adapters differ only in the order of float32 operations
+    ((W + s B A) x against W x + s B (A x)): about 2e-4 in a logit after 30 blocks, so atol 1e-3. Merging into bf16
+    weights, as model.pt once was, moved logits by 0.85; the fine-tune itself moves them by more than 0.1.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm.chat_model import load_chat_model
+    from llm.lora import load_adapters
+
+    out = tmp_path / "smol"
+    result = run_cli("llm/sft.py", "--mix", "surnames=16,translation=16", "--eval-examples", "2", "--batch-size", "4",
+                     "--max-steps", "3", "--warmup-steps", "0", "--eval-every", "3", "--out-dir", str(out),
+                     env=ONE_THREAD, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "adapters.pt").stat().st_size < 15e6
+    merged, tokenizer = load_chat_model(checkpoint=str(out / "model.pt"))
+    base, _ = load_chat_model()
+    ids = torch.tensor([tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Which language does the surname Nakamura come from? Answer with one word."}]))])
+    with torch.no_grad():
+        base_logits = base(ids)[0]  # (1, T, V)
+        load_adapters(out / "adapters.pt", base)
+        adapted_logits, merged_logits = base(ids)[0], merged(ids)[0]
+    assert (adapted_logits - base_logits).abs().max() > 0.1  # the adapters really changed the model
+    torch.testing.assert_close(merged_logits, adapted_logits, atol=1e-3, rtol=0)
+    exported = run_cli("llm/export.py", "--checkpoint", str(out / "model.pt"), "--out", str(tmp_path / "hf"),
+                       env=ONE_THREAD, timeout=600)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    their_tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    text = their_tokenizer.apply_chat_template([{"role": "user", "content": "Which language does the surname "
+                                                 "Nakamura come from? Answer with one word."}], tokenize=False,
+                                               add_generation_prompt=True)
+    assert their_tokenizer(text, add_special_tokens=False).input_ids == ids[0].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, merged_logits, atol=1e-3, rtol=0)
+
+
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(pretrained, tmp_path, monkeypatch):
     import llm.sft
 
