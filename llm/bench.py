@@ -7,6 +7,7 @@ Numbers depend on the machine and its thread count (set OMP_NUM_THREADS to compa
 """
 
 import argparse
+import functools
 import json
 import resource
 import subprocess
@@ -18,7 +19,7 @@ import torch
 
 from llm.generate import generate
 from llm.model import KVCache, Llama, LlamaConfig
-from llm.reference_models import REFERENCE_MODELS, ReferenceShape, training_flops_per_token
+from llm.reference_models import REFERENCE_MODELS, ReferenceShape, import_model_file, training_flops_per_token
 from llm.runs import pick_device, positive_int, positive_int_list
 from llm.train import (
     autocast_context,
@@ -127,26 +128,38 @@ def compare_training(config, train_args, device, steps: int, rounds: int, precis
     return results
 
 
-def compare_references(config, train_args, device, steps: int, rounds: int, ways) -> dict:
+def reference_builders(config, originals: dict) -> tuple[dict, dict, list]:
+    """Ours (fused and hand-written attention), the two rebuilt references, and any original model.py given:
+    name -> a function that builds the model; the references' shape; the pairs whose speed ratio is reported."""
+    shape = ReferenceShape(vocab_size=config.vocab_size, context_length=config.context_length,
+                           d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads,
+                           n_kv_heads=config.n_kv_heads, norm_eps=config.norm_eps, rope_theta=config.rope_theta)
+    handwritten = LlamaConfig(**(config.to_dict() | {"attention_impl": "handwritten"}))
+    ours = {"ours": lambda: Llama(config), "ours, hand-written attention": lambda: Llama(handwritten)}
+    references = {name: functools.partial(build, shape) for name, build in REFERENCE_MODELS.items()}
+    pairs = [(mine, theirs) for mine in ours for theirs in references] + [("ours", "ours, hand-written attention")]
+    builders = ours | references
+    for name, module in originals.items():  # a reader's copy of the original model.py, timed beside the rebuild
+        if module is not None:
+            builders[f"{name} (original)"] = functools.partial(REFERENCE_MODELS[name], shape, module)
+            pairs.append((name, f"{name} (original)"))
+    return builders, {"shape": shape}, pairs
+
+
+def compare_references(config, train_args, device, steps: int, rounds: int, ways, originals: dict) -> dict:
     """Our model against llama2.c's and nanoGPT's at the same shape, and against itself with the hand-written
     attention: training tokens/s, side by side.
 
-    ways: (dtype name, compiled) pairs. Same optimizer (ours: fused AdamW), same batch and random tokens for all
-    three; each round times every model and way once, so the ratios compare the same moment of the machine.
+    ways: (dtype name, compiled) pairs; originals: {"nanoGPT": path or None, "llama2.c": path or None}. Same
+    optimizer, same batch and random tokens for all; each round times every model and way once, so the ratios
+    compare the same moment of the machine.
     """
-    shape = ReferenceShape(vocab_size=config.vocab_size, context_length=config.context_length,
-                           d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads,
-                           n_kv_heads=config.n_kv_heads, ffn_hidden=config.ffn_hidden, norm_eps=config.norm_eps,
-                           rope_theta=config.rope_theta)
-    handwritten = LlamaConfig(**(config.to_dict() | {"attention_impl": "handwritten"}))
-    ours = {"ours": lambda: Llama(config), "ours, hand-written attention": lambda: Llama(handwritten)}
-    references = {name: (lambda cls=cls: cls(shape)) for name, cls in REFERENCE_MODELS.items()}
-    builders = ours | references
+    builders, info, pairs = reference_builders(config, originals)
     runs, results = {}, {"ways": {}, "models": {}}
     for name, build in builders.items():
         torch.manual_seed(0)
         model = build()
-        flops = model.flops_per_token() if isinstance(model, Llama) else training_flops_per_token(model, shape)
+        flops = model.flops_per_token() if isinstance(model, Llama) else training_flops_per_token(model, info["shape"])
         results["models"][name] = {"parameters": sum(p.numel() for p in model.parameters()),
                                    "flops_per_token": flops}
         for dtype_name, compiled in ways:
@@ -159,23 +172,28 @@ def compare_references(config, train_args, device, steps: int, rounds: int, ways
             speeds[key].append(run.tokens_per_second(steps))
     for name, info in results["models"].items():
         print(f"same shape: {name}: {info['parameters']:,} parameters, {info['flops_per_token'] / 1e6:.1f} MFLOP/token")
-    pairs = [(mine, theirs) for mine in ours for theirs in references] + [("ours", "ours, hand-written attention")]
     for dtype_name, compiled in ways:
         label = f"{'compiled' if compiled else 'eager'}_{dtype_name}"
-        way = {"tokens_per_s": {name: spread(speeds[(name, dtype_name, compiled)]) for name in builders},
-               "loss_finite": {name: runs[(name, dtype_name, compiled)].finite for name in builders}}
-        print(f"{label:17s}  tokens/s: " + ", ".join(
-            f"{name} {tokens['median']:,.0f}" if way["loss_finite"][name] else f"{name}: loss not finite, no result"
-            for name, tokens in way["tokens_per_s"].items()))
-        for mine, theirs in pairs:  # ratios within a round: the same moment of the machine
-            if not (way["loss_finite"][mine] and way["loss_finite"][theirs]):
-                continue
-            ratios = spread([a / b for a, b in zip(speeds[(mine, dtype_name, compiled)],
-                                                   speeds[(theirs, dtype_name, compiled)])])
-            way[f"{mine} / {theirs}"] = ratios
-            print(f"{'':17s}  {mine} / {theirs}: {ratios['median']:.2f}x [{ratios['min']:.2f}-{ratios['max']:.2f}]")
-        results["ways"][label] = way
+        way_speeds = {name: speeds[(name, dtype_name, compiled)] for name in builders}
+        way_finite = {name: runs[(name, dtype_name, compiled)].finite for name in builders}
+        results["ways"][label] = reference_ratios(label, way_speeds, way_finite, pairs)
     return results
+
+
+def reference_ratios(label: str, speeds: dict, finite: dict, pairs: list) -> dict:
+    """One way's tokens/s of every model, and each pair's ratio taken within a round (the same moment of the
+    machine)."""
+    way = {"tokens_per_s": {name: spread(values) for name, values in speeds.items()}, "loss_finite": finite}
+    print(f"{label:17s}  tokens/s: " + ", ".join(
+        f"{name} {tokens['median']:,.0f}" if finite[name] else f"{name}: loss not finite, no result"
+        for name, tokens in way["tokens_per_s"].items()))
+    for mine, theirs in pairs:
+        if not (finite[mine] and finite[theirs]):
+            continue
+        ratios = spread([a / b for a, b in zip(speeds[mine], speeds[theirs])])
+        way[f"{mine} / {theirs}"] = ratios
+        print(f"{'':17s}  {mine} / {theirs}: {ratios['median']:.2f}x [{ratios['min']:.2f}-{ratios['max']:.2f}]")
+    return way
 
 
 def synchronize(device):
@@ -354,6 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-references", action="store_true",
                         help="skip the comparison with llama2.c's and nanoGPT's models (and our hand-written "
                              "attention) at the same shape")
+    parser.add_argument("--references-only", action="store_true",
+                        help="time only the comparison with llama2.c's and nanoGPT's models (no per-precision "
+                             "table of our model, no generation)")
+    parser.add_argument("--nanogpt-model", default=None, metavar="PATH",
+                        help="your copy of nanoGPT's model.py: its GPT (bias=False, dropout 0) is timed beside the "
+                             "rebuild in llm/reference_models.py")
+    parser.add_argument("--llama2c-model", default=None, metavar="PATH",
+                        help="your copy of llama2.c's model.py: its Transformer is timed beside the rebuild in "
+                             "llm/reference_models.py")
     parser.add_argument("--out", default="runs/llm/bench.json", help="where to write the measurements as JSON")
     parser.add_argument("--hf-generation", action="store_true",
                         help="instead: our model against transformers at the SmolLM2-135M shape (random weights): "
@@ -407,6 +434,30 @@ def compare_generation(config, device, lengths: list, rounds: int) -> dict:
     return results
 
 
+def import_originals(args) -> dict:
+    """--nanogpt-model / --llama2c-model: {"nanoGPT": module or None, "llama2.c": module or None}; a file that is
+    missing or cannot be imported ends the bench with one line."""
+    if args.skip_references and (args.nanogpt_model or args.llama2c_model):
+        sys.exit("error: --nanogpt-model and --llama2c-model are timed in the reference comparison: "
+                 "drop --skip-references")
+    originals = {}
+    for name, flag, path, needed in (("nanoGPT", "--nanogpt-model", args.nanogpt_model, ("GPT", "GPTConfig")),
+                                     ("llama2.c", "--llama2c-model", args.llama2c_model, ("Transformer", "ModelArgs"))):
+        originals[name] = None
+        if not path:
+            continue
+        if not Path(path).is_file():
+            sys.exit(f"error: {flag} {path}: no such file")
+        try:
+            module = import_model_file(path, f"original_{name.replace('.', '_')}_model")
+        except Exception as error:  # noqa: BLE001 - any error of someone else's file: one line, no traceback
+            sys.exit(f"error: {flag} {path} cannot be imported ({type(error).__name__}: {error})")
+        if not all(hasattr(module, attribute) for attribute in needed):
+            sys.exit(f"error: {flag} {path} defines no {' and '.join(needed)}: is it {name}'s model.py?")
+        originals[name] = module
+    return originals
+
+
 def main():
     if "--chat" in sys.argv[1:]:  # the chat's own bench, with its own flags (python llm/chat_bench.py --help)
         from llm.chat_bench import main as chat_bench
@@ -415,6 +466,7 @@ def main():
     args = build_parser().parse_args()
     if args.hf_generation:
         return bench_hf_generation(args)
+    originals = import_originals(args)
     try:
         device = pick_device(args.device)
     except ValueError as error:
@@ -429,13 +481,16 @@ def main():
         print(f"compiled runs skipped: {problem}")
     results["compile_problem"] = problem
     compile_too = not (args.skip_compile or problem)
-    results["training"] = compare_training(config, train_args, device, args.train_steps, args.rounds, precisions,
-                                           compile_too)
-    results["train_tokens_per_s_float32"] = results["training"]["ways"]["eager_float32"]["tokens_per_s"]["median"]
+    if not args.references_only:
+        results["training"] = compare_training(config, train_args, device, args.train_steps, args.rounds, precisions,
+                                               compile_too)
+        results["train_tokens_per_s_float32"] = results["training"]["ways"]["eager_float32"]["tokens_per_s"]["median"]
     if not args.skip_references:
         ways = [(name, compiled) for compiled in ([False, True] if compile_too else [False]) for name in precisions]
-        results["references"] = compare_references(config, train_args, device, args.train_steps, args.rounds, ways)
-    results.update(compare_generation(config, device, args.gen_lengths, args.rounds))
+        results["references"] = compare_references(config, train_args, device, args.train_steps, args.rounds, ways,
+                                                   originals)
+    if not args.references_only:
+        results.update(compare_generation(config, device, args.gen_lengths, args.rounds))
     results["peak_memory_mb"] = peak_memory_mb(device)
     print(f"peak memory of this process: {results['peak_memory_mb']:.0f} MiB")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

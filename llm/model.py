@@ -102,41 +102,56 @@ def rope_cos_sin(config: LlamaConfig, length: int) -> tuple[torch.Tensor, torch.
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Eq. 5: rotate each channel pair (x_i, x_{i+d/2}) of x (B, heads, T, head_dim) by the angle m * theta_i."""
+    """Eq. 5: rotate each channel pair (x_i, x_{i+d/2}) of x (..., head_dim) by the angle m * theta_i.
+
+    cos and sin (..., head_dim/2) broadcast against x's halves: (T, 1, hd/2) for x (B, T, heads, head_dim).
+    """
     # rotate in fp32 at least: one conversion of a bf16 x (not bf16 x fp32 products element by element), none of
     # an fp32 x, and a float64 model keeps float64
     first, second = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)  # each (B, heads, T, hd/2)
     rotated_first = first * cos - second * sin
     rotated_second = first * sin + second * cos
-    return torch.cat([rotated_first, rotated_second], dim=-1).type_as(x)  # (B, heads, T, head_dim)
+    return torch.cat([rotated_first, rotated_second], dim=-1).type_as(x)  # x's shape
 
 
 def handwritten_causal_attention(query, key, value, query_start: int = 0) -> torch.Tensor:
     """Eq. 6: softmax(q k^T / sqrt(d) + causal mask) v, with the softmax written out.
 
-    query (B, H, Tq, hd) holds positions query_start..query_start+Tq-1; key/value (B, H, Tk, hd) positions 0..Tk-1.
+    query (B, H, Tq, hd) holds positions query_start..query_start+Tq-1; key/value (B, Hkv, Tk, hd) positions
+    0..Tk-1, each of the Hkv heads serving the H / Hkv query heads next to each other (grouped-query attention).
     """
-    scores = query @ key.transpose(-2, -1) / math.sqrt(query.size(-1))  # (B, H, Tq, Tk)
-    query_positions = torch.arange(query_start, query_start + query.size(-2), device=query.device)
+    batch, heads, length, head_dim = query.shape
+    kv_heads = key.size(1)
+    group = heads // kv_heads
+    # the `group` query heads of one key/value head become extra rows of queries: each key is read in place, not copied
+    query = query.reshape(batch, kv_heads, group * length, head_dim)  # (B, Hkv, group*Tq, hd)
+    scores = query @ key.transpose(-2, -1) / math.sqrt(head_dim)  # (B, Hkv, group*Tq, Tk)
+    query_positions = torch.arange(query_start, query_start + length, device=query.device).repeat(group)  # (g*Tq,)
     key_positions = torch.arange(key.size(-2), device=query.device)
-    future = key_positions[None, :] > query_positions[:, None]  # (Tq, Tk): True where a key lies in the future
+    future = key_positions[None, :] > query_positions[:, None]  # (group*Tq, Tk): True where a key lies in the future
     scores = scores.masked_fill(future, float("-inf"))
     # softmax by hand: subtract the row maximum so exp never overflows, exponentiate, normalise. The shift leaves the
     # softmax unchanged, so it is a constant for the gradient (detach): its backward would add exactly nothing, and
     # compiled in bf16 it divides by zero (llm/README.md, Lab notes)
     scores = scores - scores.amax(dim=-1, keepdim=True).detach()
     weights = scores.exp()
-    weights = weights / weights.sum(dim=-1, keepdim=True)  # (B, H, Tq, Tk), rows sum to 1
-    return weights @ value  # (B, H, Tq, hd)
+    weights = weights / weights.sum(dim=-1, keepdim=True)  # (B, Hkv, group*Tq, Tk), rows sum to 1
+    return (weights @ value).view(batch, heads, length, head_dim)  # (B, H, Tq, hd)
 
 
 def fused_causal_attention(query, key, value, query_start: int = 0) -> torch.Tensor:
-    """The same computation through torch's fused scaled_dot_product_attention."""
+    """The same computation through torch's fused scaled_dot_product_attention, which reads each key/value head
+    for its group of query heads in place (enable_gqa) instead of copying it."""
+    if query.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # a CPU's fused kernel runs its bf16 backward at half the speed of its fp32 one (llm/README.md, Lab notes):
+        # under bf16 autocast the attention stays in fp32 there; the matrix products around it are still bf16
+        with torch.autocast("cpu", enabled=False):
+            return fused_causal_attention(query.float(), key.float(), value.float(), query_start)
     if query_start == 0 and query.size(-2) == key.size(-2):
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True)
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
     query_positions = torch.arange(query_start, query_start + query.size(-2), device=query.device)
     allowed = torch.arange(key.size(-2), device=query.device)[None, :] <= query_positions[:, None]  # (Tq, Tk)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, enable_gqa=True)
 
 
 class KVCache:
@@ -187,11 +202,13 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, start: int = 0, attention_mask=None):
         batch, length, _ = x.shape  # (B, T, d_model)
-        query, key, value = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)  # (B, T, H*hd), (B, T, Hkv*hd) twice
-        query = query.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        key = key.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        value = value.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+        heads, kv_heads = self.n_heads, self.n_kv_heads
+        qkv = self.qkv_proj(x).view(batch, length, heads + 2 * kv_heads, self.head_dim)  # (B, T, H + 2 Hkv, hd)
+        query_key, value = qkv.split([heads + kv_heads, kv_heads], dim=2)  # (B, T, H + Hkv, hd), (B, T, Hkv, hd)
+        # the H query heads and Hkv key heads sit side by side: one rotation turns them all (cos/sin (.., T, 1, hd/2))
+        query_key = apply_rope(query_key, cos.unsqueeze(-2), sin.unsqueeze(-2))  # (B, T, H + Hkv, hd)
+        query, key = query_key.split([heads, kv_heads], dim=2)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
             key, value = cache.update(layer, key, value)  # each (B, Hkv, start+T, hd)
         group = self.n_heads // self.n_kv_heads
@@ -202,11 +219,9 @@ class Attention(nn.Module):
             attended = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask)  # (B,Hkv,group,hd)
             attended = attended.reshape(batch, self.n_heads, 1, self.head_dim)  # (B, H, 1, hd)
             return self.out_proj(attended.transpose(1, 2).reshape(batch, 1, -1))  # (B, 1, d_model)
-        if group > 1:  # each key/value head serves `group` query heads
-            key = key.repeat_interleave(group, dim=1)  # (B, H, Tk, hd)
-            value = value.repeat_interleave(group, dim=1)
         if attention_mask is not None:  # rows of different lengths: each query sees the keys its mask allows
-            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)  # (B, H, T, hd)
+            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                      enable_gqa=True)  # (B, H, T, hd)
         else:
             attended = self.attend(query, key, value, start)  # (B, H, T, hd)
         return self.out_proj(attended.transpose(1, 2).reshape(batch, length, -1))  # (B, T, d_model)
@@ -295,8 +310,8 @@ class Llama(nn.Module):
         start = cache.length if cache is not None and positions is None else 0
         length = tokens.size(1)
         if positions is not None:
-            cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, head_dim/2): each row turned by its own positions
-            sin = self.rope_sin[positions].unsqueeze(1)
+            cos = self.rope_cos[positions]  # (B, T, head_dim/2): each row turned by its own positions
+            sin = self.rope_sin[positions]
         elif start + length > self.rope_cos.size(0):
             raise ValueError(f"sequence of {start + length} positions exceeds the rope table ({self.rope_cos.size(0)})")
         else:

@@ -214,18 +214,18 @@ def reference_shape(config: LlamaConfig):
 
     return ReferenceShape(vocab_size=config.vocab_size, context_length=config.context_length, d_model=config.d_model,
                           n_layers=config.n_layers, n_heads=config.n_heads, n_kv_heads=config.n_kv_heads,
-                          ffn_hidden=config.ffn_hidden, norm_eps=config.norm_eps, rope_theta=config.rope_theta)
+                          norm_eps=config.norm_eps, rope_theta=config.rope_theta)
 
 
 def test_the_llama2c_reference_computes_our_model_given_our_weights():
     """bench.py compares speed at the same shape; this shows it is the same function, not just the same size."""
     from llm.hf import halves_to_neighbour_pairs, hf_tensors_from_ours
-    from llm.reference_models import Llama2cTransformer
+    from llm.reference_models import build_llama2c
 
     torch.manual_seed(0)
     config = tiny_config()
     ours = Llama(config).double()
-    reference = Llama2cTransformer(reference_shape(config)).double()
+    reference = build_llama2c(reference_shape(config)).double()
     assert sum(p.numel() for p in reference.parameters()) == ours.num_parameters()
     tensors = hf_tensors_from_ours(ours)
     state = {"tok_embeddings.weight": tensors["model.embed_tokens.weight"], "norm.weight": tensors["model.norm.weight"]}
@@ -245,7 +245,7 @@ def test_the_llama2c_reference_computes_our_model_given_our_weights():
             mine + "ffn_norm.weight": tensors[hf + "post_attention_layernorm.weight"],
         })
     state["output.weight"] = state["tok_embeddings.weight"]
-    reference.load_state_dict(state)
+    reference.model.load_state_dict(state)
     inputs, targets = torch.randint(0, config.vocab_size, (2, 3, config.context_length))
     our_logits, our_loss = ours(inputs, targets)
     their_logits, their_loss = reference(inputs, targets)
@@ -289,3 +289,98 @@ def test_the_bench_marks_a_way_whose_loss_is_not_finite():
     config = tiny_config()
     assert not TrainingRun(config, train_args, CPU, "float32", False, batch_size=2, model=NotFinite()).finite
     assert TrainingRun(config, train_args, CPU, "float32", False, batch_size=2).finite
+
+
+def test_the_nanogpt_reference_has_no_biases_as_its_training_script_sets():
+    """nanoGPT's train.py sets bias = False: no bias in any Linear or LayerNorm; what is left is GPT-2's weights."""
+    from llm.reference_models import build_nanogpt
+
+    config = tiny_config()
+    model = build_nanogpt(reference_shape(config))
+    assert not [name for name, _ in model.named_parameters() if name.endswith("bias")]
+    d, layers = config.d_model, config.n_layers
+    per_layer = 3 * d * d + d * d + 2 * 4 * d * d + 2 * d  # c_attn, c_proj, the MLP, two LayerNorm gains
+    expected = config.vocab_size * d + config.context_length * d + layers * per_layer + d  # tied wte, wpe, ln_f
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_bench_builds_a_reference_from_a_readers_model_file(tmp_path):
+    """--nanogpt-model / --llama2c-model import a model.py from a path; a file with the originals' names builds and
+    trains in the bench's step (here one that re-exports the rebuilds under those names)."""
+    from llm.bench import TrainingRun, default_config
+    from llm.reference_models import REFERENCE_MODELS, import_model_file
+
+    files = {"nanoGPT": "from llm.reference_models import NanoGPT as GPT, NanoGPTConfig as GPTConfig\n",
+             "llama2.c": "from llm.reference_models import Llama2cTransformer as Transformer\n"
+                         "from llm.reference_models import Llama2cArgs as ModelArgs\n"}
+    config = tiny_config()
+    _, train_args = default_config()
+    for name, text in files.items():
+        path = tmp_path / f"{name}.py"
+        path.write_text(text)
+        module = import_model_file(str(path), f"test_original_{name.replace('.', '_')}")
+        torch.manual_seed(0)
+        rebuilt = REFERENCE_MODELS[name](reference_shape(config))
+        torch.manual_seed(0)
+        imported = REFERENCE_MODELS[name](reference_shape(config), module)
+        inputs, targets = torch.randint(0, config.vocab_size, (2, 2, config.context_length))  # (B, T) each
+        assert torch.equal(rebuilt(inputs, targets)[1], imported(inputs, targets)[1])
+        run = TrainingRun(config, train_args, CPU, "float32", False, batch_size=2, model=imported)
+        assert run.finite
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", ["--nanogpt-model", "--llama2c-model"])
+def test_bench_refuses_a_missing_or_foreign_model_file_in_one_line(flag, tmp_path, run_cli):
+    foreign = tmp_path / "model.py"
+    foreign.write_text("x = 1\n")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def (:\n")
+    for path, words in ((tmp_path / "absent.py", "no such file"), (foreign, "defines no"),
+                        (broken, "cannot be imported")):
+        result = run_cli("llm/bench.py", flag, str(path), "--references-only", env={"OMP_NUM_THREADS": "1"})
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and len(lines) == 1 and words in lines[0], result.stderr[-500:]
+
+
+def copied_heads_attention(query, key, value, query_start):
+    """Grouped-query attention written plainly: every key/value head copied for its group, an explicit mask."""
+    group = query.size(1) // key.size(1)
+    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)  # (B, H, Tk, hd)
+    query_positions = torch.arange(query_start, query_start + query.size(2))
+    allowed = torch.arange(key.size(2))[None, :] <= query_positions[:, None]  # (Tq, Tk)
+    scores = (query @ key.transpose(-2, -1) / query.size(-1) ** 0.5).masked_fill(~allowed, float("-inf"))
+    return scores.softmax(dim=-1) @ value  # (B, H, Tq, hd)
+
+
+@pytest.mark.parametrize("query_start", [0, 5])  # training / a prompt read after 5 cached positions
+def test_both_attentions_read_key_value_heads_in_place_like_copied_heads(query_start):
+    """The fused kernel (enable_gqa) and the hand-written attention (a group's queries as extra rows) give the
+    outputs and gradients of copying each key/value head for its query heads."""
+    from llm.model import fused_causal_attention, handwritten_causal_attention
+
+    torch.manual_seed(0)
+    query = torch.randn(2, 4, 7, 8, dtype=torch.float64, requires_grad=True)  # (B, H, Tq, hd)
+    key, value = (torch.randn(2, 2, query_start + 7, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    expected = copied_heads_attention(query, key, value, query_start)
+    expected_gradients = torch.autograd.grad(expected.square().sum(), (query, key, value))
+    for attend in (fused_causal_attention, handwritten_causal_attention):
+        attended = attend(query, key, value, query_start)
+        torch.testing.assert_close(attended, expected, msg=attend.__name__)
+        for gradient, wanted in zip(torch.autograd.grad(attended.square().sum(), (query, key, value)),
+                                    expected_gradients):
+            torch.testing.assert_close(gradient, wanted, msg=attend.__name__)
+
+
+def test_fused_attention_runs_in_fp32_under_bf16_autocast_on_a_cpu():
+    """Under bf16 autocast on a CPU the attention kernel gets fp32 inputs (its bf16 backward is the slower one there):
+    its output is fp32 and equals the fp32 computation of the same inputs."""
+    from llm.model import fused_causal_attention
+
+    query, key, value = torch.randn(1, 4, 16, 8).bfloat16(), torch.randn(1, 2, 16, 8).bfloat16(), torch.randn(
+        1, 2, 16, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attended = fused_causal_attention(query, key, value)
+    assert attended.dtype == torch.float32
+    expected = copied_heads_attention(query.float(), key.float(), value.float(), 0)
+    torch.testing.assert_close(attended, expected, atol=1e-5, rtol=1e-5)
