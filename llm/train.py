@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=positive_int, default=8, help="sequences per micro-batch (per process)")
     train.add_argument("--grad-accum", type=positive_int, default=1,
                        help="micro-batches accumulated per optimizer step")
-    train.add_argument("--max-steps", type=positive_int, default=5000, help="optimizer steps")
+    train.add_argument("--max-steps", type=positive_int, default=9000, help="optimizer steps")
     train.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate")
     train.add_argument("--min-lr-ratio", type=fraction, default=0.1, help="final learning rate as a fraction of --lr")
     train.add_argument("--warmup-steps", type=non_negative_int, default=100, help="linear warmup steps")

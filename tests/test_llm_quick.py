@@ -47,7 +47,8 @@ def test_resume_with_quick_continues_a_quick_run_and_refuses_another():
     take_saved_settings(args, settings_given(argv), saved_args(["--quick"]), world_size=1)  # the same: accepted
     assert args.max_steps == QUICK["max_steps"]
     args = parse_args(argv)  # a default run resumed with --quick: the preset's steps are a changed setting
-    with pytest.raises(CheckpointError, match=f"^--max-steps was 5000 in the saved run and is {QUICK['max_steps']}"):
+    default_steps = parse_args([]).max_steps
+    with pytest.raises(CheckpointError, match=f"^--max-steps was {default_steps} in the saved run and is {QUICK['max_steps']}"):
         take_saved_settings(args, settings_given(argv), saved_args([]), world_size=1)
 
 
