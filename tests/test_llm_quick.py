@@ -48,7 +48,8 @@ def test_resume_with_quick_continues_a_quick_run_and_refuses_another():
     assert args.max_steps == QUICK["max_steps"]
     args = parse_args(argv)  # a default run resumed with --quick: the preset's steps are a changed setting
     default_steps = parse_args([]).max_steps
-    with pytest.raises(CheckpointError, match=f"^--max-steps was {default_steps} in the saved run and is {QUICK['max_steps']}"):
+    changed = f"^--max-steps was {default_steps} in the saved run and is {QUICK['max_steps']}"
+    with pytest.raises(CheckpointError, match=changed):
         take_saved_settings(args, settings_given(argv), saved_args([]), world_size=1)
 
 
