@@ -385,6 +385,7 @@ def dpo_step(run: PreferenceRun, step: int) -> dict:
 
 def preference_loop(run: PreferenceRun, start_step: int, best_val_loss: float) -> tuple[str, int]:
     """Steps to --max-steps with held-out metrics, checkpoints and Ctrl-C; returns (status, last step)."""
+    from llm.sft import save_best_and_last
     from llm.train import learning_rate
 
     args, out_dir = run.args, run.out_dir
@@ -408,10 +409,7 @@ def preference_loop(run: PreferenceRun, start_step: int, best_val_loss: float) -
             progress.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['train_accuracy']:.2f}")
             if completed % args.eval_every == 0 or completed == args.max_steps:
                 record.update(run.evaluate())
-                if record["val_loss"] < best_val_loss:
-                    best_val_loss = record["val_loss"]
-                    save_checkpoint(out_dir / "best.pt", run.state(completed, best_val_loss))
-                save_checkpoint(out_dir / "last.pt", run.state(completed, best_val_loss))
+                best_val_loss = save_best_and_last(out_dir, run, completed, record["val_loss"], best_val_loss)
                 progress.write(f"step {completed}: held-out loss {record['val_loss']:.3f}, preference accuracy "
                                f"{record['val_accuracy']:.3f}, reward margin {record['val_margin']:.3f}")
             metrics_file.write(json.dumps(record) + "\n")

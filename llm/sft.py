@@ -486,10 +486,7 @@ def train_loop(run: Run, start_step: int, best_val_loss: float) -> tuple[str, in
         if completed % args.eval_every == 0 or completed == args.max_steps:
             if run.is_main:
                 record.update(run.validation())
-                if record["val_loss"] < best_val_loss:
-                    best_val_loss = record["val_loss"]
-                    save_checkpoint(out_dir / "best.pt", run.state(completed, best_val_loss))
-                save_checkpoint(out_dir / "last.pt", run.state(completed, best_val_loss))
+                best_val_loss = save_best_and_last(out_dir, run, completed, record["val_loss"], best_val_loss)
                 progress.write(f"step {completed}: train {loss:.3f}, held-out answers {record['val_loss']:.3f} "
                                f"(" + ", ".join(f"{k[9:]} {v:.3f}" for k, v in record.items()
                                                 if k.startswith("val_loss_")) + ")")
@@ -590,6 +587,15 @@ def main(argv=None):
     if stopped_early(status, step, args, "llm/sft.py", "training loss"):
         return
     print(f"wrote {finish(run)} (chat with it: python llm/chat.py --checkpoint {run.out_dir / 'model.pt'})")
+
+
+def save_best_and_last(out_dir: Path, run, completed: int, val_loss: float, best_val_loss: float) -> float:
+    """Write last.pt, and best.pt first when `val_loss` beats the best so far; the best held-out loss after it."""
+    if val_loss < best_val_loss:
+        best_val_loss = val_loss
+        save_checkpoint(out_dir / "best.pt", run.state(completed, best_val_loss))
+    save_checkpoint(out_dir / "last.pt", run.state(completed, best_val_loss))
+    return best_val_loss
 
 
 def stopped_early(status: str, step: int, args, script: str, what: str) -> bool:
