@@ -110,7 +110,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, defaults: dict) -> N
     train.add_argument("--overwrite", action="store_true", help="replace the run already in --out-dir")
     train.add_argument("--quick", action="store_true", help="a short run on fewer examples (about 5 min on 2 cores)")
     train.add_argument("--stop-at-step", type=non_negative_int, default=0,
-                       help="stop after this step as if interrupted (tests)")
+                       help=argparse.SUPPRESS)  # tests: stop after this step as if interrupted
 
 
 def build_parser() -> argparse.ArgumentParser:
