@@ -59,7 +59,11 @@ class LlamaConfig:
 
 
 class RMSNorm(nn.Module):
-    """Eq. 1: x / sqrt(mean(x^2) + eps) * gain. No mean subtraction and no bias, unlike LayerNorm."""
+    """Eq. 1: x / sqrt(mean(x^2) + eps) * gain. No mean subtraction and no bias, unlike LayerNorm.
+
+    The backward pass is written out (RMSNormFunction, Eq. 1b) rather than recorded op by op: a few passes over x
+    where autograd's record of the forward takes about a dozen.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -67,9 +71,36 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_float = x.float()  # the mean of squares in fp32 even under bf16 autocast (a no-op when x is fp32)
-        root_mean_square = torch.rsqrt(x_float.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # (..., 1)
-        return (x_float * root_mean_square).type_as(x) * self.weight
+        return RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Eq. 1 forward; Eq. 1b backward. With x_hat = x r, r = (mean(x^2) + eps)^(-1/2) and h = dL/dy * g:
+
+        dL/dg = sum over positions of dL/dy * x_hat,    dL/dx = r (h - x_hat mean(h * x_hat))
+
+    (r depends on every x_j: dr/dx_j = -r^3 x_j / d, which gives the second term.)
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x_float = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 even under bf16 autocast; float64 stays
+        inverse_rms = torch.rsqrt(x_float.pow(2).mean(dim=-1, keepdim=True) + eps)  # r (..., 1)
+        ctx.save_for_backward(x, weight, inverse_rms)
+        return (x_float * inverse_rms).type_as(x) * weight  # (..., d)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight, inverse_rms = ctx.saved_tensors
+        normalized = x.to(inverse_rms.dtype) * inverse_rms  # x_hat (..., d)
+        grad_output = grad_output.to(inverse_rms.dtype)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_output * normalized.type_as(x)).reshape(-1, x.size(-1)).sum(0).type_as(weight)  # (d,)
+        grad_normalized = grad_output * weight  # h (..., d)
+        projection = (grad_normalized * normalized).mean(dim=-1, keepdim=True)  # (..., 1)
+        grad_x = (grad_normalized - normalized * projection) * inverse_rms  # (..., d)
+        return grad_x.type_as(x), grad_weight, None
 
 
 def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
@@ -101,17 +132,37 @@ def rope_cos_sin(config: LlamaConfig, length: int) -> tuple[torch.Tensor, torch.
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Eq. 5: rotate each channel pair (x_i, x_{i+d/2}) of x (..., head_dim) by the angle m * theta_i.
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Eq. 5: turn each channel pair (x_i, x_{i+d/2}) of x (..., head_dim) by the angle whose cos and sin are given.
 
     cos and sin (..., head_dim/2) broadcast against x's halves: (T, 1, hd/2) for x (B, T, heads, head_dim).
     """
     # rotate in fp32 at least: one conversion of a bf16 x (not bf16 x fp32 products element by element), none of
     # an fp32 x, and a float64 model keeps float64
-    first, second = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)  # each (B, heads, T, hd/2)
+    first, second = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)  # each (..., hd/2)
     rotated_first = first * cos - second * sin
     rotated_second = first * sin + second * cos
     return torch.cat([rotated_first, rotated_second], dim=-1).type_as(x)  # x's shape
+
+
+class RotaryFunction(torch.autograd.Function):
+    """RoPE with its backward written out: a rotation is orthogonal, so the gradient of R(m theta) x with respect
+    to x is R(m theta)^T dL/dy = R(-m theta) dL/dy, the same rotation turned back (cos stays, sin changes sign)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        cos, sin = ctx.saved_tensors
+        return rotate(grad_output, cos, -sin), None, None
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Eq. 5 on queries or keys x (..., head_dim) at the positions whose cos/sin (..., head_dim/2) are given."""
+    return RotaryFunction.apply(x, cos, sin)
 
 
 def handwritten_causal_attention(query, key, value, query_start: int = 0) -> torch.Tensor:
@@ -154,6 +205,38 @@ def fused_causal_attention(query, key, value, query_start: int = 0) -> torch.Ten
     return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, enable_gqa=True)
 
 
+class CrossEntropyFunction(torch.autograd.Function):
+    """The training loss, the mean over positions of -log softmax(z)_y (Eq. 12's exponent), with its gradient
+    written out: d loss / d z = (softmax(z) - onehot(y)) / N, one pass over the logits where autograd's record
+    takes three. Positions whose target is -100 count nowhere, as in F.cross_entropy."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        log_probs = torch.log_softmax(logits.float(), dim=-1)  # (N, V), in fp32 even for bf16 logits
+        kept = targets != IGNORE_INDEX  # (N,)
+        count = kept.sum()
+        picked = log_probs.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)  # (N,): log p(y_t)
+        ctx.save_for_backward(log_probs, targets, kept, count)
+        ctx.logits_dtype = logits.dtype
+        return -(picked * kept).sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        log_probs, targets, kept, count = ctx.saved_tensors
+        row_scale = (kept * (grad_loss / count))[:, None]  # (N, 1): 1/N for a counted position, 0 for an ignored one
+        grad = log_probs.exp().mul_(row_scale)  # softmax(z) / N  (N, V)
+        grad.scatter_add_(1, targets.clamp(min=0)[:, None], -row_scale)  # minus onehot(y) / N
+        return grad.to(ctx.logits_dtype), None
+
+
+IGNORE_INDEX = -100
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (N, V) against targets (N,); F.cross_entropy is its torch reference (tested)."""
+    return CrossEntropyFunction.apply(logits, targets)
+
+
 class KVCache:
     """Keys and values of every layer for positions generated so far, sized for n_kv_heads (not n_heads).
 
@@ -186,6 +269,9 @@ class KVCache:
         return self.keys.numel() * self.keys.element_size() * 2
 
 
+ATTENTION_IMPLS = {"handwritten": handwritten_causal_attention, "fused": fused_causal_attention}
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with rotary positions."""
 
@@ -198,7 +284,7 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.d_model, sum(self.qkv_sizes), bias=False)
         self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False)
         self.out_proj.is_residual_output = True
-        self.attend = handwritten_causal_attention if config.attention_impl == "handwritten" else fused_causal_attention
+        self.attend = ATTENTION_IMPLS[config.attention_impl]
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, start: int = 0, attention_mask=None):
         batch, length, _ = x.shape  # (B, T, d_model)
@@ -289,6 +375,14 @@ class Llama(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def set_attention_impl(self, name: str):
+        """Compute Eq. 6 the hand-written or the fused way in every layer from now on (the same function, tested)."""
+        if name not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be handwritten or fused, not {name!r}")
+        self.config.attention_impl = name
+        for block in self.blocks:
+            block.attention.attend = ATTENTION_IMPLS[name]
+
     def num_parameters(self, include_embedding: bool = True) -> int:
         total = sum(parameter.numel() for parameter in self.parameters())
         return total if include_embedding else total - self.embedding.weight.numel()
@@ -327,5 +421,5 @@ class Llama(nn.Module):
             logits = self.output_proj(x)  # (B, T, vocab)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss

@@ -16,7 +16,7 @@ from conftest import train_llm_in_process as train_in_process
 
 from data import fetch
 from llm.generate import generate
-from llm.model import Llama, apply_rope, rope_cos_sin
+from llm.model import Llama, RMSNorm, RMSNormFunction, apply_rope, cross_entropy, rope_cos_sin, rotate
 from llm.prepare import read_token_file, write_token_file
 
 # One thread: tiny tensors gain nothing from more, and on a busy machine extra threads only wait for cores.
@@ -63,6 +63,61 @@ def test_tiny_pipeline_trains_with_falling_loss_and_writes_everything(corpus, ru
     metrics = json.loads(evaluation.stdout)  # stdout holds the JSON line alone (the progress bars go to stderr)
     assert {"loss", "bits_per_byte", "word_perplexity"} <= metrics["valid"].keys() & metrics["test"].keys()
     assert token_file.stat().st_mtime_ns == before
+
+
+def test_handwritten_rms_norm_backward_matches_torch_rms_norm_and_gradcheck():
+    torch.manual_seed(0)
+    norm = RMSNorm(12).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    weight = norm.weight.detach().clone().requires_grad_()
+    torch.autograd.gradcheck(lambda inputs, gain: RMSNormFunction.apply(inputs, gain, norm.eps), (x, weight))
+    ours = norm(x)
+    reference_x = x.detach().clone().requires_grad_()
+    reference_weight = norm.weight.detach().clone().requires_grad_()
+    reference = torch.nn.functional.rms_norm(reference_x, (12,), reference_weight, norm.eps)
+    torch.testing.assert_close(ours, reference)
+    upstream = torch.randn_like(ours)
+    ours.backward(upstream)
+    reference.backward(upstream)
+    torch.testing.assert_close(x.grad, reference_x.grad)
+    torch.testing.assert_close(norm.weight.grad, reference_weight.grad)
+
+
+def test_rope_backward_is_the_rotation_turned_back():
+    torch.manual_seed(0)
+    cos, sin = rope_cos_sin(tiny_config(), 6)  # (6, hd/2)
+    cos, sin = cos.double()[:, None], sin.double()[:, None]  # (T, 1, hd/2) against x (B, T, heads, hd)
+    x = torch.randn(2, 6, 3, 8, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda inputs: apply_rope(inputs, cos, sin), (x,))
+    upstream = torch.randn(2, 6, 3, 8, dtype=torch.float64)
+    apply_rope(x, cos, sin).backward(upstream)
+    recorded = x.detach().clone().requires_grad_()
+    rotate(recorded, cos, sin).backward(upstream)  # autograd's record of the same rotation
+    torch.testing.assert_close(x.grad, recorded.grad)
+    torch.testing.assert_close(x.grad, rotate(upstream, cos, -sin))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_handwritten_cross_entropy_matches_torch_loss_and_gradient_with_ignored_targets(dtype):
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(10, 7)).to(dtype)
+    targets = torch.randint(0, 7, (10,))
+    targets[[2, 5]] = -100  # ignored positions: in neither the mean nor the gradient
+    ours_logits, reference_logits = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = cross_entropy(ours_logits, targets)
+    reference = torch.nn.functional.cross_entropy(reference_logits.float(), targets)
+    torch.testing.assert_close(ours, reference)
+    (2 * ours).backward()
+    (2 * reference).backward()
+    assert ours_logits.grad.dtype == dtype
+    torch.testing.assert_close(ours_logits.grad, reference_logits.grad)
+    assert ours_logits.grad[[2, 5]].abs().max() == 0
+    probabilities = torch.softmax(logits.float()[0], dim=-1)  # softmax minus one-hot, over the 8 counted positions
+    expected = 2 * (probabilities - torch.nn.functional.one_hot(targets[0], 7)) / 8
+    torch.testing.assert_close(ours_logits.grad[0].float(), expected, atol=1e-2 if dtype == torch.bfloat16 else 1e-6,
+                               rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
 def test_handwritten_attention_matches_fused_outputs_and_gradients():
@@ -183,7 +238,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpus
     import llm.model
 
     out_dir = corpus["root"] / "diverging"
-    real_cross_entropy, calls = llm.model.F.cross_entropy, {"count": 0}
+    real_cross_entropy, calls = llm.model.cross_entropy, {"count": 0}
 
     def cross_entropy_that_breaks(*arguments, **keywords):
         calls["count"] += 1
@@ -192,13 +247,29 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpus
 
     common = [*TINY, "--text-file", corpus["text_file"], "--data-dir", corpus["data_dir"], "--out-dir", str(out_dir),
               "--max-steps", "10", "--eval-every", "2", "--eval-batches", "1", "--num-samples", "0"]
-    monkeypatch.setattr(llm.model.F, "cross_entropy", cross_entropy_that_breaks)
+    monkeypatch.setattr(llm.model, "cross_entropy", cross_entropy_that_breaks)
     with pytest.raises(SystemExit) as stopped:
         train_in_process(*common)
     assert stopped.value.code == 1
     assert "loss is not finite at step" in capsys.readouterr().err
     checkpoint = torch.load(out_dir / "last.pt", weights_only=True)
     assert checkpoint["step"] < 10 and all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compile_mode, expected", [("on", "handwritten"), ("off", "fused")])
+def test_auto_attention_is_handwritten_exactly_when_compiled_on_a_cpu(corpus, compile_mode, expected, capsys):
+    from llm.train import compiler_problem
+
+    if compile_mode == "on" and compiler_problem("cpu"):
+        pytest.skip(compiler_problem("cpu"))
+    out_dir = corpus["root"] / f"attention-{compile_mode}"
+    train_in_process(*TINY, "--text-file", corpus["text_file"], "--data-dir", corpus["data_dir"], "--out-dir",
+                     str(out_dir), "--max-steps", "2", "--eval-every", "2", "--eval-batches", "1", "--num-samples", "0",
+                     "--no-final-eval", "--compile", compile_mode)
+    assert f"attention: {expected} (auto)" in capsys.readouterr().out
+    checkpoint = torch.load(out_dir / "last.pt", weights_only=True)
+    assert checkpoint["config"]["attention_impl"] == expected and checkpoint["args"]["attention_impl"] == "auto"
 
 
 def test_token_files_switch_to_uint32_above_65535_tokens_of_vocabulary(tmp_path):
