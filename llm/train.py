@@ -94,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--context-length", type=positive_int, default=128, help="tokens per training sequence")
     model.add_argument("--rope-theta", type=positive_float, default=10000.0, help="RoPE base")
     model.add_argument("--dropout", type=probability, default=0.0, help="dropout on residual branches")
-    model.add_argument("--attention-impl", default="fused", choices=["handwritten", "fused"],
-                       help="hand-written masked softmax or torch's fused scaled_dot_product_attention")
+    model.add_argument("--attention-impl", default="auto", choices=["auto", "handwritten", "fused"],
+                       help="hand-written masked softmax (Eq. 6) or torch's fused scaled_dot_product_attention; "
+                            "auto = hand-written when the model is compiled on a CPU (the compiler fuses it into "
+                            "one loop that is faster there), fused otherwise")
     train = parser.add_argument_group("training")
     train.add_argument("--preset", default=None, choices=sorted(PRESETS), help="a larger GPU configuration")
     train.add_argument("--quick", action="store_true",
@@ -312,7 +314,12 @@ def choose_dtype(device: torch.device, measure=None) -> tuple[str, str]:
     return choice, f"512x512 matmul: bf16 {bf16 / 1e9:.1f} GFLOP/s, fp32 {fp32 / 1e9:.1f} GFLOP/s"
 
 
-COMPILE_PAYS_OFF_S = 300  # compiling costs about a minute and saves a fraction of every step: worth it past ~5 min
+# torch.compile costs a fixed time once and then saves a fraction of every step; --compile auto compiles when the
+# whole run's saving is larger than that cost. Both measured for the default model on a 2-core AMD EPYC (llm/README.md,
+# Lab notes): compiling took 17 s with the compiler's cache warm and 47 s with it empty (the first run on a machine);
+# a compiled step took 25% less time than an eager one in bf16 and 12% less in fp32 (bench.py, training table).
+COMPILE_SECONDS = 60
+COMPILE_SAVES = {"bfloat16": 0.25, "float16": 0.25, "float32": 0.12}
 
 
 @functools.cache
@@ -346,20 +353,23 @@ def eager_step_seconds(model, batch_size: int, context_length: int, grad_accum: 
     return 3 * grad_accum * min(seconds)
 
 
-def decide_compile(mode: str, device, estimated_seconds: float | None) -> tuple[bool, str]:
-    """--compile on/off as given; auto compiles when the compiler works and the run is long enough to repay it.
+def decide_compile(mode: str, device, estimated_seconds: float | None, dtype_name: str = "float32") -> tuple[bool, str]:
+    """--compile on/off as given; auto compiles when the compiler works and the run is long enough to repay it:
+    the time compiling saves over the whole eager estimate (COMPILE_SAVES) exceeds what it costs (COMPILE_SECONDS).
 
     Returns the choice and the header's words for it: "on (...)" or "off (...)" with the reason in brackets.
     """
     if mode != "auto":
         return mode == "on", f"{mode} (--compile {mode})"
-    if estimated_seconds < COMPILE_PAYS_OFF_S:
-        return False, (f"off (about {estimated_seconds / 60:.1f} min of eager training: too short to repay "
-                       f"compiling; auto compiles runs over {COMPILE_PAYS_OFF_S // 60} min)")
+    saved = estimated_seconds * COMPILE_SAVES[dtype_name]
+    estimate = (f"about {estimated_seconds / 60:.1f} min of eager training, of which compiling would save about "
+                f"{saved / 60:.1f} min at a cost of about {COMPILE_SECONDS / 60:.0f} min")
+    if saved < COMPILE_SECONDS:
+        return False, f"off ({estimate}: too short to repay it)"
     problem = compiler_problem(device.type)
     if problem:
         return False, f"off ({problem})"
-    return True, f"on (about {estimated_seconds / 60:.0f} min of eager training: long enough to repay compiling)"
+    return True, f"on ({estimate})"
 
 
 def plot_curves(metrics_path: Path, png_path: Path):
@@ -497,7 +507,7 @@ def build_model(args, device: torch.device) -> Llama:
         config = LlamaConfig(
             vocab_size=args.vocab_size, context_length=args.context_length, n_layers=args.n_layers,
             n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, d_model=args.d_model, rope_theta=args.rope_theta,
-            dropout=args.dropout, attention_impl=args.attention_impl,
+            dropout=args.dropout, attention_impl="fused" if args.attention_impl == "auto" else args.attention_impl,
         )
         return Llama(config).to(device)
     except ValueError as error:
@@ -581,10 +591,12 @@ def compile_and_wrap(run: Run) -> None:
         remaining_steps = max(0, args.max_steps - run.start_step)
         estimated_seconds = remaining_steps * eager_step_seconds(run.model, args.batch_size, args.context_length,
                                                                  args.grad_accum, run.device, run.autocast)
-    decision = decide_compile(args.compile, run.device, estimated_seconds)
+    decision = decide_compile(args.compile, run.device, estimated_seconds, run.dtype_name)
     run.compiled, compile_reason = same_on_every_rank(list(decision), run.distributed)  # every rank runs alike
     if run.compiled and args.compile == "auto":  # should compiling fail after all, train eager rather than stop
         torch._dynamo.config.suppress_errors = True
+    if args.attention_impl == "auto":  # decided with the compile: see --attention-impl
+        run.model.set_attention_impl("handwritten" if run.compiled and run.device.type == "cpu" else "fused")
     run.train_model = torch.compile(run.model) if run.compiled else run.model
     if run.distributed:
         run.train_model = torch.nn.parallel.DistributedDataParallel(run.train_model)
@@ -596,7 +608,8 @@ def compile_and_wrap(run: Run) -> None:
             f"{args.max_steps} steps = {epochs:.2f} epochs; "
             f"matmul peak {run.peak_flops / 1e9:.1f} GFLOP/s in {run.dtype_name}")
     run.log(f"dtype {run.dtype_name} ({run.dtype_reason})")
-    run.log(f"compile: {compile_reason}")
+    run.log(f"compile: {compile_reason}; attention: {run.model.config.attention_impl}"
+            f"{' (auto)' if args.attention_impl == 'auto' else ''}")
 
 
 # ---------------------------------------------------------------------------------------------------- the loop

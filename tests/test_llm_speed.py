@@ -13,7 +13,7 @@ from llm.checkpoint import check_tokenizer
 from llm.generate import generate
 from llm.model import Llama, LlamaConfig, apply_rope
 from llm.prepare import file_sha256, prepare
-from llm.train import COMPILE_PAYS_OFF_S, choose_dtype, compiler_problem, decide_compile
+from llm.train import COMPILE_SAVES, COMPILE_SECONDS, choose_dtype, compiler_problem, decide_compile
 
 # One thread: tiny tensors gain nothing from more, and on a busy machine extra threads only wait for cores.
 torch.set_num_threads(1)
@@ -51,28 +51,37 @@ def test_auto_dtype_measurement_leaves_the_training_rng_where_it_was():
 
 @pytest.mark.slow
 def test_compile_auto_runs_eager_when_the_run_is_too_short_and_on_off_are_obeyed():
-    compiled, reason = decide_compile("auto", CPU, COMPILE_PAYS_OFF_S / 10)
+    # the break-even run: compiling saves exactly what it costs
+    break_even = {name: COMPILE_SECONDS / saves for name, saves in COMPILE_SAVES.items()}
+    assert break_even["float32"] > break_even["bfloat16"]  # fp32 gains less from compiling: it needs a longer run
+    compiled, reason = decide_compile("auto", CPU, 0.9 * break_even["bfloat16"], "bfloat16")
     assert not compiled and reason.startswith("off (about") and "too short" in reason
-    assert decide_compile("off", CPU, 10 * COMPILE_PAYS_OFF_S) == (False, "off (--compile off)")
+    compiled, reason = decide_compile("auto", CPU, 1.5 * break_even["bfloat16"], "float32")
+    assert not compiled and "too short" in reason  # long enough in bf16, not in fp32
+    assert decide_compile("off", CPU, 10 * break_even["float32"]) == (False, "off (--compile off)")
     assert decide_compile("on", CPU, 1.0) == (True, "on (--compile on)")
-    compiled, reason = decide_compile("auto", CPU, 10 * COMPILE_PAYS_OFF_S)
+    compiled, reason = decide_compile("auto", CPU, 1.1 * break_even["float32"], "float32")
     assert compiled == (compiler_problem("cpu") == "")  # a long run compiles exactly where a compiler works
     assert reason.startswith("on (about" if compiled else "off (torch.compile")
 
 
 @pytest.mark.slow
-def test_compiled_model_gives_the_eager_loss():
+def test_compiled_model_gives_the_eager_loss_and_gradients():
+    """The compiler traces the hand-written backward passes (RMSNorm, RoPE, cross-entropy) like any other code."""
     problem = compiler_problem("cpu")
     if problem:
         pytest.skip(problem)
-    model = Llama(tiny_config())
+    eager, compiled = Llama(tiny_config()), Llama(tiny_config())
+    compiled.load_state_dict(eager.state_dict())
     tokens = torch.randint(0, 97, (2, 25))  # (B, T+1)
-    with torch.no_grad():
-        eager_logits, eager_loss = model(tokens[:, :-1], tokens[:, 1:])
-        compiled_logits, compiled_loss = torch.compile(model)(tokens[:, :-1], tokens[:, 1:])
+    eager_logits, eager_loss = eager(tokens[:, :-1], tokens[:, 1:])
+    compiled_logits, compiled_loss = torch.compile(compiled)(tokens[:, :-1], tokens[:, 1:])
     assert compiled_loss.item() == pytest.approx(eager_loss.item(), abs=1e-5)
     torch.testing.assert_close(compiled_logits, eager_logits, atol=1e-5, rtol=1e-4)
-
+    eager_loss.backward()
+    compiled_loss.backward()
+    for (name, expected), (_, got) in zip(eager.named_parameters(), compiled.named_parameters()):
+        torch.testing.assert_close(got.grad, expected.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.slow
