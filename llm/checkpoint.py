@@ -117,6 +117,8 @@ def load_model(checkpoint_path, device) -> tuple[Llama, dict]:
         model.load_state_dict(checkpoint["model"])
     except (RuntimeError, TypeError, ValueError) as error:
         raise CheckpointError(f"checkpoint {path} does not match its config: {str(error).splitlines()[0]}") from None
+    if checkpoint.get("args", {}).get("attention_impl") == "auto":  # the same function; uncompiled, fused is faster
+        model.set_attention_impl("fused")
     return model, checkpoint
 
 

@@ -259,6 +259,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpus
 @pytest.mark.slow
 @pytest.mark.parametrize("compile_mode, expected", [("on", "handwritten"), ("off", "fused")])
 def test_auto_attention_is_handwritten_exactly_when_compiled_on_a_cpu(corpus, compile_mode, expected, capsys):
+    from llm.checkpoint import load_model
     from llm.train import compiler_problem
 
     if compile_mode == "on" and compiler_problem("cpu"):
@@ -270,6 +271,7 @@ def test_auto_attention_is_handwritten_exactly_when_compiled_on_a_cpu(corpus, co
     assert f"attention: {expected} (auto)" in capsys.readouterr().out
     checkpoint = torch.load(out_dir / "last.pt", weights_only=True)
     assert checkpoint["config"]["attention_impl"] == expected and checkpoint["args"]["attention_impl"] == "auto"
+    assert load_model(out_dir / "last.pt", "cpu")[0].config.attention_impl == "fused"  # scoring and generating: eager
 
 
 def test_token_files_switch_to_uint32_above_65535_tokens_of_vocabulary(tmp_path):
