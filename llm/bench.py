@@ -23,6 +23,7 @@ from llm.reference_models import REFERENCE_MODELS, ReferenceShape, import_model_
 from llm.runs import pick_device, positive_int, positive_int_list
 from llm.train import (
     autocast_context,
+    automatic_attention,
     choose_dtype,
     compiler_problem,
     make_optimizer,
@@ -97,9 +98,11 @@ def compare_training(config, train_args, device, steps: int, rounds: int, precis
     runs = {}
     for name, compiled in ways:
         label = f"{'compiled' if compiled else 'eager'}_{name}"
-        runs[label] = TrainingRun(config, train_args, device, name, compiled)
+        # each way with the attention `python llm/train.py` would train it with (--attention-impl auto)
+        way_config = LlamaConfig(**(config.to_dict() | {"attention_impl": automatic_attention(compiled, device.type)}))
+        runs[label] = TrainingRun(way_config, train_args, device, name, compiled)
         print(f"{label:17s}: built{' and compiled' if compiled else ''} in {runs[label].warmup_seconds:.1f} s "
-              f"(two warm-up steps)", flush=True)
+              f"(two warm-up steps), {way_config.attention_impl} attention", flush=True)
     speeds = {label: [] for label in runs}
     for _ in range(rounds):
         for label, run in runs.items():
@@ -112,7 +115,8 @@ def compare_training(config, train_args, device, steps: int, rounds: int, precis
     for (name, compiled), (label, values) in zip(ways, speeds.items()):
         ratios = [value / base for value, base in zip(values, baseline)]  # same round, same moment of the machine
         tokens = spread(values)
-        way = {"dtype": name, "compiled": compiled, "tokens_per_s": tokens, "ratio_to_eager_float32": spread(ratios),
+        way = {"dtype": name, "compiled": compiled, "attention_impl": runs[label].model.config.attention_impl,
+               "tokens_per_s": tokens, "ratio_to_eager_float32": spread(ratios),
                "mfu_of_float32_peak": tokens["median"] * flops_per_token / peaks["float32"],
                "mfu_of_own_peak": tokens["median"] * flops_per_token / peaks[name],
                "warmup_seconds": runs[label].warmup_seconds}

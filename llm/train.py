@@ -372,6 +372,12 @@ def decide_compile(mode: str, device, estimated_seconds: float | None, dtype_nam
     return True, f"on ({estimate})"
 
 
+def automatic_attention(compiled: bool, device_type: str) -> str:
+    """--attention-impl auto: compiled on a CPU the hand-written softmax becomes one generated loop, faster there than
+    the fused kernel at the default context (llm/README.md, Speed); otherwise the fused kernel."""
+    return "handwritten" if compiled and device_type == "cpu" else "fused"
+
+
 def plot_curves(metrics_path: Path, png_path: Path):
     """Train and validation loss against step, each at the steps it was really measured."""
     import matplotlib
@@ -595,8 +601,8 @@ def compile_and_wrap(run: Run) -> None:
     run.compiled, compile_reason = same_on_every_rank(list(decision), run.distributed)  # every rank runs alike
     if run.compiled and args.compile == "auto":  # should compiling fail after all, train eager rather than stop
         torch._dynamo.config.suppress_errors = True
-    if args.attention_impl == "auto":  # decided with the compile: see --attention-impl
-        run.model.set_attention_impl("handwritten" if run.compiled and run.device.type == "cpu" else "fused")
+    if args.attention_impl == "auto":  # decided with the compile
+        run.model.set_attention_impl(automatic_attention(run.compiled, run.device.type))
     run.train_model = torch.compile(run.model) if run.compiled else run.model
     if run.distributed:
         run.train_model = torch.nn.parallel.DistributedDataParallel(run.train_model)

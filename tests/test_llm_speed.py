@@ -13,7 +13,14 @@ from llm.checkpoint import check_tokenizer
 from llm.generate import generate
 from llm.model import Llama, LlamaConfig, apply_rope
 from llm.prepare import file_sha256, prepare
-from llm.train import COMPILE_SAVES, COMPILE_SECONDS, choose_dtype, compiler_problem, decide_compile
+from llm.train import (
+    COMPILE_SAVES,
+    COMPILE_SECONDS,
+    automatic_attention,
+    choose_dtype,
+    compiler_problem,
+    decide_compile,
+)
 
 # One thread: tiny tensors gain nothing from more, and on a busy machine extra threads only wait for cores.
 torch.set_num_threads(1)
@@ -393,3 +400,16 @@ def test_fused_attention_runs_in_fp32_under_bf16_autocast_on_a_cpu():
     assert attended.dtype == torch.float32
     expected = copied_heads_attention(query.float(), key.float(), value.float(), 0)
     torch.testing.assert_close(attended, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bench_times_each_way_with_the_attention_train_py_would_choose():
+    from llm.bench import compare_training, default_config
+
+    assert automatic_attention(True, "cpu") == "handwritten"
+    assert automatic_attention(False, "cpu") == automatic_attention(True, "cuda") == "fused"
+    config = tiny_config()
+    _, train_args = default_config()
+    results = compare_training(config, train_args, CPU, steps=1, rounds=2, precisions=["float32"], compile_too=False)
+    way = results["ways"]["eager_float32"]
+    assert way["attention_impl"] == "fused" and way["loss_finite"] and len(way["tokens_per_s"]["runs"]) == 2
+    assert way["ratio_to_eager_float32"]["median"] == 1.0
