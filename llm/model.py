@@ -205,38 +205,6 @@ def fused_causal_attention(query, key, value, query_start: int = 0) -> torch.Ten
     return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, enable_gqa=True)
 
 
-class CrossEntropyFunction(torch.autograd.Function):
-    """The training loss, the mean over positions of -log softmax(z)_y (Eq. 12's exponent), with its gradient
-    written out: d loss / d z = (softmax(z) - onehot(y)) / N, one pass over the logits where autograd's record
-    takes three. Positions whose target is -100 count nowhere, as in F.cross_entropy."""
-
-    @staticmethod
-    def forward(ctx, logits, targets):
-        log_probs = torch.log_softmax(logits.float(), dim=-1)  # (N, V), in fp32 even for bf16 logits
-        kept = targets != IGNORE_INDEX  # (N,)
-        count = kept.sum()
-        picked = log_probs.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)  # (N,): log p(y_t)
-        ctx.save_for_backward(log_probs, targets, kept, count)
-        ctx.logits_dtype = logits.dtype
-        return -(picked * kept).sum() / count
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        log_probs, targets, kept, count = ctx.saved_tensors
-        row_scale = (kept * (grad_loss / count))[:, None]  # (N, 1): 1/N for a counted position, 0 for an ignored one
-        grad = log_probs.exp().mul_(row_scale)  # softmax(z) / N  (N, V)
-        grad.scatter_add_(1, targets.clamp(min=0)[:, None], -row_scale)  # minus onehot(y) / N
-        return grad.to(ctx.logits_dtype), None
-
-
-IGNORE_INDEX = -100
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits (N, V) against targets (N,); F.cross_entropy is its torch reference (tested)."""
-    return CrossEntropyFunction.apply(logits, targets)
-
-
 class KVCache:
     """Keys and values of every layer for positions generated so far, sized for n_kv_heads (not n_heads).
 
@@ -341,6 +309,39 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, cache=None, layer=0, start=0, attention_mask=None):
         x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache, layer, start, attention_mask))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))  # (B, T, d_model)
+
+
+IGNORE_INDEX = -100  # a target that counts nowhere (a padded position), as in F.cross_entropy
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """The training loss, the mean over positions of -log softmax(z)_y, with its gradient written out (Eq. 12a):
+    d loss / d z = (softmax(z) - onehot(y)) / N, one pass over the logits where autograd's record takes three.
+    Positions whose target is IGNORE_INDEX count nowhere."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        log_probs = torch.log_softmax(logits.float(), dim=-1)  # (N, V), in fp32 even for bf16 logits
+        kept = targets != IGNORE_INDEX  # (N,)
+        count = kept.sum()
+        picked = log_probs.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)  # (N,): log p(y_t)
+        ctx.save_for_backward(log_probs, targets, kept, count)
+        ctx.logits_dtype = logits.dtype
+        return -(picked * kept).sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        log_probs, targets, kept, count = ctx.saved_tensors
+        row_scale = (kept * (grad_loss / count))[:, None]  # (N, 1): 1/N for a counted position, 0 for an ignored one
+        grad = log_probs.exp().mul_(row_scale)  # softmax(z) / N  (N, V)
+        grad.scatter_add_(1, targets.clamp(min=0)[:, None], -row_scale)  # minus onehot(y) / N
+        return grad.to(ctx.logits_dtype), None
+
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (N, V) against targets (N,); F.cross_entropy is its torch reference (tested)."""
+    return CrossEntropyFunction.apply(logits, targets)
 
 
 class Llama(nn.Module):
