@@ -48,6 +48,16 @@ def test_auto_dtype_takes_bf16_on_a_cpu_only_where_its_matmul_is_clearly_faster(
     assert choose_dtype(CPU, marginal_bf16)[0] == "float32"
 
 
+def test_auto_dtype_is_not_decided_by_one_busy_moment_of_the_machine():
+    readings = {torch.float32: [100e9, 100e9, 100e9], torch.bfloat16: [90e9, 400e9, 380e9]}  # the first bf16: busy
+
+    def measure(device, dtype, size, repeats):
+        return readings[dtype].pop(0)
+
+    choice, reason = choose_dtype(CPU, measure)
+    assert choice == "bfloat16" and "400.0" in reason
+
+
 def test_auto_dtype_measurement_leaves_the_training_rng_where_it_was():
     torch.manual_seed(3)
     before = torch.get_rng_state()
