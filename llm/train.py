@@ -1,7 +1,7 @@
 """Train the tiny Llama end to end: corpus -> tokenizer -> token files -> training -> validation -> samples.
 
     python llm/train.py                                    # the default run of the README's results table
-    python llm/train.py --quick                            # the same model, fewer steps: about 5 min on 2 cores
+    python llm/train.py --quick                            # the same model, fewer steps: about 3 min on 2 cores
     torchrun --nproc_per_node=2 llm/train.py ...           # DistributedDataParallel (gloo on CPU, NCCL on GPU)
 
 Every finished stage of the data pipeline is reused while its inputs are unchanged.
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quick", action="store_true",
                        help=f"a short run of the default model: {QUICK['max_steps']} steps, warmup "
                             f"{QUICK['warmup_steps']}, validation every {QUICK['eval_every']}, into "
-                            f"{QUICK['out_dir']} (about 5 min on 2 CPU cores); flags given beside it win")
+                            f"{QUICK['out_dir']} (about 3 min on 2 CPU cores); flags given beside it win")
     train.add_argument("--batch-size", type=positive_int, default=8, help="sequences per micro-batch (per process)")
     train.add_argument("--grad-accum", type=positive_int, default=1,
                        help="micro-batches accumulated per optimizer step")
