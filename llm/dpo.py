@@ -214,8 +214,8 @@ DEFAULT_PROMPTS = "translation=120,surnames=200,entities=40"
 DEFAULT_HELD_OUT = "translation=30,surnames=60,entities=10"
 QUICK = dict(prompts="translation=60,surnames=60,entities=30", held_out="translation=20,surnames=20,entities=10",
              samples=4, max_steps=30, eval_every=10, out_dir="runs/dpo-quick")
-FIXED_ON_RESUME = ("gguf", "hf", "checkpoint", "adapters", "dtype", "prompts", "held_out", "samples", "temperature",
-                   "right_bleu", "beta", "nll_weight", "max_length", "full", "lora_rank", "lora_alpha",
+FIXED_ON_RESUME = ("gguf", "hf", "checkpoint", "adapters", "dtype", "pairs", "prompts", "held_out", "samples",
+                   "temperature", "right_bleu", "beta", "nll_weight", "max_length", "full", "lora_rank", "lora_alpha",
                    "lora_targets", "lora_dropout", "batch_size", "max_steps", "lr", "min_lr_ratio", "warmup_steps",
                    "weight_decay", "grad_clip", "eval_every", "seed")
 RUN_FILES = ("last.pt", "best.pt", "*.tmp", "metrics.jsonl", "loss.png", "adapters.pt", "model.pt", "pairs.json")
@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--right-bleu", type=bleu_score, default=RIGHT_BLEU,
                        help="sentence BLEU from which a sampled translation counts as right (and may be chosen)")
     pairs.add_argument("--pairs-only", action="store_true", help="make and write the pairs, then stop")
+    pairs.add_argument("--pairs", default=None,
+                       help="train on the pairs.json of an earlier run (of the same model) instead of making pairs")
     pairs.add_argument("--beta", type=positive_float, default=0.1,
                        help="DPO's beta: how far the model may move from the reference (smaller = further)")
     pairs.add_argument("--nll-weight", type=non_negative_float, default=NLL_WEIGHT,
@@ -259,6 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_arguments(parser, dict(max_steps=50, lr_lora=5e-4, lr_full=1e-6, warmup_steps=10, eval_every=25,
                                         out_dir="runs/dpo"))
     return parser
+
+
+def read_pairs(path: Path) -> dict:
+    """The pairs.json of an earlier run ({"train": [...], "held_out": [...]}); ValueError when it is not one."""
+    try:
+        pairs = json.loads(path.read_text(encoding="utf-8"))
+        keys = ("prompt", "chosen", "rejected")
+        if not all(isinstance(pair, dict) and all(key in pair for key in keys) for part in ("train", "held_out")
+                   for pair in pairs[part]):
+            raise ValueError
+    except FileNotFoundError:
+        raise ValueError(f"--pairs {path} does not exist") from None
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"--pairs {path} is not a pairs.json written by llm/dpo.py") from None
+    return pairs
 
 
 def encode_pairs(tokenizer, pairs: list, max_length: int) -> list:
@@ -332,6 +349,7 @@ class PreferenceRun:
         self.args, self.log, self.out_dir = args, log, Path(args.out_dir)
         self.device = pick_device(args.device)
         check_run_folder(self.out_dir, args.resume, args.overwrite)
+        self.given_pairs = read_pairs(Path(args.pairs)) if args.pairs and not args.resume else None
         self.checkpoint = None
         if args.resume:
             self.checkpoint = load_checkpoint(self.out_dir / "last.pt", "DPO",
@@ -356,6 +374,10 @@ class PreferenceRun:
 
         if self.checkpoint is not None:
             return json.loads((self.out_dir / "pairs.json").read_text(encoding="utf-8"))
+        if self.given_pairs is not None:
+            self.log(f"{len(self.given_pairs['train'])} training and {len(self.given_pairs['held_out'])} held-out "
+                     f"pairs from {self.args.pairs}")
+            return self.given_pairs
         started = time.perf_counter()
         pairs = {"train": make_pairs(self.model, self.tokenizer, parse_mix(self.args.prompts, "--prompts"), "train",
                                      self.args, self.log),

@@ -221,11 +221,15 @@ def test_nll_term_equals_the_rpo_formula_in_value_and_gradient():
 
 
 def test_bad_pairing_and_nll_flags_end_in_one_line(run_cli, tmp_path):
+    not_pairs = tmp_path / "pairs.json"
+    not_pairs.write_text('{"train": [{"prompt": []}], "held_out": []}')
     for arguments, message in ((["--right-bleu", "150"], "--right-bleu"), (["--right-bleu", "x"], "--right-bleu"),
-                               (["--nll-weight", "-1"], "--nll-weight")):
+                               (["--nll-weight", "-1"], "--nll-weight"),
+                               (["--pairs", str(tmp_path / "missing.json")], "does not exist"),
+                               (["--pairs", str(not_pairs)], "is not a pairs.json")):
         result = run_cli("llm/dpo.py", *arguments, "--out-dir", str(tmp_path / "dpo"), timeout=60)
         lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and "Traceback" not in result.stderr and message in lines[-1], arguments
+        assert result.returncode in (1, 2) and "Traceback" not in result.stderr and message in lines[-1], arguments
     assert not (tmp_path / "dpo").exists()
 
 
@@ -270,3 +274,9 @@ def test_dpo_script_starts_at_log_2_keeps_prompts_apart_and_resumes_exactly(tmp_
     resumed = [json.loads(line) for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in straight] == \
            [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in resumed]
+    # the same pairs given with --pairs: no sampling, and the same run
+    dpo([*common, "--out-dir", str(tmp_path / "reused"), "--pairs", str(tmp_path / "straight" / "pairs.json")])
+    assert json.loads((tmp_path / "reused" / "pairs.json").read_text()) == pairs
+    reused = [json.loads(line) for line in (tmp_path / "reused" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in straight] == \
+           [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in reused]
