@@ -62,14 +62,15 @@ from llm.train import learning_rate, plot_curves  # warmup, then cosine decay to
 RUN_FILES = ("last.pt", "best.pt", "*.tmp", "metrics.jsonl", "loss.png", "adapters.pt", "model.pt", "results.json",
              "tokenizer.model")
 DEFAULT_MIX = "translation=3200,surnames=1200,entities=1600,chitchat=600"
+PAD_TO = 16  # the default --pad-to
 # --quick: the same recipe on fewer examples and steps, in a folder of its own
 QUICK = dict(mix="translation=600,surnames=400,entities=300,chitchat=200", max_steps=120, eval_every=40,
              eval_examples=12, out_dir="runs/sft-quick")
 # The settings that define a run: a resume keeps them, and refuses one given anew with another value.
 FIXED_ON_RESUME = ("gguf", "hf", "checkpoint", "dtype", "mix", "hf_dataset", "hf_config", "hf_split", "hf_limit",
-                   "max_length", "full", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "batch_size",
-                   "grad_accum", "max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip",
-                   "eval_every", "eval_examples", "seed", "world_size")
+                   "max_length", "pad_to", "full", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout",
+                   "batch_size", "grad_accum", "max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
+                   "grad_clip", "eval_every", "eval_examples", "seed", "world_size")
 
 
 def lora_targets(text: str) -> str:
@@ -128,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--hf-split", default="train", help="the split of --hf-dataset to train on")
     data.add_argument("--hf-limit", type=positive_int, default=None, help="use at most this many of its conversations")
     data.add_argument("--max-length", type=positive_int, default=384, help="tokens per conversation (longer: cut)")
+    data.add_argument("--pad-to", type=positive_int, default=PAD_TO,
+                      help="pad each batch's length up to a multiple of this (1 = to its longest conversation): a "
+                           "few batch shapes keep the process's memory from growing with every new length")
     data.add_argument("--eval-examples", type=positive_int, default=24,
                       help="held-out conversations per task for the validation loss (from each task's valid split)")
     add_training_arguments(parser, dict(max_steps=400, lr_lora=1e-3, lr_full=5e-5, warmup_steps=30, eval_every=100,
@@ -259,13 +263,14 @@ def answer_logits(model, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def answer_loss(loss_module, encoded, batch_size: int, pad_id: int, device, autocast) -> float:
-    """Mean cross-entropy per answer token over a set of conversations (nats/token)."""
+def answer_loss(loss_module, encoded, batch_size: int, pad_id: int, device, autocast, pad_to: int = 1) -> float:
+    """Mean cross-entropy per answer token over a set of conversations (nats/token); batches padded to a
+    multiple of pad_to tokens."""
     loss_module.eval()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # similar lengths together
     total, count = 0.0, 0
     for start in range(0, len(order), batch_size):
-        inputs, targets, mask = collate(encoded, order[start : start + batch_size], pad_id)
+        inputs, targets, mask = collate(encoded, order[start : start + batch_size], pad_id, pad_to)
         with autocast:
             total += float(loss_module(inputs.to(device), targets.to(device), mask.to(device)))
         count += int(mask.sum())
@@ -416,7 +421,7 @@ class Run:
     def validation(self) -> dict:
         """Held-out answer loss per task and their mean (the number best.pt is chosen by)."""
         losses = {task: answer_loss(self.loss_module, encoded, self.args.batch_size, self.pad_id, self.device,
-                                    self.autocast) for task, encoded in self.valid.items()}
+                                    self.autocast, self.args.pad_to) for task, encoded in self.valid.items()}
         record = {f"val_loss_{task}": loss for task, loss in losses.items()}
         record["val_loss"] = sum(losses.values()) / max(1, len(losses))
         return record
@@ -429,7 +434,7 @@ class Run:
         batches = []
         for micro in range(self.args.grad_accum):
             first = (micro * self.world_size + self.rank) * size
-            batches.append(collate(self.encoded, indices[first : first + size], self.pad_id))
+            batches.append(collate(self.encoded, indices[first : first + size], self.pad_id, self.args.pad_to))
         return batches, answer_tokens
 
 
