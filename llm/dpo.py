@@ -1,7 +1,7 @@
 """Direct preference optimisation by hand: teach the model to prefer one answer over another, with no reward model.
 
     python llm/dpo.py --adapters runs/sft/adapters.pt     # on top of the SFT run: pairs made, then DPO (LoRA),
-                                                          # about 9 min on 2 cores (AMD EPYC, bf16)
+                                                          # about 10 min on 2 cores (AMD EPYC, bf16)
     python llm/dpo.py --quick                             # fewer pairs and steps: a few minutes on 2 cores
     python llm/dpo.py --pairs-only                        # make the preference pairs and stop
 
@@ -208,8 +208,8 @@ def make_pairs(model, tokenizer, counts: dict, split: str, args, log=print) -> l
 
 # ---------------------------------------------------------------------------------------------- the script
 
-# The default run fits about 9 minutes on 2 cores: sampling 4 answers takes about 1 s per translation prompt,
-# 0.3 s per surname and 2 s per sentence of entities, and a step of 8 pairs about 3 s (AMD EPYC, bf16).
+# The default run fits about 10 minutes on 2 cores: sampling 4 answers to its 460 prompts takes 6 min (about 1 s per
+# translation prompt, 0.3 s per surname, 2 s per sentence of entities), a step of 8 pairs about 3 s (AMD EPYC, bf16).
 DEFAULT_PROMPTS = "translation=120,surnames=200,entities=40"
 DEFAULT_HELD_OUT = "translation=30,surnames=60,entities=10"
 QUICK = dict(prompts="translation=60,surnames=60,entities=30", held_out="translation=20,surnames=20,entities=10",
