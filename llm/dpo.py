@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="alpha of the chosen answers' NLL per token added to the DPO loss (RPO; 0 = DPO alone)")
     pairs.add_argument("--max-length", type=positive_int, default=256, help="tokens per prompt and answer")
     add_training_arguments(parser, dict(max_steps=50, lr_lora=5e-4, lr_full=1e-6, warmup_steps=10, eval_every=25,
-                                        out_dir="runs/dpo"))
+                                        out_dir="runs/dpo", quick_help="fewer pairs and 30 steps, into runs/dpo-quick"))
     return parser
 
 
