@@ -108,12 +108,15 @@ class LengthBuckets:
         return self._batches[step % self.batches_per_epoch]
 
 
-def collate(encoded, indices, pad_id: int):
+def collate(encoded, indices, pad_id: int, multiple: int = 1):
     """Right-padded inputs, targets (B, T) and the answer mask of the targets (B, T) of the given examples.
 
     Padding sits after every real token, so a causal model never attends to it; its targets are masked out.
+    T is the longest example's length rounded up to a multiple of `multiple`: batches then come in a few shapes
+    only, and the memory a step frees is reused by the next one of its shape (see sft.py --pad-to).
     """
     length = max(len(encoded[i][0]) for i in indices) - 1
+    length += -length % multiple
     inputs = torch.full((len(indices), length), pad_id, dtype=torch.long)  # (B, T)
     targets = torch.full((len(indices), length), pad_id, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(indices), length), dtype=torch.bool)  # (B, T)

@@ -1,15 +1,17 @@
 """Direct preference optimisation by hand: teach the model to prefer one answer over another, with no reward model.
 
     python llm/dpo.py --adapters runs/sft/adapters.pt     # on top of the SFT run: pairs made, then DPO (LoRA),
-                                                          # about 9 min on 2 cores (AMD EPYC, bf16)
+                                                          # about 10 min on 2 cores (AMD EPYC, bf16)
     python llm/dpo.py --quick                             # fewer pairs and steps: a few minutes on 2 cores
     python llm/dpo.py --pairs-only                        # make the preference pairs and stop
 
 The pairs come from the model's own answers. For a prompt whose right answer is known (a translation, a surname's
-language, the names in a sentence), sample several answers, score each with the task's metric, and pair the best
-against a worse one; when every sample is equally bad, the reference answer is the chosen one. Training pairs are
-made from the tasks' train prompts, held-out pairs from their valid prompts, so no held-out pair shares a prompt
-with training. They are written to OUT_DIR/pairs.json and reused by --resume.
+language, the names in a sentence), sample several answers and score each with the task's metric. The chosen
+answer is always a right one: the best sample when it is right (the surname's language, every name found, a
+translation with sentence BLEU of at least --right-bleu), otherwise the reference answer; the rejected answer is
+the worst sample that is wrong. A prompt whose samples are all right gives no pair. Training pairs are made from
+the tasks' train prompts, held-out pairs from their valid prompts, so no held-out pair shares a prompt with
+training. They are written to OUT_DIR/pairs.json and reused by --resume.
 
 The loss (Rafailov et al., 2023), for a prompt x, a chosen answer y_w and a rejected answer y_l:
 
@@ -20,6 +22,13 @@ mean), over the answer's tokens only (the prompt's tokens are context, not somet
 pi_ref is the model before DPO: with LoRA, the same model with its adapters switched off (no second copy in
 memory); for full fine-tuning, the model as it was before the first step. Either way its log-probabilities of
 every pair are computed once, before training, and kept as numbers.
+
+--nll-weight alpha adds the chosen answer's negative log-likelihood per token (RPO, Pang et al., 2024):
+
+    loss = loss_DPO + alpha * ( -log pi(y_w|x) / |y_w| )
+
+DPO alone only widens the gap between the two answers, and can do so by making both less likely; the second term
+keeps the chosen (right) answers likely while the gap widens.
 """
 
 import argparse
@@ -66,23 +75,33 @@ def answer_log_probs(model, inputs: torch.Tensor, targets: torch.Tensor, answer_
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
-             reference_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
+             reference_rejected: torch.Tensor, beta: float, chosen_lengths: torch.Tensor | None = None,
+             nll_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     """The DPO loss of a batch of pairs (each argument (B,): summed answer log-probs) and its metrics.
 
     The implicit reward of an answer is r(y) = beta (log pi(y|x) - log pi_ref(y|x)): how much more likely the
     model has made it than the reference did. The loss pushes r(y_w) - r(y_l) up through a logistic link.
+    With nll_weight alpha > 0 (chosen_lengths (B,): the chosen answers' token counts) the loss gains
+    alpha * mean(-log pi(y_w|x) / |y_w|), the chosen answers' negative log-likelihood per token (RPO).
     """
     chosen_rewards = beta * (policy_chosen - reference_chosen)  # (B,)
     rejected_rewards = beta * (policy_rejected - reference_rejected)  # (B,)
     margins = chosen_rewards - rejected_rewards  # (B,)
-    loss = -F.logsigmoid(margins).mean()  # -log sigma(m), computed without overflow for large |m|
+    preference_loss = -F.logsigmoid(margins).mean()  # -log sigma(m), computed without overflow for large |m|
+    loss = preference_loss
     metrics = {
-        "loss": float(loss.detach()),
+        "dpo_loss": float(preference_loss.detach()),
         "accuracy": float((margins > 0).float().mean()),  # pairs where the chosen answer has the larger reward
         "margin": float(margins.detach().mean()),
         "chosen_reward": float(chosen_rewards.detach().mean()),
         "rejected_reward": float(rejected_rewards.detach().mean()),
     }
+    if chosen_lengths is not None:
+        chosen_nll = (-policy_chosen / chosen_lengths).mean()  # nats per chosen answer token
+        metrics["chosen_nll"] = float(chosen_nll.detach())
+        if nll_weight:
+            loss = preference_loss + nll_weight * chosen_nll
+    metrics["loss"] = float(loss.detach())
     return loss, metrics
 
 
@@ -99,8 +118,13 @@ def fast_answer_log_probs(model, inputs, targets, answer_mask) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- pairs
 
 
+RIGHT_BLEU = 50.0  # the default --right-bleu: a translation at or above this sentence BLEU counts as right
+NLL_WEIGHT = 1.0  # the default --nll-weight: RPO's alpha (Pang et al., 2024 use 1)
+
+
 def sentence_score(task: str, answer: str, example) -> float:
-    """How good one answer is, by its task's metric: sentence BLEU, right or wrong, sentence entity F1."""
+    """How good one answer is, by its task's metric: sentence BLEU, right or wrong, sentence entity F1 (1 for an
+    answer whose names are exactly the gold ones, "none" included where the sentence names nobody)."""
     from llm.instructions import entity_f1, surname_is_right, tags_from_answer
 
     if task == "translation":
@@ -110,7 +134,12 @@ def sentence_score(task: str, answer: str, example) -> float:
     if task == "surnames":
         return float(surname_is_right(answer, example.reference))
     predicted = tags_from_answer(answer, example.extra["chars"])
-    return entity_f1([example.reference], [predicted])
+    return 1.0 if predicted == list(example.reference) else entity_f1([example.reference], [predicted])
+
+
+def is_right(task: str, score: float, right_bleu: float = RIGHT_BLEU) -> bool:
+    """Whether an answer's score makes it right: the surname's language, every name exactly, or BLEU >= right_bleu."""
+    return score >= right_bleu if task == "translation" else score >= 1.0
 
 
 @torch.no_grad()
@@ -129,24 +158,28 @@ def sample_answers(model, tokenizer, examples, samples: int, temperature: float,
     return answers
 
 
-def pair_from_samples(task: str, example, answers: list[str]) -> dict | None:
-    """The best sample against the worst, or the reference against the worst when no sample is better than it.
+def pair_from_samples(task: str, example, answers: list[str], right_bleu: float = RIGHT_BLEU) -> dict | None:
+    """A right answer against the model's worst wrong one.
 
-    None when every sample is the reference itself (nothing to prefer).
+    The chosen answer is the best sample when it is right, otherwise the reference answer: DPO then learns to
+    prefer what is right, never merely what is less wrong. The rejected answer is the lowest-scoring wrong sample.
+    None when every sample is right (nothing to correct).
     """
-    scored = sorted(((sentence_score(task, answer, example), answer) for answer in answers), key=lambda x: x[0])
-    (worst_score, worst), (best_score, best) = scored[0], scored[-1]
     reference = example.messages[-1]["content"]
-    if best_score > worst_score and best.strip() and best != worst:
-        chosen, chosen_score = best, best_score
-    elif worst != reference:
-        chosen, chosen_score = reference, sentence_score(task, reference, example)
+    scored = sorted(((sentence_score(task, answer, example), answer) for answer in answers), key=lambda x: x[0])
+    wrong = [(score, answer) for score, answer in scored
+             if not is_right(task, score, right_bleu) and answer.strip() != reference.strip()]
+    if not wrong:
+        return None
+    (rejected_score, rejected), (best_score, best) = wrong[0], scored[-1]
+    if is_right(task, best_score, right_bleu) and best.strip():
+        chosen, chosen_score, chosen_from = best, best_score, "sample"
     else:
+        chosen, chosen_score, chosen_from = reference, sentence_score(task, reference, example), "reference"
+    if chosen_score <= rejected_score:
         return None
-    if chosen_score <= worst_score:
-        return None
-    return {"task": task, "prompt": example.messages[:-1], "chosen": chosen, "rejected": worst,
-            "chosen_score": chosen_score, "rejected_score": worst_score}
+    return {"task": task, "prompt": example.messages[:-1], "chosen": chosen, "rejected": rejected,
+            "chosen_score": chosen_score, "rejected_score": rejected_score, "chosen_from": chosen_from}
 
 
 def make_pairs(model, tokenizer, counts: dict, split: str, args, log=print) -> list[dict]:
@@ -164,8 +197,10 @@ def make_pairs(model, tokenizer, counts: dict, split: str, args, log=print) -> l
         answers = sample_answers(model, tokenizer, examples, args.samples, args.temperature, MAX_NEW_TOKENS[task],
                                  generator)
         made = [pair for example, sampled in zip(examples, answers)
-                if (pair := pair_from_samples(task, example, sampled)) is not None]
-        log(f"{split} pairs, {task}: {len(made)} from {len(examples)} prompts")
+                if (pair := pair_from_samples(task, example, sampled, args.right_bleu)) is not None]
+        references = sum(pair["chosen_from"] == "reference" for pair in made)
+        log(f"{split} pairs, {task}: {len(made)} from {len(examples)} prompts ({len(made) - references} with a right "
+            f"sample chosen, {references} with the reference)")
         pairs += made
     model.train()
     return pairs
@@ -173,22 +208,33 @@ def make_pairs(model, tokenizer, counts: dict, split: str, args, log=print) -> l
 
 # ---------------------------------------------------------------------------------------------- the script
 
-# The default run fits about 9 minutes on 2 cores: sampling 4 answers takes about 1 s per translation prompt,
-# 0.3 s per surname and 2 s per sentence of entities, and a step of 8 pairs about 3 s (AMD EPYC, bf16).
-DEFAULT_PROMPTS = "translation=100,surnames=150,entities=30"
-DEFAULT_HELD_OUT = "translation=30,surnames=40,entities=10"
+# The default run fits about 10 minutes on 2 cores: sampling 4 answers to its 460 prompts takes 6 min (about 1 s per
+# translation prompt, 0.3 s per surname, 2 s per sentence of entities), a step of 8 pairs about 3 s (AMD EPYC, bf16).
+DEFAULT_PROMPTS = "translation=120,surnames=200,entities=40"
+DEFAULT_HELD_OUT = "translation=30,surnames=60,entities=10"
 QUICK = dict(prompts="translation=60,surnames=60,entities=30", held_out="translation=20,surnames=20,entities=10",
              samples=4, max_steps=30, eval_every=10, out_dir="runs/dpo-quick")
-FIXED_ON_RESUME = ("gguf", "hf", "checkpoint", "adapters", "dtype", "prompts", "held_out", "samples", "temperature",
-                   "beta", "max_length", "full", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout",
-                   "batch_size", "max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip",
-                   "eval_every", "seed")
+FIXED_ON_RESUME = ("gguf", "hf", "checkpoint", "adapters", "dtype", "pairs", "prompts", "held_out", "samples",
+                   "temperature", "right_bleu", "beta", "nll_weight", "max_length", "full", "lora_rank", "lora_alpha",
+                   "lora_targets", "lora_dropout", "batch_size", "max_steps", "lr", "min_lr_ratio", "warmup_steps",
+                   "weight_decay", "grad_clip", "eval_every", "seed")
 RUN_FILES = ("last.pt", "best.pt", "*.tmp", "metrics.jsonl", "loss.png", "adapters.pt", "model.pt", "pairs.json")
+
+
+def bleu_score(text: str) -> float:
+    """An argparse type: a BLEU score, 0 to 100."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"a BLEU score is between 0 and 100, not {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     from llm.chat_model import add_model_arguments
-    from llm.runs import positive_float, positive_int
+    from llm.runs import non_negative_float, positive_float, positive_int
     from llm.sft import add_training_arguments
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -202,13 +248,34 @@ def build_parser() -> argparse.ArgumentParser:
                        help="valid prompts per task for the held-out pairs (never a training prompt)")
     pairs.add_argument("--samples", type=positive_int, default=4, help="answers sampled per prompt")
     pairs.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature of the answers")
+    pairs.add_argument("--right-bleu", type=bleu_score, default=RIGHT_BLEU,
+                       help="sentence BLEU from which a sampled translation counts as right (and may be chosen)")
     pairs.add_argument("--pairs-only", action="store_true", help="make and write the pairs, then stop")
+    pairs.add_argument("--pairs", default=None,
+                       help="train on the pairs.json of an earlier run (of the same model) instead of making pairs")
     pairs.add_argument("--beta", type=positive_float, default=0.1,
                        help="DPO's beta: how far the model may move from the reference (smaller = further)")
+    pairs.add_argument("--nll-weight", type=non_negative_float, default=NLL_WEIGHT,
+                       help="alpha of the chosen answers' NLL per token added to the DPO loss (RPO; 0 = DPO alone)")
     pairs.add_argument("--max-length", type=positive_int, default=256, help="tokens per prompt and answer")
     add_training_arguments(parser, dict(max_steps=50, lr_lora=5e-4, lr_full=1e-6, warmup_steps=10, eval_every=25,
-                                        out_dir="runs/dpo"))
+                                        out_dir="runs/dpo", quick_help="fewer pairs and 30 steps, into runs/dpo-quick"))
     return parser
+
+
+def read_pairs(path: Path) -> dict:
+    """The pairs.json of an earlier run ({"train": [...], "held_out": [...]}); ValueError when it is not one."""
+    try:
+        pairs = json.loads(path.read_text(encoding="utf-8"))
+        keys = ("prompt", "chosen", "rejected")
+        if not all(isinstance(pair, dict) and all(key in pair for key in keys) for part in ("train", "held_out")
+                   for pair in pairs[part]):
+            raise ValueError
+    except FileNotFoundError:
+        raise ValueError(f"--pairs {path} does not exist") from None
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"--pairs {path} is not a pairs.json written by llm/dpo.py") from None
+    return pairs
 
 
 def encode_pairs(tokenizer, pairs: list, max_length: int) -> list:
@@ -224,6 +291,11 @@ def encode_pairs(tokenizer, pairs: list, max_length: int) -> list:
         if any(chosen[1][1:]) and any(rejected[1][1:]):
             encoded.append((chosen, rejected))
     return encoded
+
+
+def chosen_lengths(encoded: list) -> torch.Tensor:
+    """(number of pairs,): the token count of each chosen answer (its end token included), for the NLL term."""
+    return torch.tensor([float(sum(chosen[1][1:])) for chosen, _ in encoded])
 
 
 def pair_log_probs(model, encoded: list, indices: list, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,11 +329,12 @@ def reference_log_probs(model, encoded: list, pad_id: int, device, batch_size: i
         return all_log_probs(model, encoded, pad_id, device, batch_size)
 
 
-def held_out_metrics(model, encoded: list, reference: torch.Tensor, beta: float, pad_id: int, device,
-                     batch_size: int) -> dict:
-    """DPO loss, preference accuracy, reward margin and the chosen/rejected rewards on the held-out pairs."""
-    policy = all_log_probs(model, encoded, pad_id, device, batch_size)
-    _, metrics = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], beta)
+def held_out_metrics(model, encoded: list, reference: torch.Tensor, args, pad_id: int, device) -> dict:
+    """DPO loss, preference accuracy, reward margin, the chosen/rejected rewards and the chosen answers' NLL per
+    token on the held-out pairs; val_loss is the objective trained (with --nll-weight's term)."""
+    policy = all_log_probs(model, encoded, pad_id, device, args.batch_size)
+    _, metrics = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], args.beta,
+                          chosen_lengths(encoded), args.nll_weight)
     return {f"val_{name}": value for name, value in metrics.items()}
 
 
@@ -276,6 +349,7 @@ class PreferenceRun:
         self.args, self.log, self.out_dir = args, log, Path(args.out_dir)
         self.device = pick_device(args.device)
         check_run_folder(self.out_dir, args.resume, args.overwrite)
+        self.given_pairs = read_pairs(Path(args.pairs)) if args.pairs and not args.resume else None
         self.checkpoint = None
         if args.resume:
             self.checkpoint = load_checkpoint(self.out_dir / "last.pt", "DPO",
@@ -300,6 +374,10 @@ class PreferenceRun:
 
         if self.checkpoint is not None:
             return json.loads((self.out_dir / "pairs.json").read_text(encoding="utf-8"))
+        if self.given_pairs is not None:
+            self.log(f"{len(self.given_pairs['train'])} training and {len(self.given_pairs['held_out'])} held-out "
+                     f"pairs from {self.args.pairs}")
+            return self.given_pairs
         started = time.perf_counter()
         pairs = {"train": make_pairs(self.model, self.tokenizer, parse_mix(self.args.prompts, "--prompts"), "train",
                                      self.args, self.log),
@@ -316,6 +394,7 @@ class PreferenceRun:
 
         self.encoded = encode_pairs(self.tokenizer, pairs["train"], self.args.max_length)
         self.held_out = encode_pairs(self.tokenizer, pairs["held_out"], self.args.max_length)
+        self.chosen_lengths = chosen_lengths(self.encoded)  # (pairs,)
         if not self.encoded or not self.held_out:
             raise ValueError("no preference pairs were made (the model's samples were all equally good): "
                              "raise --prompts or --samples")
@@ -362,8 +441,8 @@ class PreferenceRun:
         return step, float(self.checkpoint["best_val_loss"])
 
     def evaluate(self) -> dict:
-        return held_out_metrics(self.model, self.held_out, self.reference["held_out"], self.args.beta, self.pad_id,
-                                self.device, self.args.batch_size)
+        return held_out_metrics(self.model, self.held_out, self.reference["held_out"], self.args, self.pad_id,
+                                self.device)
 
 
 def dpo_step(run: PreferenceRun, step: int) -> dict:
@@ -375,7 +454,9 @@ def dpo_step(run: PreferenceRun, step: int) -> dict:
     indices = run.buckets.batch(step)
     chosen, rejected = pair_log_probs(run.model, run.encoded, indices, run.pad_id, run.device)
     reference = run.reference["train"][indices].to(run.device)  # (B, 2)
-    loss, metrics = dpo_loss(chosen, rejected, reference[:, 0], reference[:, 1], run.args.beta)
+    lengths = run.chosen_lengths[indices].to(run.device)  # (B,)
+    loss, metrics = dpo_loss(chosen, rejected, reference[:, 0], reference[:, 1], run.args.beta, lengths,
+                             run.args.nll_weight)
     loss.backward()
     metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(run.trainable, run.args.grad_clip or float("inf")))
     run.optimizer.step()
@@ -410,8 +491,9 @@ def preference_loop(run: PreferenceRun, start_step: int, best_val_loss: float) -
             if completed % args.eval_every == 0 or completed == args.max_steps:
                 record.update(run.evaluate())
                 best_val_loss = save_best_and_last(out_dir, run, completed, record["val_loss"], best_val_loss)
-                progress.write(f"step {completed}: held-out loss {record['val_loss']:.3f}, preference accuracy "
-                               f"{record['val_accuracy']:.3f}, reward margin {record['val_margin']:.3f}")
+                progress.write(f"step {completed}: held-out DPO loss {record['val_dpo_loss']:.3f}, preference "
+                               f"accuracy {record['val_accuracy']:.3f}, reward margin {record['val_margin']:.3f}, "
+                               f"chosen NLL {record['val_chosen_nll']:.3f}/token")
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             if stop.requested or completed == args.stop_at_step:
@@ -453,8 +535,8 @@ def plot_preferences(metrics_path: Path, png_path: Path) -> None:
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
-    train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
-    held = [(r["step"], r["val_loss"], r["val_accuracy"]) for r in rows if "val_loss" in r]
+    train = [(r["step"], r.get("train_dpo_loss", r.get("train_loss"))) for r in rows if "train_loss" in r]
+    held = [(r["step"], r.get("val_dpo_loss", r["val_loss"]), r["val_accuracy"]) for r in rows if "val_loss" in r]
     if train:
         left.plot(*zip(*train), linewidth=0.8, alpha=0.8, label="train batch")
     if held:

@@ -136,20 +136,101 @@ def test_fast_answer_log_probs_equal_the_full_logits_version():
                                answer_log_probs(model, inputs, targets, mask))
 
 
-def test_pairs_prefer_the_best_sample_or_else_the_reference():
+def test_pairs_choose_a_right_sample_against_the_worst_wrong_one():
     from llm.dpo import pair_from_samples
     from llm.instructions import surname_example, translation_example
 
     example = surname_example("Abaimov", "Russian")
     pair = pair_from_samples("surnames", example, ["Polish", "Russian", "Czech"])
     assert pair["chosen"] == "Russian" and pair["rejected"] in ("Polish", "Czech")
-    assert pair["chosen_score"] == 1.0 and pair["rejected_score"] == 0.0
-    all_wrong = pair_from_samples("surnames", example, ["Polish", "Czech"])
-    assert all_wrong["chosen"] == "Russian" and all_wrong["rejected"] in ("Polish", "Czech")
-    assert pair_from_samples("surnames", example, ["Russian", "Russian"]) is None
+    assert pair["chosen_score"] == 1.0 and pair["rejected_score"] == 0.0 and pair["chosen_from"] == "sample"
     spanish = translation_example("I am hungry.", "Tengo hambre.")
-    pair = pair_from_samples("translation", spanish, ["Tengo hambre.", "Yo soy un gato."])
-    assert pair["chosen"] == "Tengo hambre." and pair["chosen_score"] > pair["rejected_score"]
+    pair = pair_from_samples("translation", spanish, ["Tengo hambre mucho.", "Yo soy un gato.", "Tengo hambre."])
+    assert pair["chosen"] == "Tengo hambre." and pair["rejected"] == "Yo soy un gato."
+    assert pair["chosen_from"] == "sample" and pair["chosen_score"] > pair["rejected_score"]
+
+
+def test_pairs_take_the_reference_when_the_best_sample_is_still_wrong():
+    from llm.dpo import pair_from_samples, sentence_score
+    from llm.instructions import surname_example, translation_example
+
+    all_wrong = pair_from_samples("surnames", surname_example("Abaimov", "Russian"), ["Polish", "Czech"])
+    assert all_wrong["chosen"] == "Russian" and all_wrong["chosen_from"] == "reference"
+    assert all_wrong["rejected"] in ("Polish", "Czech")
+    spanish = translation_example("I stayed at home all day.", "Me quedé en casa todo el día.")
+    samples = ["Me quedé en la casa.", "Estuve todo.", "Por favor nadie."]
+    less_wrong = sentence_score("translation", samples[0], spanish)
+    assert 0 < less_wrong < 50  # better than the others, and still wrong: never the chosen answer
+    pair = pair_from_samples("translation", spanish, samples)
+    assert pair["chosen"] == "Me quedé en casa todo el día." and pair["chosen_from"] == "reference"
+    assert math.isclose(pair["chosen_score"], 100.0) and pair["rejected_score"] < less_wrong
+    # the same samples with the threshold below the best one's BLEU: the best sample is right and is chosen
+    assert pair_from_samples("translation", spanish, samples, right_bleu=less_wrong)["chosen"] == samples[0]
+
+
+def test_pairs_are_none_when_every_sample_is_right():
+    from llm.dpo import pair_from_samples
+    from llm.instructions import surname_example, translation_example
+
+    assert pair_from_samples("surnames", surname_example("Abaimov", "Russian"), ["Russian", "russian."]) is None
+    spanish = translation_example("I am hungry.", "Tengo hambre.")
+    assert pair_from_samples("translation", spanish, ["Tengo hambre.", "Tengo hambre"]) is None
+
+
+def test_entity_answers_are_right_only_when_their_names_are_exactly_the_gold_ones():
+    from llm.dpo import is_right, pair_from_samples, sentence_score
+    from llm.instructions import entity_example
+
+    chars = list("江泽民在北京")
+    example = entity_example(chars, ["B-PER", "M-PER", "E-PER", "O", "B-LOC", "E-LOC"])
+    reference = example.messages[-1]["content"]
+    half = "person: 江泽民\nplace: none\norganisation: none"
+    assert sentence_score("entities", reference, example) == 1.0
+    assert 0 < sentence_score("entities", half, example) < 1 and not is_right("entities", 0.67)
+    pair = pair_from_samples("entities", example, [half, "person: none\nplace: none\norganisation: none"])
+    assert pair["chosen"] == reference and pair["chosen_from"] == "reference" and pair["rejected_score"] == 0.0
+    nobody = entity_example(list("今天很好"), ["O"] * 4)  # a sentence that names nobody: "none" is right
+    assert sentence_score("entities", nobody.messages[-1]["content"], nobody) == 1.0
+    pair = pair_from_samples("entities", nobody, [nobody.messages[-1]["content"], "person: 今天\nplace: none"])
+    assert pair["chosen_from"] == "sample" and pair["rejected"].startswith("person: 今天")
+
+
+def test_nll_term_equals_the_rpo_formula_in_value_and_gradient():
+    beta, alpha = 0.2, 0.7
+    policy_chosen = torch.tensor([-12.0, -7.5], dtype=torch.float64, requires_grad=True)
+    policy_rejected = torch.tensor([-15.0, -6.0], dtype=torch.float64, requires_grad=True)
+    reference_chosen = torch.tensor([-13.0, -7.0], dtype=torch.float64)
+    reference_rejected = torch.tensor([-14.0, -6.5], dtype=torch.float64)
+    lengths = torch.tensor([4.0, 3.0], dtype=torch.float64)
+    loss, metrics = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, lengths,
+                             nll_weight=alpha)
+    loss.backward()
+    margins = torch.tensor([0.2 * (1 + 1), 0.2 * (-0.5 - 0.5)], dtype=torch.float64)
+    nll = (12.0 / 4 + 7.5 / 3) / 2  # -log pi(y_w|x) / |y_w|, averaged over the pairs
+    expected = float(torch.log(1 + torch.exp(-margins)).mean()) + alpha * nll
+    assert math.isclose(float(loss.detach()), expected, rel_tol=1e-12)
+    assert math.isclose(metrics["loss"], expected, rel_tol=1e-12) and math.isclose(metrics["chosen_nll"], nll)
+    assert math.isclose(metrics["dpo_loss"], float(torch.log(1 + torch.exp(-margins)).mean()), rel_tol=1e-12)
+    # d loss / d log pi(y_w) = -(beta / B) sigma(-m) - alpha / (B |y_w|); the rejected gradient is DPO's alone
+    expected_chosen_grad = -(beta / 2) * torch.sigmoid(-margins) - alpha / (2 * lengths)
+    torch.testing.assert_close(policy_chosen.grad, expected_chosen_grad, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(policy_rejected.grad, (beta / 2) * torch.sigmoid(-margins), rtol=1e-12, atol=1e-15)
+    # weight 0: DPO alone, whatever the lengths
+    plain, _ = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, lengths, 0.0)
+    assert math.isclose(float(plain.detach()), metrics["dpo_loss"], rel_tol=1e-12)
+
+
+def test_bad_pairing_and_nll_flags_end_in_one_line(run_cli, tmp_path):
+    not_pairs = tmp_path / "pairs.json"
+    not_pairs.write_text('{"train": [{"prompt": []}], "held_out": []}')
+    for arguments, message in ((["--right-bleu", "150"], "--right-bleu"), (["--right-bleu", "x"], "--right-bleu"),
+                               (["--nll-weight", "-1"], "--nll-weight"),
+                               (["--pairs", str(tmp_path / "missing.json")], "does not exist"),
+                               (["--pairs", str(not_pairs)], "is not a pairs.json")):
+        result = run_cli("llm/dpo.py", *arguments, "--out-dir", str(tmp_path / "dpo"), timeout=60)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode in (1, 2) and "Traceback" not in result.stderr and message in lines[-1], arguments
+    assert not (tmp_path / "dpo").exists()
 
 
 @pytest.mark.slow
@@ -159,6 +240,7 @@ def test_dpo_script_starts_at_log_2_keeps_prompts_apart_and_resumes_exactly(tmp_
     import json
 
     from data import fetch
+    from llm.dpo import is_right
     from llm.dpo import main as dpo
     from llm.sft import main as sft
     from llm.train import main as pretrain
@@ -174,7 +256,8 @@ def test_dpo_script_starts_at_log_2_keeps_prompts_apart_and_resumes_exactly(tmp_
               "--eval-every", "3", "--max-length", "96", "--dtype", "float32", "--device", "cpu", "--lr", "1e-2"]
     dpo([*common, "--out-dir", str(tmp_path / "straight")])
     rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["step"] == 0 and rows[0]["val_loss"] == float(torch.tensor(math.log(2), dtype=torch.float32))
+    assert rows[0]["step"] == 0 and rows[0]["val_dpo_loss"] == float(torch.tensor(math.log(2), dtype=torch.float32))
+    assert math.isclose(rows[0]["val_loss"], rows[0]["val_dpo_loss"] + rows[0]["val_chosen_nll"], rel_tol=1e-6)
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
     for name in ("model.pt", "adapters.pt", "loss.png", "best.pt"):
         assert (tmp_path / "straight" / name).is_file()
@@ -182,6 +265,8 @@ def test_dpo_script_starts_at_log_2_keeps_prompts_apart_and_resumes_exactly(tmp_
     train_prompts = {json.dumps(pair["prompt"]) for pair in pairs["train"]}
     assert pairs["held_out"] and not train_prompts & {json.dumps(pair["prompt"]) for pair in pairs["held_out"]}
     assert all(pair["chosen_score"] > pair["rejected_score"] for pair in pairs["train"] + pairs["held_out"])
+    assert all(is_right(pair["task"], pair["chosen_score"]) and not is_right(pair["task"], pair["rejected_score"])
+               for pair in pairs["train"] + pairs["held_out"])
     dpo([*common, "--out-dir", str(tmp_path / "stopped"), "--stop-at-step", "4"])
     assert "resume with: python llm/dpo.py" in capsys.readouterr().out
     dpo([*common, "--out-dir", str(tmp_path / "stopped"), "--resume"])
@@ -189,3 +274,9 @@ def test_dpo_script_starts_at_log_2_keeps_prompts_apart_and_resumes_exactly(tmp_
     resumed = [json.loads(line) for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in straight] == \
            [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in resumed]
+    # the same pairs given with --pairs: no sampling, and the same run
+    dpo([*common, "--out-dir", str(tmp_path / "reused"), "--pairs", str(tmp_path / "straight" / "pairs.json")])
+    assert json.loads((tmp_path / "reused" / "pairs.json").read_text()) == pairs
+    reused = [json.loads(line) for line in (tmp_path / "reused" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in straight] == \
+           [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in reused]

@@ -180,6 +180,28 @@ def test_collate_pads_after_the_tokens_and_masks_the_padding(sentencepiece_bytes
     assert mask[0].tolist() == encoded[0][1][1:]
 
 
+def test_padding_to_a_multiple_changes_neither_the_loss_nor_the_gradients(sentencepiece_bytes):
+    tokenizer = sentencepiece_chat_tokenizer(sentencepiece_bytes)
+    encoded, (inputs, targets, mask) = conversation_batch(tokenizer)
+    padded = collate(encoded, [0, 1], pad_id=tokenizer.eos_id(), multiple=16)
+    assert padded[0].size(1) % 16 == 0 and padded[0].size(1) - inputs.size(1) < 16
+    assert torch.equal(padded[0][:, : inputs.size(1)], inputs) and not padded[2][:, inputs.size(1):].any()
+    model = add_lora(tiny_model(), rank=4)
+    loss_module = AnswerLoss(model)
+
+    def loss_and_gradients(batch):
+        model.zero_grad()
+        loss = loss_module(*batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    loss, gradients = loss_and_gradients((inputs, targets, mask))
+    padded_loss, padded_gradients = loss_and_gradients(padded)
+    torch.testing.assert_close(padded_loss, loss)
+    for gradient, padded_gradient in zip(gradients, padded_gradients):
+        torch.testing.assert_close(padded_gradient, gradient)
+
+
 def test_length_buckets_are_a_pure_function_of_the_step_and_pad_little():
     lengths = [int(x) for x in torch.randint(10, 200, (400,), generator=torch.Generator().manual_seed(0))]
     buckets, again = LengthBuckets(lengths, 8, seed=3), LengthBuckets(lengths, 8, seed=3)
