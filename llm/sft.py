@@ -2,7 +2,7 @@
 
     python llm/sft.py                              # LoRA on SmolLM2-135M-Instruct, 400 steps: the README's run,
                                                    # 18-19 min on 2 cores (AMD EPYC, bf16)
-    python llm/sft.py --quick                      # the same steps on fewer examples: 7 min 36 s on 1 thread
+    python llm/sft.py --quick                      # the same steps on fewer examples: 4 min 30 s on 2 cores
     python llm/sft.py --full                       # every weight trains instead of adapters
     python llm/sft.py --checkpoint runs/llm/best.pt --full   # a model pretrained by llm/train.py learns to chat
     python llm/sft.py --hf-dataset HuggingFaceH4/no_robots   # any chat dataset `datasets` can open
@@ -64,8 +64,8 @@ RUN_FILES = ("last.pt", "best.pt", "*.tmp", "metrics.jsonl", "loss.png", "adapte
 DEFAULT_MIX = "translation=3200,surnames=1200,entities=1600,chitchat=600"
 PAD_TO = 16  # the default --pad-to
 # --quick: the same recipe on fewer examples and steps, in a folder of its own
-QUICK_HELP = ("the same recipe on fewer examples, 120 steps, into runs/sft-quick (measured: 7 min 36 s on 1 thread "
-              "of a busy 2-core machine)")
+QUICK_HELP = ("the same recipe on fewer examples, 120 steps, into runs/sft-quick (measured: 4 min 30 s on 2 threads "
+              "of a 2-core AMD EPYC)")
 QUICK = dict(mix="translation=600,surnames=400,entities=300,chitchat=200", max_steps=120, eval_every=40,
              eval_examples=12, out_dir="runs/sft-quick")
 # The settings that define a run: a resume keeps them, and refuses one given anew with another value.
