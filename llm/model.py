@@ -61,8 +61,7 @@ class LlamaConfig:
 class RMSNorm(nn.Module):
     """Eq. 1: x / sqrt(mean(x^2) + eps) * gain. No mean subtraction and no bias, unlike LayerNorm.
 
-    The backward pass is written out (RMSNormFunction, Eq. 1b) rather than recorded op by op: a few passes over x
-    where autograd's record of the forward takes about a dozen.
+    The backward pass is written out (RMSNormFunction, Eq. 1b) rather than recorded op by op.
     """
 
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -316,8 +315,8 @@ IGNORE_INDEX = -100  # a target that counts nowhere (a padded position), as in F
 
 class CrossEntropyFunction(torch.autograd.Function):
     """The training loss, the mean over positions of -log softmax(z)_y, with its gradient written out (Eq. 12a):
-    d loss / d z = (softmax(z) - onehot(y)) / N, one pass over the logits where autograd's record takes three.
-    Positions whose target is IGNORE_INDEX count nowhere."""
+    d loss / d z = (softmax(z) - onehot(y)) / N, from the log-probabilities the forward pass kept (exponentiate,
+    scale, subtract at each target). Positions whose target is IGNORE_INDEX count nowhere."""
 
     @staticmethod
     def forward(ctx, logits, targets):
@@ -336,7 +335,6 @@ class CrossEntropyFunction(torch.autograd.Function):
         grad = log_probs.exp().mul_(row_scale)  # softmax(z) / N  (N, V)
         grad.scatter_add_(1, targets.clamp(min=0)[:, None], -row_scale)  # minus onehot(y) / N
         return grad.to(ctx.logits_dtype), None
-
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
