@@ -353,9 +353,9 @@ class CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         log_probs, targets, kept, count = ctx.saved_tensors
         row_scale = (kept * (grad_loss / count))[:, None]  # (N, 1): 1/N for a counted position, 0 for an ignored one
-        # the gradient is written over the saved log-probabilities: a fresh (N, V) buffer would cost more than the
-        # exponentials (the memory is new to the process each step). A second backward through the same graph then
-        # finds them changed and stops with autograd's error rather than giving a wrong gradient.
+        # the gradient is written over the saved log-probabilities: writing it into a freshly allocated (N, V) buffer
+        # cost more than the exponentials (README, Lab notes). A second backward through the same graph then finds
+        # them changed and stops with autograd's error rather than giving a wrong gradient.
         grad = log_probs.exp_().mul_(row_scale)  # softmax(z) / N  (N, V)
         grad.scatter_add_(1, targets.clamp(min=0)[:, None], -row_scale)  # minus onehot(y) / N
         return grad.to(ctx.logits_dtype), None
