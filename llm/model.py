@@ -84,7 +84,9 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         x_float = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 even under bf16 autocast; float64 stays
-        inverse_rms = torch.rsqrt(x_float.pow(2).mean(dim=-1, keepdim=True) + eps)  # r (..., 1)
+        # mean(x^2) = ||x||^2 / d: one reduction over the channels, with no x^2 tensor written out
+        mean_square = torch.linalg.vector_norm(x_float, dim=-1, keepdim=True).square_().div_(x.size(-1))  # (..., 1)
+        inverse_rms = mean_square.add_(eps).rsqrt_()  # r (..., 1)
         ctx.save_for_backward(x, weight, inverse_rms)
         return (x_float * inverse_rms).type_as(x) * weight  # (..., d)
 
@@ -93,12 +95,14 @@ class RMSNormFunction(torch.autograd.Function):
         x, weight, inverse_rms = ctx.saved_tensors
         normalized = x.to(inverse_rms.dtype) * inverse_rms  # x_hat (..., d)
         grad_output = grad_output.to(inverse_rms.dtype)
+        weighted = grad_output * normalized  # dL/dy * x_hat (..., d)
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad_output * normalized.type_as(x)).reshape(-1, x.size(-1)).sum(0).type_as(weight)  # (d,)
-        grad_normalized = grad_output * weight  # h (..., d)
-        projection = (grad_normalized * normalized).mean(dim=-1, keepdim=True)  # (..., 1)
-        grad_x = (grad_normalized - normalized * projection) * inverse_rms  # (..., d)
+            grad_weight = weighted.reshape(-1, x.size(-1)).sum(0).type_as(weight)  # (d,)
+        # mean(h * x_hat) = mean(dL/dy * x_hat * g): the products above, weighted by g and averaged in one product
+        projection = (weighted @ weight.to(weighted.dtype)).div_(x.size(-1)).unsqueeze(-1)  # (..., 1)
+        # r (h - x_hat mean(h x_hat)), computed in the buffers already written rather than in new ones
+        grad_x = (grad_output * weight).sub_(normalized.mul_(projection)).mul_(inverse_rms)  # (..., d)
         return grad_x.type_as(x), grad_weight, None
 
 
@@ -144,6 +148,19 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat([rotated_first, rotated_second], dim=-1).type_as(x)  # x's shape
 
 
+def rotate_into_one_buffer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """rotate(), with each half of the result written in place into one new tensor: four passes over memory and no
+    copy to join the halves, where rotate() makes seven. For eager training (RotaryFunction gives its backward):
+    autograd cannot record writes into a slice, and a compiler fuses rotate()'s products into one loop itself."""
+    x_float = x.to(torch.promote_types(x.dtype, torch.float32))
+    first, second = x_float.chunk(2, dim=-1)  # each (..., hd/2)
+    rotated = torch.empty_like(x_float)  # x's shape
+    half = first.size(-1)
+    torch.mul(first, cos, out=rotated[..., :half]).addcmul_(second, sin, value=-1)  # first cos - second sin
+    torch.mul(first, sin, out=rotated[..., half:]).addcmul_(second, cos)  # first sin + second cos
+    return rotated.type_as(x)
+
+
 class RotaryFunction(torch.autograd.Function):
     """RoPE with its backward written out: a rotation is orthogonal, so the gradient of R(m theta) x with respect
     to x is R(m theta)^T dL/dy = R(-m theta) dL/dy, the same rotation turned back (cos stays, sin changes sign)."""
@@ -151,12 +168,16 @@ class RotaryFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return rotate(x, cos, sin)
+        return RotaryFunction.rotation()(x, cos, sin)
 
     @staticmethod
     def backward(ctx, grad_output):
         cos, sin = ctx.saved_tensors
-        return rotate(grad_output, cos, -sin), None, None
+        return RotaryFunction.rotation()(grad_output, cos, -sin), None, None
+
+    @staticmethod
+    def rotation():
+        return rotate if torch.compiler.is_compiling() else rotate_into_one_buffer
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -332,7 +353,10 @@ class CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         log_probs, targets, kept, count = ctx.saved_tensors
         row_scale = (kept * (grad_loss / count))[:, None]  # (N, 1): 1/N for a counted position, 0 for an ignored one
-        grad = log_probs.exp().mul_(row_scale)  # softmax(z) / N  (N, V)
+        # the gradient is written over the saved log-probabilities: writing it into a freshly allocated (N, V) buffer
+        # cost more than the exponentials (README, Lab notes). A second backward through the same graph then finds
+        # them changed and stops with autograd's error rather than giving a wrong gradient.
+        grad = log_probs.exp_().mul_(row_scale)  # softmax(z) / N  (N, V)
         grad.scatter_add_(1, targets.clamp(min=0)[:, None], -row_scale)  # minus onehot(y) / N
         return grad.to(ctx.logits_dtype), None
 

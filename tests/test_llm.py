@@ -16,7 +16,16 @@ from conftest import train_llm_in_process as train_in_process
 
 from data import fetch
 from llm.generate import generate
-from llm.model import Llama, RMSNorm, RMSNormFunction, apply_rope, cross_entropy, rope_cos_sin, rotate
+from llm.model import (
+    Llama,
+    RMSNorm,
+    RMSNormFunction,
+    apply_rope,
+    cross_entropy,
+    rope_cos_sin,
+    rotate,
+    rotate_into_one_buffer,
+)
 from llm.prepare import read_token_file, write_token_file
 
 # One thread: tiny tensors gain nothing from more, and on a busy machine extra threads only wait for cores.
@@ -99,6 +108,16 @@ def test_rope_backward_is_the_rotation_turned_back():
     torch.testing.assert_close(x.grad, rotate(upstream, cos, -sin))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rotation_written_into_one_buffer_equals_the_formula(dtype):
+    torch.manual_seed(0)
+    cos, sin = rope_cos_sin(tiny_config(), 6)
+    x = torch.randn(2, 6, 3, 8).to(dtype)
+    rotated = rotate_into_one_buffer(x, cos[:, None], sin[:, None])
+    assert rotated.dtype == dtype
+    torch.testing.assert_close(rotated, rotate(x, cos[:, None], sin[:, None]))  # equal up to rounding
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_handwritten_cross_entropy_matches_torch_loss_and_gradient_with_ignored_targets(dtype):
     torch.manual_seed(0)
@@ -118,6 +137,17 @@ def test_handwritten_cross_entropy_matches_torch_loss_and_gradient_with_ignored_
     expected = 2 * (probabilities - torch.nn.functional.one_hot(targets[0], 7)) / 8
     torch.testing.assert_close(ours_logits.grad[0].float(), expected, atol=1e-2 if dtype == torch.bfloat16 else 1e-6,
                                rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_a_second_backward_through_the_loss_is_refused_not_wrong():
+    # the backward pass writes the gradient over the log-probabilities it saved; autograd notices they changed
+    logits = torch.randn(4, 7, requires_grad=True)
+    loss = cross_entropy(logits, torch.tensor([1, 2, -100, 3]))
+    loss.backward(retain_graph=True)
+    first = logits.grad.clone()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    torch.testing.assert_close(logits.grad, first)
 
 
 def test_handwritten_attention_matches_fused_outputs_and_gradients():

@@ -37,3 +37,14 @@ def test_readme_speaks_to_the_reader(readme):
 def test_the_wording_check_can_fail(tmp_path):
     sample = "The issue's target (>= 3x) holds: 3.2x, measured through the CPU-slot queue."
     assert any(re.search(pattern, sample, flags=re.IGNORECASE) for pattern in PROCESS_WORDING)
+
+
+@pytest.mark.parametrize("readme", READMES, ids=[str(r.relative_to(REPO_ROOT)) for r in READMES])
+def test_readme_has_no_control_characters(readme):
+    # a LaTeX "\frac" or "\tag" written through an unescaped string turns into a form feed or a tab plus "rac"/"ag";
+    # tabs are refused too (none of the READMEs needs one)
+    # (split on "\n" alone: str.splitlines would itself break lines at a form feed and hide it)
+    found = [f"{readme.relative_to(REPO_ROOT)}:{number}: {line.strip()[:80]!r}"
+             for number, line in enumerate(readme.read_text(encoding="utf-8").split("\n"), start=1)
+             if re.search(r"[\x00-\x09\x0b-\x1f]", line)]
+    assert not found, "control characters in a README:\n" + "\n".join(found)
