@@ -141,6 +141,9 @@ BAD_CHAT_BODIES = [
     ({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "stop": 7}, 400, "stop"),
     ({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "seed": "x"}, 400, "seed"),
     ({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "n": 2}, 400, "n"),
+    ({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "frequency_penalty": 2.5}, 400,
+     "frequency_penalty"),
+    ({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "presence_penalty": "x"}, 400, "presence_penalty"),
     ({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "stream": "yes"}, 400, "stream"),
 ]
 
@@ -156,11 +159,12 @@ def test_good_requests_give_the_prompt_the_limits_and_the_sampling_asked_for():
     body = {"model": "m", "messages": [{"role": "developer", "content": "Be brief."},
                                        {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
             "temperature": 0, "top_p": 0.5, "max_completion_tokens": 7, "stop": "\n", "seed": 3, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, "frequency_penalty": 0.5, "presence_penalty": -1}
     job = parse_chat(body, WordTokenizer(), "m", window=128)
     assert job.prompt_ids == WordTokenizer().encode("<system>Be brief.<user>Hi<assistant>")
     assert (job.max_tokens, job.sampling, job.stop, job.seed, job.stream, job.include_usage) == (
-        7, Sampling(temperature=0, top_p=0.5, top_k=0), ["\n"], 3, True, True)
+        7, Sampling(temperature=0, top_p=0.5, top_k=0, frequency_penalty=0.5, presence_penalty=-1), ["\n"], 3, True,
+        True)
     assert parse_chat({"model": "m", "messages": [{"role": "user", "content": "Hi"}]}, WordTokenizer(), "m",
                       window=128).max_tokens == 128 - len("<user>Hi<assistant>")  # the rest of the context
     completion = parse_completion({"model": "m", "prompt": [1, 2, 3]}, WordTokenizer(), "m", window=128)
