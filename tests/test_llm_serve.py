@@ -83,6 +83,25 @@ def test_continuous_batching_gives_every_request_the_tokens_it_gets_alone():
     assert max(sizes) == 4 and len(sizes) >= 3  # rows left as they ended, waiting ones joined
 
 
+def test_each_row_of_the_batch_counts_its_own_tokens_for_the_penalties():
+    model = tiny_float64_llama()
+    prompts = [[5, 60, 7], [200, 9, 31, 4]]
+    penalized = Sampling(temperature=0, presence_penalty=2.0)  # far above the tiny model's score differences
+    plain, penalized_results = [Collected() for _ in prompts], [Collected() for _ in prompts]
+    engine = Engine(model, max_batch=4)
+    for index, prompt in enumerate(prompts):  # four rows decoded together, two with penalties
+        engine.submit(Request(prompt, 30, GREEDY, set(), plain[index].emit))
+        engine.submit(Request(prompt, 30, penalized, set(), penalized_results[index].emit))
+    engine.start()
+    try:
+        assert all(result.done.wait(30) for result in plain + penalized_results)
+    finally:
+        engine.stop()
+    assert [result.tokens for result in plain] == [generate(model, prompt, 30, temperature=0) for prompt in prompts]
+    assert any(len(set(result.tokens)) < 30 for result in plain)  # greedy, the tiny model repeats itself
+    assert all(len(set(result.tokens)) == 30 for result in penalized_results)  # no token twice in its own row
+
+
 def test_a_cancelled_request_leaves_the_batch_and_a_stop_token_ends_a_row():
     model = tiny_float64_llama(context_length=2048)
     prompt = [5, 60, 7, 200, 9]
