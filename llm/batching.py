@@ -117,6 +117,7 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: int = 0
     next_token: int = 0
+    counts: Counter = field(default_factory=Counter)  # how often each token was generated (for the penalties)
 
     def cancel(self):
         self.cancelled.set()
@@ -210,10 +211,11 @@ class Engine:
         if request.cancelled.is_set():
             request.emit(None, "cancelled")
             return True
-        token = pick_token(logits, request.sampling, request.generator)
+        token = pick_token(logits, request.sampling, request.generator, request.counts)
         if token in request.stop_ids:
             request.emit(None, "stop")
             return True
+        request.counts[token] += 1
         request.generated += 1
         self.tokens_generated += 1
         request.emit(token, None)

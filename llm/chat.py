@@ -17,7 +17,7 @@ import torch
 
 from llm.chat_model import add_model_arguments, chat_model_from_arguments
 from llm.conversation import ChatSession, ContextFull, Sampling
-from llm.runs import non_negative_float, non_negative_int, positive_int, seed_int
+from llm.runs import finite_float, non_negative_float, non_negative_int, positive_int, seed_int
 
 HELP = "commands: /reset (start again), /system TEXT (set the system prompt), /quit (or Ctrl-D); Ctrl-C stops an answer"
 
@@ -27,6 +27,14 @@ def top_p_value(text: str) -> float:
     value = non_negative_float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return value
+
+
+def penalty_value(text: str) -> float:
+    """A number in [-2, 2], the range the OpenAI API allows its penalties."""
+    value = finite_float(text)
+    if not -2 <= value <= 2:
+        raise argparse.ArgumentTypeError(f"must lie in [-2, 2], got {text}")
     return value
 
 
@@ -42,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sample from the smallest set of tokens whose probability reaches this, in (0, 1]")
     parser.add_argument("--top-k", type=non_negative_int, default=0,
                         help="sample only among the k most likely tokens (0 = all)")
+    parser.add_argument("--frequency-penalty", type=penalty_value, default=0.0,
+                        help="subtract this from a token's score for every time the answer already holds it, in "
+                             "[-2, 2] (0 = off; positive values against repeating, as in the OpenAI API)")
+    parser.add_argument("--presence-penalty", type=penalty_value, default=0.0,
+                        help="subtract this once from the score of every token the answer already holds, in [-2, 2]")
     parser.add_argument("--max-new-tokens", type=positive_int, default=512, help="the longest answer, in tokens")
     parser.add_argument("--seed", type=seed_int, default=None, help="random seed of the sampler (default: random)")
     parser.add_argument("--show-prompt", action="store_true",
@@ -91,7 +104,8 @@ def answer(session: ChatSession, text: str, args, generator, should_stop=lambda:
 
 
 def sampling_of(args) -> Sampling:
-    return Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    return Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty)
 
 
 def handle_command(session: ChatSession, line: str) -> bool:

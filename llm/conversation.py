@@ -12,6 +12,7 @@ prefill); writing the answer is one forward pass per token (the decode).
 """
 
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -31,11 +32,33 @@ class Sampling:
     temperature: float = 0.2  # 0 = always the most likely token (greedy)
     top_p: float = 0.9  # keep the smallest set of tokens whose probability reaches top_p
     top_k: int = 0  # keep only the k most likely tokens (0 = all)
+    frequency_penalty: float = 0.0  # subtracted from a token's score once per time the answer already holds it
+    presence_penalty: float = 0.0  # subtracted from a token's score once if the answer already holds it
 
 
-def pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> int:
+def penalize(logits: torch.Tensor, counts: Counter | None, sampling: Sampling) -> torch.Tensor:
+    """The OpenAI API's penalties against repetition: for each token j that the answer so far holds c_j times,
+
+        logits_j - c_j * frequency_penalty - presence_penalty      (tokens not yet written are unchanged)
+
+    Positive values make a repeated token less likely, and the frequency penalty the more so the more often it
+    came; negative values favour repetition. logits (vocab,) -> a penalized copy (vocab,) in fp32, or logits
+    themselves when there is nothing to subtract."""
+    if not counts or not (sampling.frequency_penalty or sampling.presence_penalty):
+        return logits
+    logits = logits.float().clone()
+    ids = torch.tensor(list(counts.keys()), device=logits.device)  # (distinct tokens so far,)
+    times = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
+    logits[ids] -= times * sampling.frequency_penalty + sampling.presence_penalty
+    return logits
+
+
+def pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None,
+               counts: Counter | None = None) -> int:
     """logits (vocab,) -> the next token id: the most likely one at temperature 0, else a draw from
-    softmax(logits / temperature) restricted to the top_k tokens and the top_p nucleus."""
+    softmax(logits / temperature) restricted to the top_k tokens and the top_p nucleus; first penalized for the
+    tokens counted in `counts` (how often each was written so far in this answer), when penalties are set."""
+    logits = penalize(logits, counts, sampling)
     if sampling.temperature == 0:
         return int(logits.argmax())
     scaled = logits.float().unsqueeze(0) / sampling.temperature  # (1, vocab)
@@ -167,15 +190,17 @@ class ChatSession:
         decoder = IncrementalDecoder(self.tokenizer, ids)
         stop_ids = set(self.tokenizer.stop_ids)
         pieces, self.finish_reason = [], "length"
+        counts = Counter()  # how often each token was written in this answer (the penalties' c_j)
         try:
             for step in range(budget):
                 if logits is None or should_stop():
                     self.finish_reason = "interrupted"
                     break
-                token = pick_token(logits, sampling, generator)
+                token = pick_token(logits, sampling, generator, counts)
                 if token in stop_ids:
                     self.finish_reason = "stop"
                     break
+                counts[token] += 1
                 pieces.append(decoder.push(token))
                 yield pieces[-1]
                 if step + 1 < budget:  # the last token of the budget is never read: nothing follows it

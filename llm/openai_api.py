@@ -144,7 +144,9 @@ def common_fields(body: dict, prompt_ids: list[int], window: int, kind: str) -> 
         raise APIError(400, "Invalid 'n': this server returns one choice per request.", param="n")
     sampling = Sampling(temperature=number(body, "temperature", Sampling.temperature, low=0, high=2),
                         top_p=number(body, "top_p", Sampling.top_p, low=0, high=1, above_low=True),
-                        top_k=number(body, "top_k", 0, low=0, integer=True))
+                        top_k=number(body, "top_k", 0, low=0, integer=True),
+                        frequency_penalty=number(body, "frequency_penalty", 0.0, low=-2, high=2),
+                        presence_penalty=number(body, "presence_penalty", 0.0, low=-2, high=2))
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     room = window - len(prompt_ids)
     if room <= 0:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ import torch
 from chat_fixtures import save_tiny_chat_model
 
 from llm.chat_model import load_chat_model
-from llm.conversation import ChatSession, ContextFull, Sampling, common_prefix_length, pick_token
+from llm.conversation import ChatSession, ContextFull, Sampling, common_prefix_length, penalize, pick_token
 from llm.fast_decoding import PackedLinear, fastest_layout, packing_available, prepare_for_decoding
 from llm.generate import generate
 
@@ -121,6 +122,31 @@ def test_greedy_and_top_k_1_pick_the_most_likely_token_and_a_seed_repeats_a_draw
     assert nucleus <= {1, 2}  # tokens 1 and 2 hold over half the mass between them; the rest is never drawn
 
 
+def test_penalties_subtract_the_openai_formula_from_the_tokens_already_written():
+    logits = torch.tensor([0.1, 2.0, 1.9, -1.0])
+    counts = Counter({1: 3, 3: 1})  # token 1 written three times so far, token 3 once
+    sampling = Sampling(temperature=0, frequency_penalty=0.5, presence_penalty=0.25)
+    expected = torch.tensor([0.1, 2.0 - 3 * 0.5 - 0.25, 1.9, -1.0 - 0.5 - 0.25])
+    torch.testing.assert_close(penalize(logits, counts, sampling), expected)
+    assert pick_token(logits, sampling, counts=counts) == 2  # token 1 lost its lead to token 2
+    assert pick_token(logits, Sampling(temperature=0), counts=counts) == 1  # no penalty, no change
+    assert penalize(logits, counts, Sampling()) is logits and penalize(logits, None, sampling) is logits
+    favoured = penalize(logits, counts, Sampling(frequency_penalty=-1))  # negative values favour repetition
+    assert favoured[1] == 5.0 and favoured[3] == 0.0
+
+
+def test_a_presence_penalty_keeps_a_greedy_answer_from_repeating_a_token(tiny):
+    model, tokenizer = tiny
+    answers = {}
+    for penalty in (0.0, 2.0):
+        session = ChatSession(model, tokenizer)
+        "".join(session.reply("Hello", Sampling(temperature=0, presence_penalty=penalty), max_new_tokens=24))
+        prompt = tokenizer.encode(tokenizer.apply_chat_template(session.messages()[:-1]))  # up to the answer
+        answers[penalty] = session.cached_ids[len(prompt):]  # the answer's tokens (all but the last, never read)
+    assert len(set(answers[0.0])) < len(answers[0.0])  # the random tiny model repeats itself greedily
+    assert len(set(answers[2.0])) == len(answers[2.0]) > 10  # its scores lie far closer together than 2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["row", "column", "packed"])
 def test_every_weight_layout_gives_the_scores_and_greedy_tokens_of_the_plain_model(tiny_folder, layout, dtype):
@@ -157,7 +183,8 @@ def run_chat(*arguments: str, stdin: str | None = None, timeout: float = 120) ->
 
 @pytest.mark.slow
 def test_chat_cli_answers_a_prompt_flag_and_a_piped_stdin_once_and_refuses_bad_input_in_one_line(tiny_folder):
-    flag = run_chat("--hf", str(tiny_folder), "--prompt", "Hello", "--max-new-tokens", "5", "--temperature", "0")
+    flag = run_chat("--hf", str(tiny_folder), "--prompt", "Hello", "--max-new-tokens", "5", "--temperature", "0",
+                    "--frequency-penalty", "0", "--presence-penalty", "0")  # zero penalties: the same answer
     piped = run_chat("--hf", str(tiny_folder), "--max-new-tokens", "5", "--temperature", "0", stdin="Hello\n")
     assert flag.returncode == 0 and piped.returncode == 0, flag.stderr + piped.stderr
     assert flag.stdout == piped.stdout and flag.stdout.strip()
@@ -168,6 +195,8 @@ def test_chat_cli_answers_a_prompt_flag_and_a_piped_stdin_once_and_refuses_bad_i
     for arguments, stdin, expected in [
         (["--temperature", "-1", "--prompt", "x"], None, "--temperature"),
         (["--top-p", "1.5", "--prompt", "x"], None, "--top-p"),
+        (["--frequency-penalty", "2.5", "--prompt", "x"], None, "--frequency-penalty"),
+        (["--presence-penalty", "nan", "--prompt", "x"], None, "--presence-penalty"),
         (["--max-new-tokens", "0", "--prompt", "x"], None, "--max-new-tokens"),
         (["--hf", str(tiny_folder / "missing")], "Hello", "error:"),
         (["--hf", str(tiny_folder)], "  \n", "the prompt is empty"),

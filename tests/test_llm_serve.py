@@ -83,6 +83,25 @@ def test_continuous_batching_gives_every_request_the_tokens_it_gets_alone():
     assert max(sizes) == 4 and len(sizes) >= 3  # rows left as they ended, waiting ones joined
 
 
+def test_each_row_of_the_batch_counts_its_own_tokens_for_the_penalties():
+    model = tiny_float64_llama()
+    prompts = [[5, 60, 7], [200, 9, 31, 4]]
+    penalized = Sampling(temperature=0, presence_penalty=2.0)  # far above the tiny model's score differences
+    plain, penalized_results = [Collected() for _ in prompts], [Collected() for _ in prompts]
+    engine = Engine(model, max_batch=4)
+    for index, prompt in enumerate(prompts):  # four rows decoded together, two with penalties
+        engine.submit(Request(prompt, 30, GREEDY, set(), plain[index].emit))
+        engine.submit(Request(prompt, 30, penalized, set(), penalized_results[index].emit))
+    engine.start()
+    try:
+        assert all(result.done.wait(30) for result in plain + penalized_results)
+    finally:
+        engine.stop()
+    assert [result.tokens for result in plain] == [generate(model, prompt, 30, temperature=0) for prompt in prompts]
+    assert any(len(set(result.tokens)) < 30 for result in plain)  # greedy, the tiny model repeats itself
+    assert all(len(set(result.tokens)) == 30 for result in penalized_results)  # no token twice in its own row
+
+
 def test_a_cancelled_request_leaves_the_batch_and_a_stop_token_ends_a_row():
     model = tiny_float64_llama(context_length=2048)
     prompt = [5, 60, 7, 200, 9]
@@ -141,6 +160,9 @@ BAD_CHAT_BODIES = [
     ({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "stop": 7}, 400, "stop"),
     ({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "seed": "x"}, 400, "seed"),
     ({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "n": 2}, 400, "n"),
+    ({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "frequency_penalty": 2.5}, 400,
+     "frequency_penalty"),
+    ({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "presence_penalty": "x"}, 400, "presence_penalty"),
     ({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "stream": "yes"}, 400, "stream"),
 ]
 
@@ -156,11 +178,12 @@ def test_good_requests_give_the_prompt_the_limits_and_the_sampling_asked_for():
     body = {"model": "m", "messages": [{"role": "developer", "content": "Be brief."},
                                        {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
             "temperature": 0, "top_p": 0.5, "max_completion_tokens": 7, "stop": "\n", "seed": 3, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, "frequency_penalty": 0.5, "presence_penalty": -1}
     job = parse_chat(body, WordTokenizer(), "m", window=128)
     assert job.prompt_ids == WordTokenizer().encode("<system>Be brief.<user>Hi<assistant>")
     assert (job.max_tokens, job.sampling, job.stop, job.seed, job.stream, job.include_usage) == (
-        7, Sampling(temperature=0, top_p=0.5, top_k=0), ["\n"], 3, True, True)
+        7, Sampling(temperature=0, top_p=0.5, top_k=0, frequency_penalty=0.5, presence_penalty=-1), ["\n"], 3, True,
+        True)
     assert parse_chat({"model": "m", "messages": [{"role": "user", "content": "Hi"}]}, WordTokenizer(), "m",
                       window=128).max_tokens == 128 - len("<user>Hi<assistant>")  # the rest of the context
     completion = parse_completion({"model": "m", "prompt": [1, 2, 3]}, WordTokenizer(), "m", window=128)
