@@ -4,6 +4,7 @@
                                                           # about 10 min on 2 cores (AMD EPYC, bf16)
     python llm/dpo.py --quick                             # fewer pairs and steps: a few minutes on 2 cores
     python llm/dpo.py --pairs-only                        # make the preference pairs and stop
+    python llm/dpo.py --pairs runs/dpo/pairs.json ...     # train again on the same pairs, other settings
 
 The pairs come from the model's own answers. For a prompt whose right answer is known (a translation, a surname's
 language, the names in a sentence), sample several answers and score each with the task's metric. The chosen
@@ -11,7 +12,8 @@ answer is always a right one: the best sample when it is right (the surname's la
 translation with sentence BLEU of at least --right-bleu), otherwise the reference answer; the rejected answer is
 the worst sample that is wrong. A prompt whose samples are all right gives no pair. Training pairs are made from
 the tasks' train prompts, held-out pairs from their valid prompts, so no held-out pair shares a prompt with
-training. They are written to OUT_DIR/pairs.json and reused by --resume.
+training. They are written to OUT_DIR/pairs.json and reused by --resume. Every evaluation reports the held-out
+preference accuracy in all and per task (val_accuracy_translation, ...): the tasks differ a great deal.
 
 The loss (Rafailov et al., 2023), for a prompt x, a chosen answer y_w and a rejected answer y_l:
 
@@ -120,6 +122,7 @@ def fast_answer_log_probs(model, inputs, targets, answer_mask) -> torch.Tensor:
 
 RIGHT_BLEU = 50.0  # the default --right-bleu: a translation at or above this sentence BLEU counts as right
 NLL_WEIGHT = 1.0  # the default --nll-weight: RPO's alpha (Pang et al., 2024 use 1)
+NO_PAIRS = "no preference pairs were made (the model's samples were all equally good): raise --prompts or --samples"
 
 
 def sentence_score(task: str, answer: str, example) -> float:
@@ -144,17 +147,27 @@ def is_right(task: str, score: float, right_bleu: float = RIGHT_BLEU) -> bool:
 
 @torch.no_grad()
 def sample_answers(model, tokenizer, examples, samples: int, temperature: float, max_new_tokens: int,
-                   generator: torch.Generator) -> list[list[str]]:
-    """`samples` sampled answers per example, the copies of one prompt decoded as one batch."""
+                   generator: torch.Generator, prompts_per_batch: int = 1) -> list[list[str]]:
+    """`samples` sampled answers per example. The copies of `prompts_per_batch` prompts of similar lengths are
+    decoded as one batch (each row as it would be alone: see generate_batch), which keeps the CPU busier."""
     from llm.chat_eval import generate_batch
 
-    answers = []
-    for example in tqdm(examples, desc="sampling answers", leave=False, dynamic_ncols=True):
-        text = tokenizer.apply_chat_template(example.messages[:-1], add_generation_prompt=True)
-        prompt = tokenizer.encode(text)
-        outputs = generate_batch(model, [prompt] * samples, max_new_tokens, set(tokenizer.stop_ids),
-                                 temperature=temperature, generator=generator)
-        answers.append([tokenizer.decode(output).strip() for output in outputs])
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template(example.messages[:-1], add_generation_prompt=True))
+               for example in examples]
+    order = list(range(len(prompts)))
+    if prompts_per_batch > 1:
+        order.sort(key=lambda i: len(prompts[i]))  # similar lengths together: little padding
+    answers = [[] for _ in examples]
+    progress = tqdm(total=len(examples), desc="sampling answers", leave=False, dynamic_ncols=True)
+    for start in range(0, len(order), prompts_per_batch):
+        chunk = order[start : start + prompts_per_batch]
+        outputs = generate_batch(model, [prompts[i] for i in chunk for _ in range(samples)], max_new_tokens,
+                                 set(tokenizer.stop_ids), temperature=temperature, generator=generator)
+        for position, index in enumerate(chunk):
+            answers[index] = [tokenizer.decode(output).strip()
+                              for output in outputs[position * samples : (position + 1) * samples]]
+        progress.update(len(chunk))
+    progress.close()
     return answers
 
 
@@ -195,7 +208,7 @@ def make_pairs(model, tokenizer, counts: dict, split: str, args, log=print) -> l
             continue
         examples = sample_examples(task, split, count, seed=args.seed + 7)
         answers = sample_answers(model, tokenizer, examples, args.samples, args.temperature, MAX_NEW_TOKENS[task],
-                                 generator)
+                                 generator, args.prompts_per_batch)
         made = [pair for example, sampled in zip(examples, answers)
                 if (pair := pair_from_samples(task, example, sampled, args.right_bleu)) is not None]
         references = sum(pair["chosen_from"] == "reference" for pair in made)
@@ -215,9 +228,9 @@ DEFAULT_HELD_OUT = "translation=30,surnames=60,entities=10"
 QUICK = dict(prompts="translation=60,surnames=60,entities=30", held_out="translation=20,surnames=20,entities=10",
              samples=4, max_steps=30, eval_every=10, out_dir="runs/dpo-quick")
 FIXED_ON_RESUME = ("gguf", "hf", "checkpoint", "adapters", "dtype", "pairs", "prompts", "held_out", "samples",
-                   "temperature", "right_bleu", "beta", "nll_weight", "max_length", "full", "lora_rank", "lora_alpha",
-                   "lora_targets", "lora_dropout", "batch_size", "max_steps", "lr", "min_lr_ratio", "warmup_steps",
-                   "weight_decay", "grad_clip", "eval_every", "seed")
+                   "temperature", "right_bleu", "beta", "nll_weight", "max_length", "full",
+                   "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "batch_size", "max_steps", "lr",
+                   "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "seed")
 RUN_FILES = ("last.pt", "best.pt", "*.tmp", "metrics.jsonl", "loss.png", "adapters.pt", "model.pt", "pairs.json")
 
 
@@ -247,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--held-out", default=DEFAULT_HELD_OUT,
                        help="valid prompts per task for the held-out pairs (never a training prompt)")
     pairs.add_argument("--samples", type=positive_int, default=4, help="answers sampled per prompt")
+    pairs.add_argument("--prompts-per-batch", type=positive_int, default=1,
+                       help="prompts whose samples are decoded together (their copies in one batch)")
     pairs.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature of the answers")
     pairs.add_argument("--right-bleu", type=bleu_score, default=RIGHT_BLEU,
                        help="sentence BLEU from which a sampled translation counts as right (and may be chosen)")
@@ -278,11 +293,12 @@ def read_pairs(path: Path) -> dict:
     return pairs
 
 
-def encode_pairs(tokenizer, pairs: list, max_length: int) -> list:
-    """Each pair as (chosen ids, mask, rejected ids, mask); a pair with an answer cut away entirely is dropped."""
+def encode_pairs(tokenizer, pairs: list, max_length: int) -> tuple[list, list]:
+    """Each pair as ((chosen ids, mask), (rejected ids, mask)), and each kept pair's task; a pair with an answer
+    cut away entirely is dropped."""
     from llm.conversations import render_with_mask
 
-    encoded = []
+    encoded, tasks = [], []
     for pair in pairs:
         chosen = render_with_mask(tokenizer, pair["prompt"] + [{"role": "assistant", "content": pair["chosen"]}],
                                   max_length)
@@ -290,7 +306,8 @@ def encode_pairs(tokenizer, pairs: list, max_length: int) -> list:
                                     max_length)
         if any(chosen[1][1:]) and any(rejected[1][1:]):
             encoded.append((chosen, rejected))
-    return encoded
+            tasks.append(pair.get("task", "other"))
+    return encoded, tasks
 
 
 def chosen_lengths(encoded: list) -> torch.Tensor:
@@ -329,12 +346,25 @@ def reference_log_probs(model, encoded: list, pad_id: int, device, batch_size: i
         return all_log_probs(model, encoded, pad_id, device, batch_size)
 
 
-def held_out_metrics(model, encoded: list, reference: torch.Tensor, args, pad_id: int, device) -> dict:
-    """DPO loss, preference accuracy, reward margin, the chosen/rejected rewards and the chosen answers' NLL per
-    token on the held-out pairs; val_loss is the objective trained (with --nll-weight's term)."""
+def accuracy_by_task(margins: torch.Tensor, tasks: list) -> dict:
+    """The preference accuracy of each task's pairs (margins (B,), tasks: B names): {"accuracy_<task>": ...}."""
+    found = {}
+    for task in sorted(set(tasks)):
+        rows = torch.tensor([name == task for name in tasks])  # (B,)
+        found[f"accuracy_{task}"] = float((margins[rows] > 0).float().mean())
+    return found
+
+
+def held_out_metrics(model, encoded: list, tasks: list, reference: torch.Tensor, args, pad_id: int,
+                     device) -> dict:
+    """DPO loss, preference accuracy (in all and per task), reward margin, the chosen/rejected rewards and the
+    chosen answers' NLL per token on the held-out pairs; val_loss is the objective trained (with --nll-weight's
+    term)."""
     policy = all_log_probs(model, encoded, pad_id, device, args.batch_size)
     _, metrics = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], args.beta,
                           chosen_lengths(encoded), args.nll_weight)
+    margins = args.beta * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))  # (pairs,)
+    metrics.update(accuracy_by_task(margins, tasks))
     return {f"val_{name}": value for name, value in metrics.items()}
 
 
@@ -354,7 +384,8 @@ class PreferenceRun:
         if args.resume:
             self.checkpoint = load_checkpoint(self.out_dir / "last.pt", "DPO",
                                               ("args", "step", "optimizer", "rng", "base", "reference"))
-            take_saved_settings(args, argv, self.checkpoint["args"], 1, build_parser, QUICK)
+            take_saved_settings(args, argv, self.checkpoint["args"], 1, build_parser, QUICK,
+                                FIXED_ON_RESUME)
         if args.lr is None:
             args.lr = 1e-6 if args.full else 5e-4
         self.base = base_record(args)
@@ -392,12 +423,11 @@ class PreferenceRun:
         from llm.conversations import LengthBuckets
         from llm.sft import attach_adapters, make_optimizer
 
-        self.encoded = encode_pairs(self.tokenizer, pairs["train"], self.args.max_length)
-        self.held_out = encode_pairs(self.tokenizer, pairs["held_out"], self.args.max_length)
+        self.encoded, _ = encode_pairs(self.tokenizer, pairs["train"], self.args.max_length)
+        self.held_out, self.held_out_tasks = encode_pairs(self.tokenizer, pairs["held_out"], self.args.max_length)
         self.chosen_lengths = chosen_lengths(self.encoded)  # (pairs,)
         if not self.encoded or not self.held_out:
-            raise ValueError("no preference pairs were made (the model's samples were all equally good): "
-                             "raise --prompts or --samples")
+            raise ValueError(NO_PAIRS)
         lengths = [max(len(chosen[0]), len(rejected[0])) for chosen, rejected in self.encoded]
         self.buckets = LengthBuckets(lengths, min(self.args.batch_size, len(lengths)), self.args.seed)
         torch.manual_seed(self.args.seed)
@@ -441,8 +471,8 @@ class PreferenceRun:
         return step, float(self.checkpoint["best_val_loss"])
 
     def evaluate(self) -> dict:
-        return held_out_metrics(self.model, self.held_out, self.reference["held_out"], self.args, self.pad_id,
-                                self.device)
+        return held_out_metrics(self.model, self.held_out, self.held_out_tasks, self.reference["held_out"],
+                                self.args, self.pad_id, self.device)
 
 
 def dpo_step(run: PreferenceRun, step: int) -> dict:
@@ -491,9 +521,11 @@ def preference_loop(run: PreferenceRun, start_step: int, best_val_loss: float) -
             if completed % args.eval_every == 0 or completed == args.max_steps:
                 record.update(run.evaluate())
                 best_val_loss = save_best_and_last(out_dir, run, completed, record["val_loss"], best_val_loss)
+                by_task = ", ".join(f"{name[len('val_accuracy_'):]} {value:.3f}" for name, value in record.items()
+                                    if name.startswith("val_accuracy_"))
                 progress.write(f"step {completed}: held-out DPO loss {record['val_dpo_loss']:.3f}, preference "
-                               f"accuracy {record['val_accuracy']:.3f}, reward margin {record['val_margin']:.3f}, "
-                               f"chosen NLL {record['val_chosen_nll']:.3f}/token")
+                               f"accuracy {record['val_accuracy']:.3f} ({by_task}), reward margin "
+                               f"{record['val_margin']:.3f}, chosen NLL {record['val_chosen_nll']:.3f}/token")
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             if stop.requested or completed == args.stop_at_step:
@@ -542,7 +574,14 @@ def plot_preferences(metrics_path: Path, png_path: Path) -> None:
     if held:
         steps, losses, accuracies = zip(*held)
         left.plot(steps, losses, "o-", markersize=3, label="held-out pairs")
-        right.plot(steps, accuracies, "o-", markersize=3, color="C2")
+        right.plot(steps, accuracies, "o-", markersize=3, color="black", label="all")
+        tasks = sorted({name for r in rows for name in r if name.startswith("val_accuracy_")})
+        for task in tasks:  # each task's pairs alone
+            points = [(r["step"], r[task]) for r in rows if task in r]
+            right.plot(*zip(*points), "o-", markersize=2, linewidth=0.8, alpha=0.7,
+                       label=task[len("val_accuracy_"):])
+        if tasks:
+            right.legend(fontsize=8)
     left.axhline(math.log(2), color="grey", linestyle=":", linewidth=0.8)
     left.set(xlabel="optimizer step", ylabel="DPO loss", title="loss (dotted: log 2)")
     right.set(xlabel="optimizer step", ylabel="accuracy", title="held-out preference accuracy", ylim=(0, 1))
@@ -561,7 +600,10 @@ def main(argv=None):
     try:
         run = PreferenceRun(args, argv)
         pairs = run.load_pairs()
-        run.prepare(pairs)
+        if not args.pairs_only:
+            run.prepare(pairs)
+        elif not pairs["train"] or not pairs["held_out"]:
+            raise ValueError(NO_PAIRS)
         start_step, best_val_loss = (0, float("inf"))
         if run.checkpoint is not None:
             start_step, best_val_loss = run.restore()

@@ -329,13 +329,14 @@ def final_checkpoint(model, tokenizer, args, base: dict, out_dir: Path, extra: d
     return state
 
 
-def take_saved_settings(args, argv, saved: dict, world_size: int, build=build_parser, quick=QUICK) -> None:
-    """A resumed run keeps the saved run's settings; one given anew with another value is refused."""
+def take_saved_settings(args, argv, saved: dict, world_size: int, build=build_parser, quick=QUICK,
+                        fixed=FIXED_ON_RESUME) -> None:
+    """A resumed run keeps the saved run's settings (`fixed`); one given anew with another value is refused."""
     given = explicitly_given(argv, build, quick)
-    for name in FIXED_ON_RESUME:
+    for name in fixed:
         if name in saved and name not in given and hasattr(args, name):
             setattr(args, name, saved[name])
-    refuse_changed_settings(saved, {**vars(args), "world_size": world_size}, FIXED_ON_RESUME,
+    refuse_changed_settings(saved, {**vars(args), "world_size": world_size}, fixed,
                             {"world_size": "the process count"})
 
 

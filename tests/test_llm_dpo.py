@@ -220,6 +220,63 @@ def test_nll_term_equals_the_rpo_formula_in_value_and_gradient():
     assert math.isclose(float(plain.detach()), metrics["dpo_loss"], rel_tol=1e-12)
 
 
+def test_held_out_accuracy_is_broken_down_per_task():
+    from llm.dpo import accuracy_by_task
+
+    margins = torch.tensor([0.5, -0.1, 0.2, 0.0, 0.3, -0.4])
+    tasks = ["surnames", "surnames", "translation", "translation", "translation", "entities"]
+    assert accuracy_by_task(margins, tasks) == {"accuracy_entities": 0.0, "accuracy_surnames": 0.5,
+                                                "accuracy_translation": pytest.approx(2 / 3)}
+
+
+class CharacterTokenizer:
+    """A stand-in tokenizer: one token per character of the user's question, no template, no end token."""
+
+    stop_ids = []
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        return messages[-1]["content"]
+
+    def encode(self, text):
+        return [ord(character) - ord("a") for character in text]
+
+    def decode(self, tokens):
+        return "".join(chr(ord("a") + token) for token in tokens)
+
+
+def test_samples_of_several_prompts_decoded_together_are_each_prompts_own():
+    from types import SimpleNamespace
+
+    from llm.dpo import sample_answers
+    from tests.test_llm_chat_eval import lively_model
+
+    model = lively_model()  # 61 tokens: the letters a... and a few more
+    questions = ["abc", "fghijkl", "e", "hhhhh", "xyz"]
+    examples = [SimpleNamespace(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": ""}])
+                for q in questions]
+    tokenizer = CharacterTokenizer()
+    one_by_one = sample_answers(model, tokenizer, examples, 2, 0.0, 10, torch.Generator(), prompts_per_batch=1)
+    together = sample_answers(model, tokenizer, examples, 2, 0.0, 10, torch.Generator(), prompts_per_batch=3)
+    assert together == one_by_one  # greedy: every row decodes as it would alone, in its own prompt's place
+    assert len({answers[0] for answers in together}) == len(questions) and all(a == b for a, b in together)
+
+
+def test_a_resumed_dpo_run_keeps_its_saved_beta_and_pairing_settings():
+    from types import SimpleNamespace
+
+    from llm.dpo import FIXED_ON_RESUME, QUICK, build_parser
+    from llm.runs import CheckpointError
+    from llm.sft import take_saved_settings
+
+    saved = {"beta": 0.3, "nll_weight": 0.0, "prompts": "surnames=5", "right_bleu": 40.0}
+    args = SimpleNamespace(**vars(build_parser().parse_args(["--resume"])))
+    take_saved_settings(args, ["--resume"], saved, 1, build_parser, QUICK, FIXED_ON_RESUME)
+    assert (args.beta, args.nll_weight, args.prompts, args.right_bleu) == (0.3, 0.0, "surnames=5", 40.0)
+    with pytest.raises(CheckpointError, match="--beta"):
+        take_saved_settings(build_parser().parse_args(["--resume", "--beta", "0.2"]), ["--resume", "--beta", "0.2"],
+                            saved, 1, build_parser, QUICK, FIXED_ON_RESUME)
+
+
 def test_bad_pairing_and_nll_flags_end_in_one_line(run_cli, tmp_path):
     not_pairs = tmp_path / "pairs.json"
     not_pairs.write_text('{"train": [{"prompt": []}], "held_out": []}')
@@ -262,6 +319,8 @@ def test_dpo_script_starts_at_log_2_keeps_prompts_apart_and_resumes_exactly(tmp_
     for name in ("model.pt", "adapters.pt", "loss.png", "best.pt"):
         assert (tmp_path / "straight" / name).is_file()
     pairs = json.loads((tmp_path / "straight" / "pairs.json").read_text())
+    assert {name for name in rows[-1] if name.startswith("val_accuracy_")} == \
+        {f"val_accuracy_{pair['task']}" for pair in pairs["held_out"]}  # the held-out accuracy of each task
     train_prompts = {json.dumps(pair["prompt"]) for pair in pairs["train"]}
     assert pairs["held_out"] and not train_prompts & {json.dumps(pair["prompt"]) for pair in pairs["held_out"]}
     assert all(pair["chosen_score"] > pair["rejected_score"] for pair in pairs["train"] + pairs["held_out"])
@@ -274,6 +333,9 @@ def test_dpo_script_starts_at_log_2_keeps_prompts_apart_and_resumes_exactly(tmp_
     resumed = [json.loads(line) for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in straight] == \
            [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in resumed]
+    dpo([*common, "--out-dir", str(tmp_path / "only"), "--pairs-only"])  # the same pairs, and no training
+    assert json.loads((tmp_path / "only" / "pairs.json").read_text()) == pairs
+    assert not (tmp_path / "only" / "metrics.jsonl").exists()
     # the same pairs given with --pairs: no sampling, and the same run
     dpo([*common, "--out-dir", str(tmp_path / "reused"), "--pairs", str(tmp_path / "straight" / "pairs.json")])
     assert json.loads((tmp_path / "reused" / "pairs.json").read_text()) == pairs
