@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-READMES = sorted([REPO_ROOT / "README.md", *REPO_ROOT.glob("*/README.md")])
+# the chapters' READMEs; a hidden folder's (pytest's own .pytest_cache/README.md) is no chapter
+READMES = sorted([REPO_ROOT / "README.md",
+                  *(path for path in REPO_ROOT.glob("*/README.md") if not path.parent.name.startswith("."))])
 PYTHON_COMMAND = re.compile(r"(?:^|[\s`(])((?:\S+/)?python3?\s+(?:-m\s+[\w.]+|[\w/]+\.py)[^`\n|#]*)")
 MAKE_COMMAND = re.compile(r"^((?:[A-Z_]+=\S+\s+)*make(?:\s+[\w=\"-][^`\n|#]*)?)$")
 

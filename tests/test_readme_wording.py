@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-READMES = sorted([REPO_ROOT / "README.md", *REPO_ROOT.glob("*/README.md")])
+# the chapters' READMEs; a hidden folder's (pytest's own .pytest_cache/README.md) is no chapter
+READMES = sorted([REPO_ROOT / "README.md",
+                  *(path for path in REPO_ROOT.glob("*/README.md") if not path.parent.name.startswith("."))])
 
 # Wording that belongs to how the work was organised, not to the chapter: issues and their targets or floors,
 # machine scheduling, sessions, and stories of how the text came about.
