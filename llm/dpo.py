@@ -76,6 +76,11 @@ def answer_log_probs(model, inputs: torch.Tensor, targets: torch.Tensor, answer_
     return (token_log_probs(logits, targets) * answer_mask).sum(dim=-1)  # (B,)
 
 
+def implicit_rewards(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float):
+    """r(y) = beta (log pi(y|x) - log pi_ref(y|x)) of the chosen and of the rejected answers (each (B,))."""
+    return beta * (policy_chosen - reference_chosen), beta * (policy_rejected - reference_rejected)
+
+
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
              reference_rejected: torch.Tensor, beta: float, chosen_lengths: torch.Tensor | None = None,
              nll_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
@@ -86,8 +91,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     With nll_weight alpha > 0 (chosen_lengths (B,): the chosen answers' token counts) the loss gains
     alpha * mean(-log pi(y_w|x) / |y_w|), the chosen answers' negative log-likelihood per token (RPO).
     """
-    chosen_rewards = beta * (policy_chosen - reference_chosen)  # (B,)
-    rejected_rewards = beta * (policy_rejected - reference_rejected)  # (B,)
+    chosen_rewards, rejected_rewards = implicit_rewards(policy_chosen, policy_rejected, reference_chosen,
+                                                        reference_rejected, beta)  # each (B,)
     margins = chosen_rewards - rejected_rewards  # (B,)
     preference_loss = -F.logsigmoid(margins).mean()  # -log sigma(m), computed without overflow for large |m|
     loss = preference_loss
@@ -363,8 +368,9 @@ def held_out_metrics(model, encoded: list, tasks: list, reference: torch.Tensor,
     policy = all_log_probs(model, encoded, pad_id, device, args.batch_size)
     _, metrics = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], args.beta,
                           chosen_lengths(encoded), args.nll_weight)
-    margins = args.beta * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))  # (pairs,)
-    metrics.update(accuracy_by_task(margins, tasks))
+    chosen_rewards, rejected_rewards = implicit_rewards(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1],
+                                                        args.beta)  # each (pairs,)
+    metrics.update(accuracy_by_task(chosen_rewards - rejected_rewards, tasks))
     return {f"val_{name}": value for name, value in metrics.items()}
 
 
