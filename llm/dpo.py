@@ -241,11 +241,10 @@ RUN_FILES = ("last.pt", "best.pt", "*.tmp", "metrics.jsonl", "loss.png", "adapte
 
 def bleu_score(text: str) -> float:
     """An argparse type: a BLEU score, 0 to 100."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 100:
+    from llm.runs import non_negative_float
+
+    value = non_negative_float(text)
+    if value > 100:
         raise argparse.ArgumentTypeError(f"a BLEU score is between 0 and 100, not {text}")
     return value
 
